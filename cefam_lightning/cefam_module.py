@@ -1,0 +1,226 @@
+"""The CE-FAM LightningModule: a frozen classifier plus a trainable translator to a VLM's space (SPEC §2.1-2.3).
+
+Loss: ``L = MSE(h(z), E_image(x)) + lambda * MSE(S, S_VLM)`` with ``z`` the concatenated globally pooled
+activations of the classifier's layers, ``S`` the concept scores of the translated embedding and ``S_VLM`` those
+of the VLM's own (precomputed) embedding. ``lambda = 0`` is the concept-free setting.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy, MultilabelAUROC
+
+from cefam_lightning.classifier import FrozenClassifier, build_classifier
+from cefam_lightning.components import ConceptScorer, Translator
+
+STAGES = ("train", "val", "test")
+
+
+@dataclass
+class CEFAMStep:
+    loss: Tensor
+    loss_emb: Tensor
+    loss_sim: Tensor
+    embedding: Tensor  # translated embedding h(z), (B, d)
+    scores: Tensor  # concept scores S, (B, C)
+    logits: Tensor  # the frozen classifier's logits, (B, num_classes)
+
+
+class CEFAMModule(L.LightningModule):
+    """Train CE-FAM's translator on a frozen classifier.
+
+    Args:
+        classifier: the frozen classifier (never trained; kept in eval mode).
+        translator: the MLP ``h``; its input size must equal the summed channels of ``classifier.layers``.
+        scorer: concept text embeddings and the VLM's scoring constants.
+        concept_names, concept_types: the concept set, in the scorer's order.
+        class_names: names of the classifier's classes (for reports).
+        lambda_sim: weight of the score-similarity loss (0 allowed).
+        optimizer: ``{"name": "sgd"|"adam"|"adamw", "lr", "momentum", "weight_decay", "nesterov"}``.
+        scheduler: ``{"name": "plateau"|"cosine"|"none", "factor", "patience", "monitor"}``.
+        auroc_thresholds: ``None`` for exact concept-presence AUROC, or a bin count for constant memory.
+        config: the run's resolved configuration, kept in the checkpoint.
+    """
+
+    def __init__(
+        self,
+        classifier: FrozenClassifier,
+        translator: Translator,
+        scorer: ConceptScorer,
+        concept_names: Sequence[str],
+        concept_types: Sequence[str],
+        class_names: Sequence[str],
+        lambda_sim: float = 0.001,
+        optimizer: dict[str, Any] | None = None,
+        scheduler: dict[str, Any] | None = None,
+        auroc_thresholds: int | None = None,
+        config: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["classifier", "translator", "scorer"])
+        self.hparams["arch"] = {
+            "classifier": dict(getattr(classifier, "spec", {"name": classifier.name}), layers=classifier.layers),
+            "translator": {
+                "in_dim": translator.in_dim,
+                "out_dim": translator.out_dim,
+                "hidden_dims": translator.hidden_dims,
+                "activation": translator.activation,
+                "input_norm": translator.input_norm,
+            },
+            "scorer": {
+                "kind": scorer.kind,
+                "logit_scale": scorer.logit_scale,
+                "logit_bias": scorer.logit_bias,
+                "num_concepts": scorer.num_concepts,
+                "embed_dim": int(scorer.text.shape[1]),
+            },
+        }
+        if len(concept_names) != scorer.num_concepts or len(concept_types) != scorer.num_concepts:
+            raise ValueError(
+                f"{len(concept_names)} concept names / {len(concept_types)} types for {scorer.num_concepts} text embeddings"
+            )
+        if translator.out_dim != scorer.text.shape[1]:
+            raise ValueError(f"translator output {translator.out_dim} != VLM embedding size {scorer.text.shape[1]}")
+        if lambda_sim < 0:
+            raise ValueError(f"lambda_sim must be >= 0, got {lambda_sim}")
+        self.classifier, self.translator, self.scorer = classifier, translator, scorer
+        n_concepts, n_classes = scorer.num_concepts, len(class_names)
+        # ModuleDict keys may not be "train" (an nn.Module attribute), hence the "_" suffix.
+        self.cosine = nn.ModuleDict({f"{s}_": MeanMetric() for s in STAGES})
+        self.auroc = nn.ModuleDict(
+            {
+                f"{s}_": MultilabelAUROC(n_concepts, average="macro", thresholds=auroc_thresholds)
+                for s in ("val", "test")
+            }
+        )
+        self.classifier_acc = MulticlassAccuracy(n_classes, average="micro")
+
+    # ------------------------------------------------------------------ forward
+    def pooled(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """Frozen classifier pass: (logits, ``z`` = concatenated globally pooled activations, ``B x dim(z)``)."""
+        with torch.no_grad():
+            out = self.classifier(images)
+        z = torch.cat([out.activations[layer].float().mean(dim=(2, 3)) for layer in self.classifier.layers], dim=1)
+        return out.logits, z
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        """Explain-time forward: logits, embedding, concept scores and probabilities."""
+        logits, z = self.pooled(images)
+        emb = self.translator(z)
+        scores = self.scorer(emb)
+        return {"logits": logits, "embedding": emb, "scores": scores, "probs": self.scorer.probabilities(scores)}
+
+    def model_step(self, batch: dict) -> CEFAMStep:
+        logits, z = self.pooled(batch["image"])
+        emb = self.translator(z).float()
+        target = batch["embedding"].float()
+        scores = self.scorer(emb)
+        loss_emb = F.mse_loss(emb, target)
+        loss_sim = F.mse_loss(scores, self.scorer(target)) if self.hparams.lambda_sim > 0 else emb.new_zeros(())
+        loss = loss_emb + self.hparams.lambda_sim * loss_sim
+        return CEFAMStep(loss, loss_emb, loss_sim, emb, scores, logits)
+
+    # ------------------------------------------------------------------ steps
+    def _shared_step(self, batch: dict, stage: str) -> Tensor:
+        out = self.model_step(batch)
+        bs = batch["image"].shape[0]
+        on_step = stage == "train"
+        self.log(
+            f"{stage}/loss", out.loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=bs, sync_dist=True
+        )
+        self.log(f"{stage}/loss_emb", out.loss_emb, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
+        self.log(f"{stage}/loss_sim", out.loss_sim, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
+        self.cosine[f"{stage}_"](F.cosine_similarity(out.embedding, batch["embedding"].float(), dim=-1))
+        self.log(f"{stage}/cosine", self.cosine[f"{stage}_"], on_step=False, on_epoch=True, prog_bar=stage != "train")
+        if stage != "train" and "presence" in batch:
+            self.auroc[f"{stage}_"](out.scores, batch["presence"].long())
+            self.log(f"{stage}/concept_auroc", self.auroc[f"{stage}_"], on_step=False, on_epoch=True, prog_bar=True)
+        if stage == "test":
+            self.classifier_acc(out.logits, batch["label"])
+            self.log("test/classifier_acc", self.classifier_acc, on_step=False, on_epoch=True)
+        return out.loss
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._shared_step(batch, "test")
+
+    def on_train_start(self) -> None:
+        # Sanity-check batches must not leak into the first validation epoch's metrics.
+        self.cosine["val_"].reset()
+        self.auroc["val_"].reset()
+
+    # ------------------------------------------------------------------ optimization
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        rank_zero_info(f"CE-FAM: {sum(p.numel() for p in params):,} trainable parameters (classifier frozen)")
+        ocfg = dict(self.hparams.optimizer or {"name": "sgd", "lr": 0.1})
+        name = ocfg.pop("name", "sgd").lower()
+        lr, wd = float(ocfg.get("lr", 0.1)), float(ocfg.get("weight_decay", 0.0))
+        if name == "sgd":
+            opt = torch.optim.SGD(
+                params,
+                lr=lr,
+                momentum=float(ocfg.get("momentum", 0.0)),
+                weight_decay=wd,
+                nesterov=bool(ocfg.get("nesterov", False)),
+            )
+        elif name == "adam":
+            opt = torch.optim.Adam(params, lr=lr, weight_decay=wd)
+        elif name == "adamw":
+            opt = torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+        else:
+            raise ValueError(f"optimizer.name: unknown optimizer {name!r}; choose sgd, adam or adamw")
+        scfg = dict(self.hparams.scheduler or {"name": "none"})
+        sname = scfg.get("name", "none").lower()
+        if sname == "none":
+            return opt
+        if sname == "plateau":
+            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                opt, mode="min", factor=float(scfg.get("factor", 0.1)), patience=int(scfg.get("patience", 5))
+            )
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": scfg.get("monitor", "val/loss")}}
+        if sname == "cosine":
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.trainer.max_epochs))
+            return {"optimizer": opt, "lr_scheduler": sched}
+        raise ValueError(f"scheduler.name: unknown scheduler {sname!r}; choose plateau, cosine or none")
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> CEFAMModule:
+        """Rebuild the module (classifier, translator, scorer) from a checkpoint written by training."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"Checkpoint not found: {path}")
+        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        hp = ckpt.get("hyper_parameters", {})
+        if "arch" not in hp or "translator" not in hp.get("arch", {}):
+            raise ValueError(f"{path}: not a CE-FAM checkpoint (no CE-FAM architecture in its hyper-parameters)")
+        arch = hp["arch"]
+        c = arch["classifier"]
+        classifier = build_classifier(
+            c["name"], c["num_classes"], c["layers"], widths=c.get("widths", (16, 32, 64, 128))
+        )
+        translator = Translator(**arch["translator"])
+        s = arch["scorer"]
+        scorer = ConceptScorer(
+            torch.zeros(s["num_concepts"], s["embed_dim"]), s["kind"], s["logit_scale"], s["logit_bias"]
+        )
+        kwargs = {k: v for k, v in hp.items() if k != "arch"}
+        module = cls(classifier, translator, scorer, **kwargs)
+        module.load_state_dict(ckpt["state_dict"])
+        return module.eval()

@@ -1,0 +1,7 @@
+"""Plain ``nn.Module`` building blocks: the shapes-world CNN, the CE-FAM translator, the concept scorer."""
+
+from cefam_lightning.components.concept_scorer import ConceptScorer
+from cefam_lightning.components.shapes_cnn import ShapesCNN
+from cefam_lightning.components.translator import Translator, default_hidden_dims
+
+__all__ = ["ConceptScorer", "ShapesCNN", "Translator", "default_hidden_dims"]

@@ -1,0 +1,42 @@
+"""Concept scores from an embedding (SPEC §2.2): ``S_c = s * cos(e, t_c) + b``."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class ConceptScorer(nn.Module):
+    """Scores embeddings against fixed concept text embeddings.
+
+    Args:
+        text_embeddings: ``(num_concepts, d)``; normalized here.
+        kind: ``"clip"`` (probabilities by softmax over concepts) or ``"siglip"`` (sigmoid per concept).
+        logit_scale: the VLM's ``s`` (already exponentiated).
+        logit_bias: the VLM's ``b`` (SigLIP); 0 for CLIP.
+    """
+
+    def __init__(
+        self, text_embeddings: Tensor, kind: str = "clip", logit_scale: float = 100.0, logit_bias: float = 0.0
+    ):
+        super().__init__()
+        if kind not in ("clip", "siglip"):
+            raise ValueError(f"Concept scoring kind must be 'clip' or 'siglip', got {kind!r}")
+        text = torch.as_tensor(text_embeddings, dtype=torch.float32)
+        if text.ndim != 2:
+            raise ValueError(f"text_embeddings must be (num_concepts, d), got shape {tuple(text.shape)}")
+        self.register_buffer("text", F.normalize(text, dim=-1))
+        self.kind, self.logit_scale, self.logit_bias = kind, float(logit_scale), float(logit_bias)
+
+    @property
+    def num_concepts(self) -> int:
+        return int(self.text.shape[0])
+
+    def forward(self, embeddings: Tensor) -> Tensor:
+        """Pre-activation scores ``(B, num_concepts)`` for embeddings ``(B, d)`` (raw; normalized here)."""
+        e = F.normalize(embeddings.float(), dim=-1)
+        return self.logit_scale * e @ self.text.T + self.logit_bias
+
+    def probabilities(self, scores: Tensor) -> Tensor:
+        return scores.softmax(dim=-1) if self.kind == "clip" else scores.sigmoid()

@@ -1,0 +1,240 @@
+"""The on-disk store of what a VLM gives: image embeddings by sample id, concept text embeddings, metadata.
+
+Layout of a store folder (every array is a plain ``.npy`` file, so it can be memory-mapped)::
+
+    meta.json              format version, VLM identity (name, kind, logit scale, bias), concepts
+                           (name, type, prompt), embedding size, number of samples, dtype, extra metadata
+    image_embeddings.npy   float16/float32, (num_samples, embed_dim), raw (not normalized)
+    sample_ids.npy         unicode strings, (num_samples,), unique; row i of image_embeddings belongs to id i
+    text_embeddings.npy    float32, (num_concepts, embed_dim), one per concept in meta.json order
+
+A store is written into a temporary folder and renamed into place, so a reader never sees a partial store,
+and it is validated on open: any mismatch raises :class:`EmbeddingStoreError` naming the file at fault.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from cefam_lightning.concepts import Concept
+from cefam_lightning.io_utils import atomic_dir
+
+FORMAT_VERSION = 1
+META_FILE = "meta.json"
+IMAGE_FILE = "image_embeddings.npy"
+IDS_FILE = "sample_ids.npy"
+TEXT_FILE = "text_embeddings.npy"
+VLM_KINDS = ("clip", "siglip")
+_ALLOWED_DTYPES = ("float16", "float32")
+
+
+class EmbeddingStoreError(ValueError):
+    """A store on disk is missing, malformed or inconsistent."""
+
+
+@dataclass(frozen=True)
+class VLMInfo:
+    """Identity and scoring constants of the VLM that produced a store (SPEC §2.2).
+
+    ``kind`` is ``"clip"`` (softmax over concepts) or ``"siglip"`` (sigmoid per concept, with a bias).
+    """
+
+    name: str
+    kind: str = "clip"
+    logit_scale: float = 100.0
+    logit_bias: float = 0.0
+    pretrained: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in VLM_KINDS:
+            raise ValueError(f"VLM kind must be one of {VLM_KINDS}, got {self.kind!r}")
+        if not self.logit_scale > 0:
+            raise ValueError(f"VLM logit_scale must be > 0, got {self.logit_scale}")
+
+
+@dataclass
+class EmbeddingStore:
+    """An opened (validated, memory-mapped) embedding store. Use :meth:`open` and :meth:`write`."""
+
+    path: Path
+    image_embeddings: np.ndarray
+    sample_ids: np.ndarray
+    text_embeddings: np.ndarray
+    concepts: list[Concept]
+    vlm: VLMInfo
+    extra: dict[str, Any] = field(default_factory=dict)
+    _index: dict[str, int] | None = field(default=None, repr=False)
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.image_embeddings.shape[0])
+
+    @property
+    def embed_dim(self) -> int:
+        return int(self.text_embeddings.shape[1])
+
+    @property
+    def concept_names(self) -> list[str]:
+        return [c.name for c in self.concepts]
+
+    def rows_for(self, ids: Sequence[str]) -> np.ndarray:
+        """Row numbers of ``ids``; raises :class:`KeyError` that counts and shows the ids that are missing."""
+        if self._index is None:
+            self._index = {str(s): i for i, s in enumerate(self.sample_ids.tolist())}
+        rows, missing = [], []
+        for s in ids:
+            r = self._index.get(str(s))
+            if r is None:
+                missing.append(str(s))
+            else:
+                rows.append(r)
+        if missing:
+            raise KeyError(
+                f"{len(missing)} of {len(ids)} sample ids have no embedding in store {self.path} (first: {missing[:5]})"
+            )
+        return np.asarray(rows, dtype=np.int64)
+
+    # ------------------------------------------------------------------ writing
+    @staticmethod
+    def write(
+        path: str | os.PathLike,
+        *,
+        sample_ids: Sequence[str],
+        image_embeddings: np.ndarray,
+        text_embeddings: np.ndarray,
+        concepts: Sequence[Concept],
+        vlm: VLMInfo,
+        dtype: str = "float32",
+        extra: dict[str, Any] | None = None,
+    ) -> EmbeddingStore:
+        """Validate the arrays, write a store atomically to ``path`` (replacing one there) and open it."""
+        if dtype not in _ALLOWED_DTYPES:
+            raise EmbeddingStoreError(f"dtype must be one of {_ALLOWED_DTYPES}, got {dtype!r}")
+        ids = np.asarray([str(s) for s in sample_ids])
+        if ids.size == 0:
+            ids = ids.astype("U1")
+        img = np.asarray(image_embeddings)
+        txt = np.asarray(text_embeddings, dtype=np.float32)
+        if img.ndim != 2 or img.shape[0] != len(ids):
+            raise EmbeddingStoreError(
+                f"image_embeddings must have shape (num_samples={len(ids)}, embed_dim), got {img.shape}"
+            )
+        if txt.ndim != 2 or txt.shape != (len(concepts), img.shape[1]):
+            raise EmbeddingStoreError(
+                f"text_embeddings must have shape (num_concepts={len(concepts)}, embed_dim={img.shape[1]}), "
+                f"got {txt.shape}"
+            )
+        if len(set(ids.tolist())) != len(ids):
+            raise EmbeddingStoreError("sample_ids contain duplicates")
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "vlm": asdict(vlm),
+            "concepts": [c.to_dict() for c in concepts],
+            "embed_dim": int(img.shape[1]),
+            "num_samples": int(len(ids)),
+            "dtype": dtype,
+            "extra": extra or {},
+        }
+        with atomic_dir(path) as tmp:
+            np.save(tmp / IMAGE_FILE, img.astype(dtype, copy=False))
+            np.save(tmp / IDS_FILE, ids)
+            np.save(tmp / TEXT_FILE, txt)
+            (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        return EmbeddingStore.open(path)
+
+    # ------------------------------------------------------------------ reading
+    @staticmethod
+    def open(path: str | os.PathLike, mmap: bool = True) -> EmbeddingStore:
+        """Open and validate the store at ``path``; arrays are memory-mapped unless ``mmap=False``."""
+        path = Path(path)
+        if not path.is_dir():
+            raise EmbeddingStoreError(f"{path}: not an embedding store (no such folder)")
+        meta = _read_meta(path / META_FILE)
+        mode = "r" if mmap else None
+        img = _load_array(path / IMAGE_FILE, mode)
+        ids = _load_array(path / IDS_FILE, mode)
+        txt = _load_array(path / TEXT_FILE, None)
+
+        n, d = meta["num_samples"], meta["embed_dim"]
+        if img.ndim != 2 or img.shape != (n, d):
+            raise EmbeddingStoreError(
+                f"{path / IMAGE_FILE}: shape {img.shape}, but {META_FILE} says ({n}, {d}) (num_samples, embed_dim)"
+            )
+        if str(img.dtype) != meta["dtype"]:
+            raise EmbeddingStoreError(f"{path / IMAGE_FILE}: dtype {img.dtype}, but {META_FILE} says {meta['dtype']}")
+        if ids.shape != (n,) or ids.dtype.kind != "U":
+            raise EmbeddingStoreError(
+                f"{path / IDS_FILE}: expected {n} unicode ids, got shape {ids.shape} dtype {ids.dtype}"
+            )
+        if len(np.unique(ids)) != n:
+            raise EmbeddingStoreError(f"{path / IDS_FILE}: sample ids are not unique")
+        c = len(meta["concepts"])
+        if txt.shape != (c, d) or txt.dtype != np.float32:
+            raise EmbeddingStoreError(
+                f"{path / TEXT_FILE}: shape {txt.shape} dtype {txt.dtype}, expected ({c}, {d}) float32 "
+                f"({c} concepts in {META_FILE})"
+            )
+        if not np.isfinite(txt).all():
+            raise EmbeddingStoreError(f"{path / TEXT_FILE}: contains NaN or infinite values")
+        concepts = [Concept(**cd) for cd in meta["concepts"]]
+        return EmbeddingStore(
+            path=path,
+            image_embeddings=img,
+            sample_ids=ids,
+            text_embeddings=np.asarray(txt),
+            concepts=concepts,
+            vlm=VLMInfo(**meta["vlm"]),
+            extra=meta.get("extra", {}),
+        )
+
+
+def _read_meta(file: Path) -> dict[str, Any]:
+    if not file.is_file():
+        raise EmbeddingStoreError(f"{file}: missing (every store has a {META_FILE})")
+    try:
+        meta = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise EmbeddingStoreError(f"{file}: not valid JSON ({e})") from e
+    if not isinstance(meta, dict):
+        raise EmbeddingStoreError(f"{file}: expected a JSON object")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise EmbeddingStoreError(
+            f"{file}: format_version {meta.get('format_version')!r} is not supported (expected {FORMAT_VERSION})"
+        )
+    required = {"vlm": dict, "concepts": list, "embed_dim": int, "num_samples": int, "dtype": str}
+    for key, typ in required.items():
+        if key not in meta:
+            raise EmbeddingStoreError(f"{file}: missing key {key!r}")
+        if not isinstance(meta[key], typ):
+            raise EmbeddingStoreError(f"{file}: key {key!r} should be {typ.__name__}, got {type(meta[key]).__name__}")
+    if meta["dtype"] not in _ALLOWED_DTYPES:
+        raise EmbeddingStoreError(f"{file}: dtype {meta['dtype']!r} not in {_ALLOWED_DTYPES}")
+    for i, cd in enumerate(meta["concepts"]):
+        if not isinstance(cd, dict) or set(cd) != {"name", "type", "prompt"}:
+            raise EmbeddingStoreError(
+                f"{file}: concepts[{i}] must have exactly the keys name, type, prompt; got {cd!r}"
+            )
+    names = [cd["name"] for cd in meta["concepts"]]
+    if len(set(names)) != len(names):
+        raise EmbeddingStoreError(f"{file}: concept names are not unique")
+    try:
+        VLMInfo(**meta["vlm"])
+    except (TypeError, ValueError) as e:
+        raise EmbeddingStoreError(f"{file}: bad 'vlm' entry: {e}") from e
+    return meta
+
+
+def _load_array(file: Path, mmap_mode: str | None) -> np.ndarray:
+    if not file.is_file():
+        raise EmbeddingStoreError(f"{file}: missing")
+    try:
+        return np.load(file, mmap_mode=mmap_mode, allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise EmbeddingStoreError(f"{file}: not a readable .npy array ({e})") from e

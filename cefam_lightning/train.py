@@ -1,0 +1,194 @@
+"""Train CE-FAM: build or reuse the shapes world, fit or load the classifier, train the branch, test, report.
+
+Usage: ``python train.py [--config FILE] [key=value ...]`` (see ``configs/default.yaml``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from omegaconf import DictConfig, OmegaConf
+
+from callbacks import ConceptScoreFigures
+from cefam_lightning.cefam_module import CEFAMModule
+from cefam_lightning.classifier import build_classifier
+from cefam_lightning.classifier_fit import FitSettings, fit_shapes_classifier
+from cefam_lightning.components import ConceptScorer, Translator
+from cefam_lightning.config import load_config, to_dict, world_spec
+from cefam_lightning.datamodule import ShapesWorldDataModule
+from cefam_lightning.io_utils import atomic_write_json
+
+log = logging.getLogger("cefam_lightning")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, help="experiment YAML merged on top of configs/default.yaml")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.max_epochs=5")
+    return p.parse_args(argv)
+
+
+def make_run_dir(cfg: DictConfig) -> Path:
+    name = cfg.run_name or datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    run_dir = Path(cfg.output_dir).expanduser() / name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def _stage(msg: str) -> None:
+    print(f"[cefam] {msg}", flush=True)
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Run training and testing for a loaded config; returns what was written to ``metrics.json``."""
+    t0 = time.time()
+    run_dir = make_run_dir(cfg)
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    tcfg = cfg.trainer
+    quick = bool(tcfg.fast_dev_run)
+
+    spec = world_spec(cfg)
+    dm = ShapesWorldDataModule(spec, cfg.cache_dir, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers)
+    _stage(
+        f"shapes world: {spec.n_train}/{spec.n_val}/{spec.n_test} images, {spec.num_concepts} concepts, "
+        f"{len(spec.classes)} classes (cache: {Path(cfg.cache_dir).expanduser()})"
+    )
+    dm.prepare_data()
+    dm.setup("fit")
+    store = dm.world.store
+
+    ccfg = cfg.classifier
+    num_classes = ccfg.num_classes or len(spec.classes)
+    classifier_metrics: dict[str, Any] = {}
+    weights = ccfg.weights
+    if weights is None:
+        if ccfg.name != "shapes_cnn":
+            raise ValueError(f"classifier.weights is required for {ccfg.name!r} (only shapes_cnn is fitted here)")
+        _stage("fitting the shapes-world classifier (cached after the first run)")
+        fit = FitSettings(**to_dict(ccfg.fit))
+        if quick:
+            fit.epochs = 1
+        weights, classifier_metrics = fit_shapes_classifier(
+            spec, cfg.cache_dir, fit, progress_bar=tcfg.enable_progress_bar, accelerator=tcfg.accelerator
+        )
+        _stage(f"classifier: test accuracy {classifier_metrics['test_acc']:.4f} ({weights})")
+    classifier = build_classifier(
+        ccfg.name, num_classes, list(ccfg.layers), weights=weights, widths=list(ccfg.fit.widths)
+    )
+
+    shapes = classifier.layer_shapes(spec.image_size)
+    in_dim = sum(c for c, _, _ in shapes.values())
+    hidden = list(cfg.model.hidden_dims) if cfg.model.hidden_dims is not None else None
+    translator = Translator(in_dim, store.embed_dim, hidden, cfg.model.activation, cfg.model.input_norm)
+    scorer = ConceptScorer(
+        torch.from_numpy(store.text_embeddings), store.vlm.kind, store.vlm.logit_scale, store.vlm.logit_bias
+    )
+    module = CEFAMModule(
+        classifier,
+        translator,
+        scorer,
+        concept_names=store.concept_names,
+        concept_types=[c.type for c in store.concepts],
+        class_names=dm.class_names,
+        lambda_sim=cfg.model.lambda_sim,
+        optimizer=to_dict(cfg.optimizer),
+        scheduler=to_dict(cfg.scheduler),
+        auroc_thresholds=cfg.model.auroc_thresholds,
+        config=to_dict(cfg),
+    )
+
+    ckpt = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints",
+        filename="best",
+        monitor="val/loss",
+        mode="min",
+        save_last=True,
+        auto_insert_metric_name=False,
+        enable_version_counter=False,
+    )
+    figures = ConceptScoreFigures(
+        run_dir / "figures", cfg.demo.num_figures, cfg.demo.top_k, dm.class_names, store.concept_names
+    )
+    callbacks: list[L.Callback] = [ckpt, figures, LearningRateMonitor(logging_interval="epoch")]
+    es = cfg.early_stopping
+    if es.enabled:
+        callbacks.append(EarlyStopping(monitor=es.monitor, patience=es.patience, mode=es.mode))
+    trainer = L.Trainer(
+        default_root_dir=run_dir,
+        logger=CSVLogger(run_dir, name="logs", version=""),
+        callbacks=callbacks,
+        max_epochs=tcfg.max_epochs,
+        accelerator=tcfg.accelerator,
+        devices=tcfg.devices,
+        strategy=tcfg.strategy,
+        num_nodes=tcfg.num_nodes,
+        precision=tcfg.precision,
+        fast_dev_run=tcfg.fast_dev_run,
+        limit_train_batches=tcfg.limit_train_batches,
+        limit_val_batches=tcfg.limit_val_batches,
+        limit_test_batches=tcfg.limit_test_batches,
+        log_every_n_steps=tcfg.log_every_n_steps,
+        deterministic=tcfg.deterministic,
+        enable_progress_bar=tcfg.enable_progress_bar,
+    )
+    _stage(
+        f"training the CE-FAM branch ({sum(p.numel() for p in translator.parameters()):,} parameters, "
+        f"layers {list(ccfg.layers)}) -> {run_dir}"
+    )
+    trainer.fit(module, datamodule=dm)
+    best = ckpt.best_model_path or None
+    test = trainer.test(module, datamodule=dm, ckpt_path=best, verbose=False)[0]
+
+    metrics = {
+        "run_dir": str(run_dir),
+        "classifier": {"name": ccfg.name, "weights": str(weights), **classifier_metrics},
+        "test": {k: float(v) for k, v in test.items()},
+        "best_checkpoint": best,
+        "best_val_loss": float(ckpt.best_model_score) if ckpt.best_model_score is not None else None,
+        "epochs_trained": trainer.current_epoch,
+        "figures": [str(p) for p in figures.written],
+        "seconds": round(time.time() - t0, 1),
+    }
+    if trainer.is_global_zero:
+        atomic_write_json(run_dir / "metrics.json", metrics)
+        _summary(metrics)
+    return metrics
+
+
+def _summary(m: dict[str, Any]) -> None:
+    t = m["test"]
+    lines = [
+        "",
+        "=" * 72,
+        "CE-FAM on the shapes world: held-out test split",
+        f"  classifier accuracy            {t.get('test/classifier_acc', float('nan')):.4f}",
+        f"  concept-presence AUROC         {t.get('test/concept_auroc', float('nan')):.4f}",
+        f"  cosine(predicted, VLM) embed.  {t.get('test/cosine', float('nan')):.4f}",
+        f"  test loss                      {t.get('test/loss', float('nan')):.5f}",
+        f"  epochs trained {m['epochs_trained']}, {m['seconds']:.0f} s",
+        f"  run folder   {m['run_dir']}  (config.yaml, metrics.json, checkpoints/, figures/, logs/)",
+        "=" * 72,
+    ]
+    print("\n".join(lines), flush=True)
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    cfg = load_config(args.config, args.overrides)
+    return run(cfg)
+
+
+if __name__ == "__main__":
+    main()
