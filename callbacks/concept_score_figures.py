@@ -12,8 +12,8 @@ from lightning.pytorch.utilities import rank_zero_only
 class ConceptScoreFigures(L.Callback):
     """After testing, write one PNG per image: the image, the predicted class, and the top-k concepts.
 
-    Bars show the concept probabilities (softmax for CLIP-style, sigmoid for SigLIP-style VLMs) with the
-    pre-activation score printed beside each; a concept present in the ground truth is drawn in green.
+    Bars show the pre-activation concept scores ``S``, with the probability (softmax for CLIP-style, sigmoid
+    for SigLIP-style VLMs) printed beside each; a concept present in the ground truth is drawn in green.
 
     Args:
         out_dir: folder for the PNG files.
@@ -71,13 +71,14 @@ class ConceptScoreFigures(L.Callback):
             ok = "correct" if row["pred"] == row["label"] else f"true: {self.class_names[row['label']]}"
             ax_img.set_title(f"{row['id']}\npredicted: {self.class_names[row['pred']]} ({ok})", fontsize=8)
             names = [self.concept_names[c] for c in top][::-1]
-            probs = [float(row["probs"][c]) for c in top][::-1]
+            scores = [float(row["scores"][c]) for c in top][::-1]
             present = [row["presence"] is not None and bool(row["presence"][c] > 0) for c in top][::-1]
-            ax_bar.barh(names, probs, color=["tab:green" if p else "tab:gray" for p in present])
+            ax_bar.barh(names, scores, color=["tab:green" if p else "tab:gray" for p in present])
             for y, c in enumerate(top[::-1]):
-                ax_bar.text(probs[y], y, f" S={float(row['scores'][c]):.1f}", va="center", fontsize=7)
-            ax_bar.set_xlim(0, 1.25)
-            ax_bar.set_xlabel("concept probability (green: present in ground truth)", fontsize=8)
+                ax_bar.text(scores[y], y, f" p={float(row['probs'][c]):.2f}", va="center", fontsize=7)
+            lo, hi = min(0.0, min(scores)), max(scores)
+            ax_bar.set_xlim(lo, hi + 0.25 * (hi - lo + 1e-6))
+            ax_bar.set_xlabel("concept score S (green: present in the ground truth; p: probability)", fontsize=8)
             ax_bar.set_title(f"top-{k} concepts", fontsize=9)
             fig.tight_layout()
             path = self.out_dir / f"test_{n:02d}.png"

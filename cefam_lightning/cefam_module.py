@@ -87,7 +87,8 @@ class CEFAMModule(L.LightningModule):
         }
         if len(concept_names) != scorer.num_concepts or len(concept_types) != scorer.num_concepts:
             raise ValueError(
-                f"{len(concept_names)} concept names / {len(concept_types)} types for {scorer.num_concepts} text embeddings"
+                f"{len(concept_names)} concept names / {len(concept_types)} types "
+                f"for {scorer.num_concepts} text embeddings"
             )
         if translator.out_dim != scorer.text.shape[1]:
             raise ValueError(f"translator output {translator.out_dim} != VLM embedding size {scorer.text.shape[1]}")

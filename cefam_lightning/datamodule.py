@@ -30,7 +30,7 @@ class ShapesWorldDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict:
         s = self.split
-        masks = np.asarray(s.masks[i])
+        masks = np.array(s.masks[i])  # a copy: memory-mapped rows are read-only
         item = {
             "image": torch.from_numpy(np.array(s.images[i])).permute(2, 0, 1).float().div_(255.0),
             "label": int(s.labels[i]),
@@ -38,9 +38,7 @@ class ShapesWorldDataset(Dataset):
             "presence": torch.from_numpy(masks.any(axis=(1, 2))).float(),
         }
         if self.rows is not None:
-            item["embedding"] = torch.from_numpy(
-                np.asarray(self.store.image_embeddings[self.rows[i]], dtype=np.float32)
-            )
+            item["embedding"] = torch.from_numpy(np.array(self.store.image_embeddings[self.rows[i]], dtype=np.float32))
         if self.with_masks:
             item["masks"] = torch.from_numpy(masks)
         return item

@@ -1,0 +1,51 @@
+"""Shared fixtures: a tiny shapes world and classifier, built once per test session in a temporary cache."""
+
+from __future__ import annotations
+
+import pytest
+
+from cefam_lightning.classifier_fit import FitSettings, fit_shapes_classifier
+from cefam_lightning.shapes_world import ShapesWorld, WorldSpec
+
+TINY_WORLD = {"image_size": 32, "n_train": 64, "n_val": 32, "n_test": 32, "seed": 3}
+
+
+def tiny_overrides(cache_dir, output_dir, run_name: str = "test") -> list[str]:
+    """Config overrides that shrink the demo to seconds: tiny world, 1 epoch, CPU, no progress bar."""
+    return [
+        f"cache_dir={cache_dir}",
+        f"output_dir={output_dir}",
+        f"run_name={run_name}",
+        *[f"world.{k}={v}" for k, v in TINY_WORLD.items()],
+        "classifier.fit.epochs=1",
+        "classifier.fit.batch_size=32",
+        "model.hidden_dims=[64]",
+        "data.batch_size=16",
+        "trainer.max_epochs=1",
+        "trainer.accelerator=cpu",
+        "trainer.enable_progress_bar=false",
+        "demo.num_figures=2",
+    ]
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("cache")
+
+
+@pytest.fixture(scope="session")
+def tiny_spec() -> WorldSpec:
+    return WorldSpec(**TINY_WORLD)
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tiny_spec, cache_dir) -> ShapesWorld:
+    return ShapesWorld.build(tiny_spec, cache_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier_weights(tiny_world, tiny_spec, cache_dir):
+    path, _ = fit_shapes_classifier(
+        tiny_spec, cache_dir, FitSettings(epochs=1, batch_size=32), progress_bar=False, accelerator="cpu"
+    )
+    return path
