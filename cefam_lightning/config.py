@@ -85,6 +85,8 @@ class DataSchema:
 
 @dataclass
 class TrainerSchema:
+    """Keyword arguments of ``lightning.Trainer``, passed through as they are."""
+
     max_epochs: int = MISSING
     accelerator: str = MISSING
     devices: Any = MISSING

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from datetime import datetime
@@ -17,6 +18,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from callbacks import ConceptScoreFigures
@@ -38,8 +40,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+RUN_NAME_ENV = "CEFAM_RUN_NAME"
+
+
 def make_run_dir(cfg: DictConfig) -> Path:
-    name = cfg.run_name or datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    """``output_dir/run_name``; a timestamp when no name is given.
+
+    Lightning's DDP launcher starts the other ranks by re-running this script, possibly seconds later, so the
+    chosen name is put in the environment, which the launched ranks inherit.
+    """
+    name = cfg.run_name or os.environ.get(RUN_NAME_ENV) or datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    os.environ[RUN_NAME_ENV] = name
     run_dir = Path(cfg.output_dir).expanduser() / name
     run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
@@ -53,7 +64,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     """Run training and testing for a loaded config; returns what was written to ``metrics.json``."""
     t0 = time.time()
     run_dir = make_run_dir(cfg)
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    if rank_zero_only.rank == 0:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     tcfg = cfg.trainer
     quick = bool(tcfg.fast_dev_run)
@@ -128,19 +140,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         default_root_dir=run_dir,
         logger=CSVLogger(run_dir, name="logs", version=""),
         callbacks=callbacks,
-        max_epochs=tcfg.max_epochs,
-        accelerator=tcfg.accelerator,
-        devices=tcfg.devices,
-        strategy=tcfg.strategy,
-        num_nodes=tcfg.num_nodes,
-        precision=tcfg.precision,
-        fast_dev_run=tcfg.fast_dev_run,
-        limit_train_batches=tcfg.limit_train_batches,
-        limit_val_batches=tcfg.limit_val_batches,
-        limit_test_batches=tcfg.limit_test_batches,
-        log_every_n_steps=tcfg.log_every_n_steps,
-        deterministic=tcfg.deterministic,
-        enable_progress_bar=tcfg.enable_progress_bar,
+        **to_dict(tcfg),  # every trainer.* key is a lightning.Trainer argument
     )
     _stage(
         f"training the CE-FAM branch ({sum(p.numel() for p in translator.parameters()):,} parameters, "

@@ -50,3 +50,18 @@ def test_training_run_writes_a_self_describing_folder(tmp_path, cache_dir):
     with torch.no_grad():
         cos = F.cosine_similarity(module(images)["embedding"], target, dim=-1).mean().item()
     assert abs(cos - metrics["test"]["test/cosine"]) < 1e-4
+
+
+def test_two_process_ddp_on_cpu_writes_one_run_folder(tmp_path, cache_dir, tiny_classifier_weights):
+    """Lightning's DDP launcher re-runs train.py for rank 1; both ranks must share one timestamped run folder."""
+    overrides = [o for o in tiny_overrides(cache_dir, tmp_path, "unused") if not o.startswith("run_name=")]
+    args = [sys.executable, "train.py", "run_name=null", "trainer.devices=2", "trainer.strategy=ddp", *overrides]
+    env = {k: v for k, v in os.environ.items() if k != "CEFAM_RUN_NAME"}
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = list(tmp_path.iterdir())
+    assert len(runs) == 1, runs
+    assert proc.stdout.count("CE-FAM on the shapes world") == 1  # the summary comes from rank zero only
+    metrics = json.loads((runs[0] / "metrics.json").read_text())
+    assert np.isfinite(metrics["test"]["test/cosine"])
+    assert len(list((runs[0] / "figures").glob("*.png"))) == 2
