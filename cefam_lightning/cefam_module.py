@@ -47,7 +47,8 @@ class CEFAMModule(L.LightningModule):
         class_names: names of the classifier's classes (for reports).
         lambda_sim: weight of the score-similarity loss (0 allowed).
         optimizer: ``{"name": "sgd"|"adam"|"adamw", "lr", "momentum", "weight_decay", "nesterov"}``.
-        scheduler: ``{"name": "plateau"|"cosine"|"none", "factor", "patience", "monitor"}``.
+        scheduler: ``{"name": "plateau"|"cosine"|"none", "factor", "patience", "monitor", "warmup_epochs",
+            "warmup_factor"}``.
         auroc_thresholds: ``None`` for exact concept-presence AUROC, or a bin count for constant memory.
         config: the run's resolved configuration, kept in the checkpoint.
     """
@@ -188,17 +189,28 @@ class CEFAMModule(L.LightningModule):
             raise ValueError(f"optimizer.name: unknown optimizer {name!r}; choose sgd, adam or adamw")
         scfg = dict(self.hparams.scheduler or {"name": "none"})
         sname = scfg.get("name", "none").lower()
-        if sname == "none":
-            return opt
+        schedulers = []
+        warmup = int(scfg.get("warmup_epochs", 0))
+        if warmup > 0:
+            # The authors' optional warm-up: LR rises linearly to warmup_factor x lr (0.1 -> 0.2), then the main
+            # schedule takes over. LinearLR is chainable, so plateau decay multiplies on top of it.
+            # LinearLR only scales down, so the optimizer's LR becomes the peak and warm-up starts at 1/factor of it.
+            factor = float(scfg.get("warmup_factor", 2.0))
+            if factor < 1:
+                raise ValueError(f"scheduler.warmup_factor must be >= 1, got {factor}")
+            for group in opt.param_groups:
+                group["lr"] = lr * factor
+            schedulers.append(torch.optim.lr_scheduler.LinearLR(opt, 1.0 / factor, 1.0, total_iters=warmup))
         if sname == "plateau":
             sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
                 opt, mode="min", factor=float(scfg.get("factor", 0.1)), patience=int(scfg.get("patience", 5))
             )
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": scfg.get("monitor", "val/loss")}}
-        if sname == "cosine":
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.trainer.max_epochs))
-            return {"optimizer": opt, "lr_scheduler": sched}
-        raise ValueError(f"scheduler.name: unknown scheduler {sname!r}; choose plateau, cosine or none")
+            schedulers.append({"scheduler": sched, "monitor": scfg.get("monitor", "val/loss")})
+        elif sname == "cosine":
+            schedulers.append(torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.trainer.max_epochs)))
+        elif sname != "none":
+            raise ValueError(f"scheduler.name: unknown scheduler {sname!r}; choose plateau, cosine or none")
+        return [opt], schedulers
 
     # ------------------------------------------------------------------ loading
     @classmethod

@@ -67,6 +67,8 @@ class SchedulerSchema:
     factor: float = MISSING
     patience: int = MISSING
     monitor: str = MISSING
+    warmup_epochs: int = MISSING
+    warmup_factor: float = MISSING
 
 
 @dataclass

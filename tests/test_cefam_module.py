@@ -114,3 +114,26 @@ def test_mismatched_parts_are_rejected(tiny_world, tiny_classifier_weights):
             module.hparams.concept_types,
             module.hparams.class_names,
         )
+
+
+def test_warmup_then_plateau_decay(tiny_world, tiny_spec, cache_dir, tiny_classifier_weights):
+    module = _module(tiny_world, tiny_classifier_weights)
+    module.hparams.optimizer = {"name": "sgd", "lr": 0.1}
+    module.hparams.scheduler = {
+        "name": "plateau",
+        "factor": 0.1,
+        "patience": 0,
+        "monitor": "val/loss",
+        "warmup_epochs": 2,
+        "warmup_factor": 2.0,
+    }
+    lrs = []
+
+    class Record(L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    _trainer(max_epochs=3, callbacks=[Record()]).fit(module, datamodule=_datamodule(tiny_spec, cache_dir))
+    assert lrs[0] == pytest.approx(0.1) and lrs[1] == pytest.approx(0.15)
+    # Epoch 3 starts at the warm-up's end (0.2), or ten times lower if the plateau already decayed it.
+    assert lrs[2] == pytest.approx(0.2) or lrs[2] == pytest.approx(0.02)
