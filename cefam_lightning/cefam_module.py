@@ -22,6 +22,7 @@ from torchmetrics.classification import MulticlassAccuracy, MultilabelAUROC
 
 from cefam_lightning.classifier import FrozenClassifier, build_classifier
 from cefam_lightning.components import ConceptScorer, Translator
+from cefam_lightning.concept_regions import concept_regions, pool_activations, score_jacobian, upsample_regions
 
 STAGES = ("train", "val", "test")
 
@@ -112,8 +113,7 @@ class CEFAMModule(L.LightningModule):
         """Frozen classifier pass: (logits, ``z`` = concatenated globally pooled activations, ``B x dim(z)``)."""
         with torch.no_grad():
             out = self.classifier(images)
-        z = torch.cat([out.activations[layer].float().mean(dim=(2, 3)) for layer in self.classifier.layers], dim=1)
-        return out.logits, z
+        return out.logits, pool_activations(out.activations, self.classifier.layers)
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
         """Explain-time forward: logits, embedding, concept scores and probabilities."""
@@ -121,6 +121,29 @@ class CEFAMModule(L.LightningModule):
         emb = self.translator(z)
         scores = self.scorer(emb)
         return {"logits": logits, "embedding": emb, "scores": scores, "probs": self.scorer.probabilities(scores)}
+
+    def concept_regions(
+        self,
+        images: Tensor,
+        concepts: Sequence[int] | None = None,
+        layers: Sequence[str] | None = None,
+        upsample: bool = True,
+    ) -> dict[str, Tensor]:
+        """Region maps of all (or the given) concepts at all (or the given) layers (SPEC §2.4).
+
+        Returns ``{layer: (B, C', H, W)}`` at the image size when ``upsample`` else at each layer's resolution.
+        """
+        with torch.no_grad():
+            out = self.classifier(images)
+        all_layers = self.classifier.layers
+        unknown = [layer for layer in layers or () if layer not in all_layers]
+        if unknown:
+            raise ValueError(f"Layers {unknown} are not among the explained layers {all_layers}")
+        jac = score_jacobian(self.translator, self.scorer, pool_activations(out.activations, all_layers))
+        maps = concept_regions(out.activations, all_layers, jac, concepts, select=layers)
+        if upsample:
+            maps = {k: upsample_regions(v, images.shape[-2:]) for k, v in maps.items()}
+        return maps
 
     def model_step(self, batch: dict) -> CEFAMStep:
         logits, z = self.pooled(batch["image"])

@@ -137,3 +137,15 @@ def test_warmup_then_plateau_decay(tiny_world, tiny_spec, cache_dir, tiny_classi
     assert lrs[0] == pytest.approx(0.1) and lrs[1] == pytest.approx(0.15)
     # Epoch 3 starts at the warm-up's end (0.2), or ten times lower if the plateau already decayed it.
     assert lrs[2] == pytest.approx(0.2) or lrs[2] == pytest.approx(0.02)
+
+
+def test_module_concept_regions_at_image_size(tiny_world, tiny_classifier_weights):
+    module = _module(tiny_world, tiny_classifier_weights).eval()
+    images = torch.rand(2, 3, 32, 32)
+    maps = module.concept_regions(images, concepts=[0, 4], layers=["layer2", "layer4"])
+    assert list(maps) == ["layer2", "layer4"]
+    assert all(m.shape == (2, 2, 32, 32) and (m >= 0).all() for m in maps.values())
+    low = module.concept_regions(images, layers=["layer4"], upsample=False)["layer4"]
+    assert low.shape == (2, len(tiny_world.concepts), 4, 4)
+    with pytest.raises(ValueError, match="layer9"):
+        module.concept_regions(images, layers=["layer9"])

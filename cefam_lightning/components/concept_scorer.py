@@ -38,5 +38,16 @@ class ConceptScorer(nn.Module):
         e = F.normalize(embeddings.float(), dim=-1)
         return self.logit_scale * e @ self.text.T + self.logit_bias
 
+    def jacobian(self, embeddings: Tensor) -> Tensor:
+        """``dS/de``, ``(B, num_concepts, d)``, in closed form.
+
+        With ``S_c = s * <e/|e|, t_c> + b``: ``dS_c/de = (s/|e|) * (t_c - cos(e, t_c) * e/|e|)``.
+        """
+        e = embeddings.float()
+        norm = e.norm(dim=-1, keepdim=True)
+        e_hat = e / norm
+        cos = e_hat @ self.text.T  # (B, C)
+        return (self.logit_scale / norm)[:, :, None] * (self.text[None] - cos[:, :, None] * e_hat[:, None, :])
+
     def probabilities(self, scores: Tensor) -> Tensor:
         return scores.softmax(dim=-1) if self.kind == "clip" else scores.sigmoid()
