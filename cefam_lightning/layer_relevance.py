@@ -1,0 +1,75 @@
+"""Which layer shows concept ``c`` (SPEC §2.5): a deletion curve over each layer's most important channels.
+
+Channel importance at layer ``l`` is ``beta^c_k * mean_ij A^l_k``. For ``i = 0..K`` the pooled values of the
+``i`` most important channels are replaced by the layer's mean over channels in the translator's input, and the
+concept probability ``p_{c,i}`` is recomputed. Relevance ``= (1/K) sum_{i=1..K} (p_c - p_{c,i}) / p_c``. Every
+deletion step of every layer and concept goes through the translator as one batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import Tensor, nn
+
+from cefam_lightning.components import ConceptScorer
+
+
+@torch.no_grad()
+def layer_relevance(
+    z: Tensor,
+    jacobian: Tensor,
+    slices: Mapping[str, slice],
+    translator: nn.Module,
+    scorer: ConceptScorer,
+    concepts: Tensor,
+    k: int = 20,
+) -> Tensor:
+    """Relevance of each layer for each given concept.
+
+    Args:
+        z: pooled activations, ``(B, D)``.
+        jacobian: ``dS/dz``, ``(B, C, D)`` (its ``1/(H W)`` scale does not change the channel ranking).
+        slices: ``{layer: slice of z}``, in ``z``'s order.
+        translator, scorer: the CE-FAM branch (the translator is evaluated in eval mode).
+        concepts: ``(B, N)`` concept indices per sample (e.g. the top-N predicted concepts).
+        k: channels deleted at most (``min(k, K_l)`` at a layer with fewer channels).
+
+    Returns:
+        ``(B, N, L)`` relevance, layers in ``slices`` order.
+    """
+    b, n = concepts.shape
+    d = z.shape[1]
+    layers = list(slices)
+    n_layers = len(layers)
+    jac = torch.gather(jacobian, 1, concepts[:, :, None].expand(-1, -1, jacobian.shape[2]))  # (B, N, D)
+    variants = z[:, None, None, None, :].expand(b, n, n_layers, k + 1, d).clone()  # (B, N, L, K+1, D)
+    steps = torch.arange(k + 1, device=z.device)
+    valid = torch.zeros(n_layers, k + 1, dtype=torch.bool, device=z.device)  # steps that delete a new channel
+    for li, layer in enumerate(layers):
+        sl = slices[layer]
+        k_l = min(k, sl.stop - sl.start)
+        valid[li, 1 : k_l + 1] = True
+        importance = jac[:, :, sl] * z[:, None, sl]  # (B, N, K_l)
+        top = importance.topk(k_l, dim=-1).indices  # (B, N, k_l), most important first
+        # Step i deletes the first min(i, k_l) channels of the ranking.
+        rank_pos = torch.arange(k_l, device=z.device)
+        deleted = rank_pos[None, :] < steps[:, None]  # (K+1, k_l)
+        mask = torch.zeros(b, n, k + 1, sl.stop - sl.start, dtype=torch.bool, device=z.device)
+        mask.scatter_(3, top[:, :, None, :].expand(-1, -1, k + 1, -1), deleted[None, None].expand(b, n, -1, -1))
+        layer_mean = z[:, sl].mean(dim=1)[:, None, None, None]  # (B, 1, 1, 1)
+        block = variants[:, :, li, :, sl]
+        variants[:, :, li, :, sl] = torch.where(mask, layer_mean, block)
+    was_training = translator.training
+    translator.eval()
+    try:
+        probs = scorer.probabilities(scorer(translator(variants.reshape(-1, d))))
+    finally:
+        translator.train(was_training)
+    c_idx = concepts[:, :, None, None].expand(b, n, n_layers, k + 1).reshape(-1, 1)
+    p = probs.gather(1, c_idx).reshape(b, n, n_layers, k + 1)
+    p0 = p[..., :1]
+    drop = (p0 - p) / p0.clamp_min(torch.finfo(p.dtype).tiny)
+    weights = valid.to(p.dtype)
+    return (drop * weights).sum(-1) / weights.sum(-1).clamp_min(1)
