@@ -1,0 +1,5 @@
+"""Evaluation metrics (SPEC §3): torchmetrics classes here, pure functions in :mod:`.functional`."""
+
+from cefam_lightning.metrics.region import RegionMetrics
+
+__all__ = ["RegionMetrics"]
