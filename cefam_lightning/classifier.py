@@ -72,6 +72,7 @@ class FrozenClassifier(nn.Module):
         self.model = create_feature_extractor(model, return_nodes=return_nodes)
         for p in self.model.parameters():
             p.requires_grad_(False)
+        self._tails: dict[str, nn.Module] = {}
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.train(False)
@@ -89,12 +90,50 @@ class FrozenClassifier(nn.Module):
         logits = out.pop("__logits__")
         return ClassifierOutput(logits=logits, activations={layer: out[layer] for layer in self.layers})
 
+    def tail(self, layer: str) -> nn.Module:
+        """The part of the classifier after ``layer``: a module mapping that layer's activation map to logits.
+
+        It is cut from the traced graph, so it shares the classifier's (frozen) parameters and works for any
+        traceable model, provided nothing after ``layer`` reads an earlier tensor (a skip connection across
+        the cut is an error).
+        """
+        if layer not in self.layers:
+            raise ValueError(f"{layer!r} is not among the wrapped layers {self.layers}")
+        if layer not in self._tails:
+            self._tails[layer] = _cut_after(self.model, layer)
+        return self._tails[layer]
+
     @torch.no_grad()
     def layer_shapes(self, image_size: int) -> dict[str, tuple[int, int, int]]:
         """``{layer: (channels, height, width)}`` for square inputs of ``image_size``."""
         device = self.mean.device
         acts = self(torch.zeros(1, 3, image_size, image_size, device=device)).activations
         return {k: tuple(v.shape[1:]) for k, v in acts.items()}
+
+
+def _cut_after(gm: torch.fx.GraphModule, layer: str) -> torch.fx.GraphModule:
+    """A GraphModule computing the logits node of ``gm`` from the node returned under ``layer``."""
+    output = next(n for n in gm.graph.nodes if n.op == "output")
+    returned = output.args[0]
+    start, logits = returned[layer], returned["__logits__"]
+    needed: set[torch.fx.Node] = set()
+    stack = [logits]
+    while stack:  # everything the logits depend on, back to the cut
+        node = stack.pop()
+        if node in needed or node is start:
+            continue
+        needed.add(node)
+        stack.extend(node.all_input_nodes)
+    graph = torch.fx.Graph()
+    env = {start: graph.placeholder("activation")}
+    for node in gm.graph.nodes:
+        if node not in needed:
+            continue
+        if node.op == "placeholder":
+            raise ValueError(f"The classifier reads its input again after {layer!r}; it cannot be cut there")
+        env[node] = graph.node_copy(node, lambda n: env[n])
+    graph.output(env[logits])
+    return torch.fx.GraphModule(gm, graph)
 
 
 def valid_layer_names(nodes: Sequence[str]) -> list[str]:

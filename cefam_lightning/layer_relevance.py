@@ -16,6 +16,21 @@ from torch import Tensor, nn
 from cefam_lightning.components import ConceptScorer
 
 
+def top_channels(jacobian: Tensor, z: Tensor, sl: slice, concepts: Tensor, k: int) -> Tensor:
+    """Indices (within the layer) of each concept's ``k`` most important channels, most important first.
+
+    Args:
+        jacobian: ``dS/dz``, ``(B, C, D)``; z: ``(B, D)``; sl: the layer's slice of ``z``;
+        concepts: ``(B, N)`` concept indices; k: how many (at most the layer's channels).
+
+    Returns:
+        ``(B, N, min(k, K_l))``.
+    """
+    jac = torch.gather(jacobian[:, :, sl], 1, concepts[:, :, None].expand(-1, -1, sl.stop - sl.start))
+    importance = jac * z[:, None, sl]
+    return importance.topk(min(k, sl.stop - sl.start), dim=-1).indices
+
+
 @torch.no_grad()
 def layer_relevance(
     z: Tensor,
@@ -43,7 +58,6 @@ def layer_relevance(
     d = z.shape[1]
     layers = list(slices)
     n_layers = len(layers)
-    jac = torch.gather(jacobian, 1, concepts[:, :, None].expand(-1, -1, jacobian.shape[2]))  # (B, N, D)
     variants = z[:, None, None, None, :].expand(b, n, n_layers, k + 1, d).clone()  # (B, N, L, K+1, D)
     steps = torch.arange(k + 1, device=z.device)
     valid = torch.zeros(n_layers, k + 1, dtype=torch.bool, device=z.device)  # steps that delete a new channel
@@ -51,8 +65,7 @@ def layer_relevance(
         sl = slices[layer]
         k_l = min(k, sl.stop - sl.start)
         valid[li, 1 : k_l + 1] = True
-        importance = jac[:, :, sl] * z[:, None, sl]  # (B, N, K_l)
-        top = importance.topk(k_l, dim=-1).indices  # (B, N, k_l), most important first
+        top = top_channels(jacobian, z, sl, concepts, k)  # (B, N, k_l), most important first
         # Step i deletes the first min(i, k_l) channels of the ranking.
         rank_pos = torch.arange(k_l, device=z.device)
         deleted = rank_pos[None, :] < steps[:, None]  # (K+1, k_l)
