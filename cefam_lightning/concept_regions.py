@@ -37,7 +37,7 @@ def layer_slices(activations: Mapping[str, Tensor], layers: Sequence[str]) -> di
     return out
 
 
-def embedding_jacobian(translator: nn.Module, z: Tensor) -> Tensor:
+def embedding_jacobian(translator: nn.Module, z: Tensor, out_dim: int) -> Tensor:
     """``de/dz`` per sample, ``(B, d, dim(z))``: reverse mode when ``d <= dim(z)``, forward mode otherwise.
 
     The translator must be in eval mode (a BatchNorm layer cannot use batch statistics per sample).
@@ -46,8 +46,7 @@ def embedding_jacobian(translator: nn.Module, z: Tensor) -> Tensor:
     def f(zi: Tensor) -> Tensor:
         return translator(zi[None])[0]
 
-    d = translator(z[:1]).shape[-1]
-    jac = torch.func.jacrev(f) if d <= z.shape[-1] else torch.func.jacfwd(f)
+    jac = torch.func.jacrev(f) if out_dim <= z.shape[-1] else torch.func.jacfwd(f)
     return torch.func.vmap(jac)(z)
 
 
@@ -58,9 +57,9 @@ def score_jacobian(translator: nn.Module, scorer: ConceptScorer, z: Tensor) -> T
     try:
         with torch.autocast(device_type=z.device.type, enabled=False):
             z = z.detach().float()
-            j_e = embedding_jacobian(translator, z)  # (B, d, D)
             with torch.no_grad():
                 e = translator(z)
+            j_e = embedding_jacobian(translator, z, e.shape[-1])  # (B, d, D)
             return torch.bmm(scorer.jacobian(e), j_e)  # (B, C, d) @ (B, d, D)
     finally:
         translator.train(was_training)

@@ -24,23 +24,24 @@ class ShapesWorldDataset(Dataset):
     def __init__(self, split: WorldSplit, store: EmbeddingStore | None = None, with_masks: bool = False):
         self.split, self.store, self.with_masks = split, store, with_masks
         self.rows = store.rows_for(split.ids) if store is not None else None
+        # Once per split, not per item: training items then never read their masks.
+        self.presence = torch.from_numpy(np.asarray(split.presence)).float()
 
     def __len__(self) -> int:
         return len(self.split)
 
     def __getitem__(self, i: int) -> dict:
         s = self.split
-        masks = np.array(s.masks[i])  # a copy: memory-mapped rows are read-only
         item = {
             "image": torch.from_numpy(np.array(s.images[i])).permute(2, 0, 1).float().div_(255.0),
             "label": int(s.labels[i]),
             "id": s.ids[i],
-            "presence": torch.from_numpy(masks.any(axis=(1, 2))).float(),
+            "presence": self.presence[i],
         }
         if self.rows is not None:
             item["embedding"] = torch.from_numpy(np.array(self.store.image_embeddings[self.rows[i]], dtype=np.float32))
         if self.with_masks:
-            item["masks"] = torch.from_numpy(masks)
+            item["masks"] = torch.from_numpy(np.array(s.masks[i]))  # a copy: memory-mapped rows are read-only
         return item
 
 
