@@ -66,7 +66,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     run_dir = make_run_dir(cfg)
     if rank_zero_only.rank == 0:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
     tcfg = cfg.trainer
     quick = bool(tcfg.fast_dev_run)
 
@@ -99,6 +98,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         ccfg.name, num_classes, list(ccfg.layers), weights=weights, widths=list(ccfg.fit.widths)
     )
 
+    # Seeded here, after the classifier: fitting it (cold cache) or not (warm) must not change the branch's
+    # initialization or data order.
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
     shapes = classifier.layer_shapes(spec.image_size)
     in_dim = sum(c for c, _, _ in shapes.values())
     hidden = list(cfg.model.hidden_dims) if cfg.model.hidden_dims is not None else None

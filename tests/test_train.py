@@ -65,3 +65,12 @@ def test_two_process_ddp_on_cpu_writes_one_run_folder(tmp_path, cache_dir, tiny_
     metrics = json.loads((runs[0] / "metrics.json").read_text())
     assert np.isfinite(metrics["test"]["test/cosine"])
     assert len(list((runs[0] / "figures").glob("*.png"))) == 2
+
+
+def test_warm_cache_run_reproduces_a_cold_cache_run(tmp_path):
+    """Fitting the classifier (cold cache) must not shift the random state the CE-FAM branch trains with."""
+    cache = tmp_path / "fresh_cache"
+    cold = main(tiny_overrides(cache, tmp_path / "out", "cold"))
+    warm = main(tiny_overrides(cache, tmp_path / "out", "warm"))
+    assert "val_acc" in cold["classifier"]  # the first run did fit the classifier
+    assert cold["test"] == warm["test"]
