@@ -8,6 +8,7 @@ import torch.multiprocessing as mp
 
 from cefam_lightning.metrics import RegionMetrics
 from cefam_lightning.metrics.functional import auc_high, auc_low, epg, iou_auc, nra
+from cefam_lightning.metrics.functional.region import _auc_rows, _by_chunks
 
 TYPES = ["color", "shape", "color", "texture"]  # concept id -> type
 
@@ -107,6 +108,37 @@ def test_ties_do_not_depend_on_pixel_position():
     size, n = masks[0].sum().item(), 256
     curve = [(k * size / n) / (k + size - k * size / n) for k in range(1, n + 1)]
     assert iou_auc(torch.zeros(16, 16), masks[0]).item() == pytest.approx(sum(curve) / n, rel=1e-12)
+
+
+def _tie_patterns(gen: torch.Generator) -> dict[str, torch.Tensor]:
+    n, side = 40, 12
+    patterns = {
+        "distinct": torch.rand(n, side, side, generator=gen),
+        "relu_rounded": torch.randn(n, side, side, generator=gen).relu().round(decimals=1),
+        "mixed_sign": torch.randn(n, side, side, generator=gen).round(decimals=1),
+        "non_positive": -torch.rand(n, side, side, generator=gen).round(decimals=2),
+        "constant": torch.zeros(n, side, side),
+        "signed_zeros": (torch.rand(n, side, side, generator=gen) * 3).floor() - 1,
+        "float16": torch.rand(n, side, side, generator=gen).half(),
+    }
+    patterns["signed_zeros"][patterns["signed_zeros"] == 0] = -0.0
+    return patterns
+
+
+@pytest.mark.parametrize(
+    "pattern", ["distinct", "relu_rounded", "mixed_sign", "non_positive", "constant", "signed_zeros", "float16"]
+)
+def test_cpu_sorted_key_path_equals_the_general_path(pattern):
+    # float32-exact CPU maps take a path of its own (packed sort keys, sums per tie group); it must give the
+    # general path's tie-interpolated curve, which the tests above pin to the definition.
+    gen = torch.Generator().manual_seed(6)
+    maps = _tie_patterns(gen)[pattern]
+    masks = torch.rand(maps.shape, generator=gen) < torch.rand(len(maps), 1, 1, generator=gen)
+    masks[0], masks[1, 0, 0] = False, True  # an empty mask, and one mask of a single pixel
+    expected = _by_chunks(_auc_rows, maps.double().flatten(1), masks.flatten(1))
+    expected[0] = torch.nan
+    torch.testing.assert_close(iou_auc(maps, masks), expected, rtol=0, atol=1e-12, equal_nan=True)
+    torch.testing.assert_close(nra(maps, masks), nra(maps.double(), masks), rtol=0, atol=1e-12, equal_nan=True)
 
 
 def test_epg_normalizes_and_handles_constant_and_empty():
