@@ -18,6 +18,8 @@ from torch import Tensor
 from cefam_lightning.classifier import FrozenClassifier
 from cefam_lightning.layer_relevance import top_channels
 
+FILLS = ("spatial_mean", "zero")
+
 
 @torch.no_grad()
 def concept_contributions(
@@ -32,6 +34,7 @@ def concept_contributions(
     target: Tensor | None = None,
     k: int = 20,
     chunk: int = 256,
+    fill: str = "spatial_mean",
 ) -> Tensor:
     """Contribution of each given concept to the explained class.
 
@@ -44,10 +47,15 @@ def concept_contributions(
         target: ``(B,)`` explained class; default the predicted class.
         k: channels masked at most.
         chunk: masked variants per pass through a tail (bounds memory).
+        fill: what replaces a masked channel map: ``"spatial_mean"`` (SPEC §2.6) or ``"zero"``. Right before
+            global average pooling (a ResNet's ``layer4``) the spatial mean changes nothing, so every
+            contribution there is 0; ``"zero"`` ablates the channel instead.
 
     Returns:
         ``(B, N)`` contributions (negative: the concept pushes against the class).
     """
+    if fill not in FILLS:
+        raise ValueError(f"fill must be one of {FILLS}, got {fill!r}")
     b, n = concepts.shape
     target = logits.argmax(dim=1) if target is None else target
     p_y = logits.float().softmax(dim=1).gather(1, target[:, None])[:, 0]  # (B,)
@@ -61,6 +69,8 @@ def concept_contributions(
         k_l = top.shape[1]
         base = a[rows[:, 0]]  # (R, K_l, h, w)
         means = base.mean(dim=(2, 3), keepdim=True)
+        if fill == "zero":
+            means = torch.zeros_like(means)
         # Variant i (1..k_l) masks the first i channels of the ranking: a (R, k_l, K_l) channel mask.
         deleted = torch.arange(k_l, device=a.device)[None, :] <= torch.arange(k_l, device=a.device)[:, None]
         mask = torch.zeros(top.shape[0], k_l, a.shape[1], dtype=torch.bool, device=a.device)

@@ -49,3 +49,17 @@ def tiny_classifier_weights(tiny_world, tiny_spec, cache_dir):
         tiny_spec, cache_dir, FitSettings(epochs=1, batch_size=32), progress_bar=False, accelerator="cpu"
     )
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_run(cache_dir, tmp_path_factory) -> dict:
+    """A tiny training run (1 epoch), shared by tests that need a trained checkpoint: its metrics.json dict."""
+    from cefam_lightning.train import main
+
+    return main(tiny_overrides(cache_dir, tmp_path_factory.mktemp("runs"), "tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_run) -> str:
+    """Path of the tiny run's best CE-FAM checkpoint."""
+    return tiny_run["best_checkpoint"]
