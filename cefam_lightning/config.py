@@ -111,6 +111,16 @@ class DemoSchema:
 
 
 @dataclass
+class EvaluationSchema:
+    enabled: bool = MISSING
+    k: int = MISSING
+    fill: str = MISSING
+    batch_size: int = MISSING
+    max_images: int | None = MISSING
+    seed: int = MISSING
+
+
+@dataclass
 class Config:
     run_name: str | None = MISSING
     output_dir: str = MISSING
@@ -125,6 +135,7 @@ class Config:
     data: DataSchema = field(default_factory=DataSchema)
     trainer: TrainerSchema = field(default_factory=TrainerSchema)
     demo: DemoSchema = field(default_factory=DemoSchema)
+    evaluation: EvaluationSchema = field(default_factory=EvaluationSchema)
 
 
 def _merge(base: DictConfig, other: DictConfig, source: str) -> DictConfig:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import uuid
@@ -60,5 +61,18 @@ def atomic_write_bytes(target: str | os.PathLike, data: bytes) -> None:
             tmp.unlink()
 
 
+def json_safe(obj: Any) -> Any:
+    """``obj`` with NaN and infinite floats replaced by ``None``, so that it is strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def atomic_write_json(target: str | os.PathLike, obj: Any) -> None:
-    atomic_write_bytes(target, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
+    """Write ``obj`` as strict JSON (NaN and infinities become ``null``), atomically."""
+    text = json.dumps(json_safe(obj), indent=2, sort_keys=False, default=str, allow_nan=False)
+    atomic_write_bytes(target, (text + "\n").encode())

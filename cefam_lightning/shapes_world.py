@@ -21,6 +21,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from cefam_lightning.concepts import Concept, make_concepts
 from cefam_lightning.embedding_store import EmbeddingStore, VLMInfo
@@ -334,3 +335,25 @@ class ShapesWorld:
             # world.json last: its presence marks a complete world.
             (tmp / "world.json").write_text(json.dumps({"spec": asdict(spec), "version": GENERATOR_VERSION}, indent=2))
         return cls(root, spec)
+
+
+def key_object_concepts(spec: WorldSpec, masks: np.ndarray | torch.Tensor, labels) -> torch.Tensor:
+    """Which present concepts belong to each image's key object: ``(B, C)`` bool.
+
+    The key object is the only one with its class's color-shape pair (distractors use other pairs, and objects
+    do not overlap), so its pixels are ``mask[color] & mask[shape]``, and its concepts are those whose masks
+    cover any of them: its color, its shape and its texture.
+
+    Args:
+        spec: the world (its concept order and classes).
+        masks: ``(B, C, H, W)`` concept masks.
+        labels: ``(B,)`` class indices.
+    """
+    masks = torch.as_tensor(np.asarray(masks) if not isinstance(masks, torch.Tensor) else masks).bool()
+    labels = torch.as_tensor(labels, dtype=torch.long, device=masks.device)
+    index = {c.name: i for i, c in enumerate(spec.concepts)}
+    pairs = torch.tensor([[index[n] for n in cls.split()] for cls in spec.classes], device=masks.device)
+    color, shape = pairs[labels, 0], pairs[labels, 1]
+    rows = torch.arange(len(labels), device=masks.device)
+    key_pixels = masks[rows, color] & masks[rows, shape]  # (B, H, W)
+    return (masks & key_pixels[:, None]).flatten(2).any(dim=2)

@@ -28,6 +28,7 @@ from cefam_lightning.classifier_fit import FitSettings, fit_shapes_classifier
 from cefam_lightning.components import ConceptScorer, Translator
 from cefam_lightning.config import load_config, to_dict, world_spec
 from cefam_lightning.datamodule import ShapesWorldDataModule
+from cefam_lightning.evaluate import evaluate_on_world, write_results
 from cefam_lightning.io_utils import atomic_write_json
 
 log = logging.getLogger("cefam_lightning")
@@ -152,6 +153,24 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     best = ckpt.best_model_path or None
     test = trainer.test(module, datamodule=dm, ckpt_path=best, verbose=False)[0]
 
+    evaluation, table = None, None
+    ecfg = cfg.evaluation
+    if ecfg.enabled and trainer.is_global_zero:
+        # trainer.test loaded the best weights into the module; the world's test masks are the ground truth.
+        _stage("evaluating explanations on the test split (regions vs masks, baselines, contributions)")
+        evaluation = evaluate_on_world(
+            module,
+            dm.world,
+            "test",
+            k=ecfg.k,
+            fill=ecfg.fill,
+            batch_size=ecfg.batch_size,
+            max_images=ecfg.batch_size if quick else ecfg.max_images,
+            seed=ecfg.seed,
+        )
+        evaluation["checkpoint"] = best
+        table = write_results(evaluation, run_dir / "evaluation")
+
     metrics = {
         "run_dir": str(run_dir),
         "classifier": {"name": ccfg.name, "weights": str(weights), **classifier_metrics},
@@ -160,12 +179,26 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         "best_val_loss": float(ckpt.best_model_score) if ckpt.best_model_score is not None else None,
         "epochs_trained": trainer.current_epoch,
         "figures": [str(p) for p in figures.written],
+        "evaluation": _evaluation_summary(evaluation),
         "seconds": round(time.time() - t0, 1),
     }
     if trainer.is_global_zero:
         atomic_write_json(run_dir / "metrics.json", metrics)
         _summary(metrics)
+        if table is not None:
+            print(table + f"(full results: {run_dir / 'evaluation' / 'evaluation.json'})", flush=True)
     return metrics
+
+
+def _evaluation_summary(results: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The headline numbers of an evaluation: top-1-layer NRA/hit rate/EPG per method, contribution accuracy."""
+    if results is None:
+        return None
+    regions = {
+        method: {m: per["top1"][f"{m}/mean"] for m in ("nra", "hit_rate", "epg")}
+        for method, per in results["regions"].items()
+    }
+    return {"top1_layer": regions, "contribution": results["contribution"], "images": results["images"]}
 
 
 def _summary(m: dict[str, Any]) -> None:

@@ -1,0 +1,237 @@
+"""Evaluate CE-FAM's explanations against ground-truth masks, beside three baselines (issue 3, SPEC §3).
+
+For every (image, present concept) pair, region maps from:
+
+- ``cefam``: the concept's region at each explained layer, and at its top-1 layer (highest relevance, §2.5);
+- ``gradcam``: Grad-CAM of the predicted class at the same layer (at CE-FAM's selected layer for ``top1``);
+- ``single_channel``: the concept's best-tracking channel at that layer (at its own best layer for ``top1``);
+- ``random``: uniform noise (layer-independent, reported once under ``top1``);
+
+scored with EPG, NRA and hit rate per concept type and macro-averaged over types. Also the contribution
+accuracy (§2.6): on correctly classified images that show at least one concept outside the key object, how
+often the top contributor among the present concepts is one of the key object's concepts
+(``contribution/top1_key``), and how often all of the key object's concepts rank above every other present
+concept (``contribution/all_key_first``).
+
+All states are torchmetrics sums, so the numbers are the same whatever the batching.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchmetrics import Metric
+
+from cefam_lightning.baselines import SingleChannelBaseline, gradcam_maps, random_maps
+from cefam_lightning.concept_regions import (
+    concept_regions,
+    layer_slices,
+    pool_activations,
+    score_jacobian,
+    upsample_regions,
+)
+from cefam_lightning.contributions import concept_contributions
+from cefam_lightning.layer_relevance import layer_relevance
+from cefam_lightning.metrics import RegionMetrics
+
+METHODS = ("cefam", "gradcam", "single_channel", "random")
+METHOD_TITLES = {
+    "cefam": "CE-FAM",
+    "gradcam": "Grad-CAM (class)",
+    "single_channel": "single channel",
+    "random": "random map",
+}
+
+
+class ContributionAccuracy(Metric):
+    """Counts behind the contribution accuracy; see the module docstring."""
+
+    full_state_update = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        for name in ("top1_key", "all_key_first", "images", "correct", "trivial"):
+            self.add_state(name, torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, contributions: Tensor, valid: Tensor, key: Tensor, correct: Tensor) -> None:
+        """``(B, N)`` contributions of the present concepts (``valid`` marks real slots, ``key`` the key object's
+        concepts), ``correct``: ``(B,)`` whether the classifier was right."""
+        self.images += correct.numel()
+        self.correct += correct.sum()
+        other = valid & ~key
+        usable = correct & other.any(dim=1) & (valid & key).any(dim=1)
+        self.trivial += (correct & ~other.any(dim=1)).sum()
+        if not usable.any():
+            return
+        c = torch.where(valid, contributions, -math.inf)
+        self.top1_key += key.gather(1, c.argmax(dim=1, keepdim=True))[:, 0][usable].sum()
+        lowest_key = torch.where(valid & key, contributions, math.inf).amin(dim=1)
+        highest_other = torch.where(other, contributions, -math.inf).amax(dim=1)
+        self.all_key_first += (lowest_key > highest_other)[usable].sum()
+
+    def compute(self) -> dict[str, Tensor]:
+        usable = (self.correct - self.trivial).double()
+        return {
+            "top1_key": self.top1_key / usable,
+            "all_key_first": self.all_key_first / usable,
+            "images_scored": usable.long(),
+            "images_correct": self.correct,
+            "images_without_other_concepts": self.trivial,
+        }
+
+
+def _padded_concepts(present: Tensor) -> tuple[Tensor, Tensor]:
+    """``(B, C)`` presence -> ``(B, N)`` indices of the present concepts (padded with 0) and their validity."""
+    n = max(int(present.sum(dim=1).max()), 1) if present.numel() else 1
+    # Present concepts first (stable), so the first n columns hold them.
+    order = torch.sort((~present).to(torch.uint8), dim=1, stable=True).indices[:, :n]
+    valid = present.gather(1, order)
+    return torch.where(valid, order, 0), valid
+
+
+class ExplanationEvaluation(nn.Module):
+    """Accumulate region metrics (CE-FAM and baselines) and contribution accuracy over batches.
+
+    Args:
+        layers: the classifier's explained layers.
+        concept_types: type of each concept, in concept order.
+        single_channel: the fitted single-channel baseline (``None`` leaves it out).
+        k: channels deleted/masked at most (SPEC's ``K``).
+        fill: masked-channel fill for contributions (``"spatial_mean"`` per SPEC, or ``"zero"``).
+        seed: seed of the random maps.
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[str],
+        concept_types: Sequence[str],
+        single_channel: SingleChannelBaseline | None = None,
+        k: int = 20,
+        fill: str = "spatial_mean",
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.layers = list(layers)
+        self.settings = [*self.layers, "top1"]
+        self.single_channel, self.k, self.fill = single_channel, k, fill
+        self.methods = [m for m in METHODS if m != "single_channel" or single_channel is not None]
+        self.region = nn.ModuleDict(
+            {
+                f"{m}/{s}": RegionMetrics(concept_types)
+                for m in self.methods
+                for s in self.settings
+                if m != "random" or s == "top1"
+            }
+        )
+        self.contribution = ContributionAccuracy()
+        self.register_buffer("selected", torch.zeros(len(self.layers), dtype=torch.long), persistent=False)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    @torch.no_grad()
+    def update(self, module, images: Tensor, masks: Tensor, labels: Tensor, key: Tensor | None = None) -> None:
+        """Score one batch.
+
+        Args:
+            module: a trained :class:`~cefam_lightning.cefam_module.CEFAMModule`.
+            images: ``(B, 3, H, W)`` in ``[0, 1]``; masks: ``(B, C, H, W)`` concept masks; labels: ``(B,)``.
+            key: ``(B, C)`` the key object's concepts; ``None`` skips the contribution accuracy.
+        """
+        classifier, translator, scorer = module.classifier, module.translator, module.scorer
+        masks = masks.bool()
+        size = images.shape[-2:]
+        out = classifier(images)
+        logits = out.logits.float()
+        pred = logits.argmax(dim=1)
+        z = pool_activations(out.activations, self.layers)
+        jac = score_jacobian(translator, scorer, z)
+        slices = layer_slices(out.activations, self.layers)
+        concepts, valid = _padded_concepts(masks.flatten(2).any(dim=2))  # (B, N)
+        rows = valid.nonzero(as_tuple=True)
+        ids = concepts[rows]
+        pair_masks = masks[rows[0], ids]  # (P, H, W)
+
+        jac_sel = jac.gather(1, concepts[:, :, None].expand(-1, -1, jac.shape[2]))
+        cefam_low = concept_regions(out.activations, self.layers, jac_sel)  # {layer: (B, N, h, w)}
+        relevance = layer_relevance(z, jac, slices, translator, scorer, concepts, k=self.k)
+        top = relevance.argmax(dim=-1)  # (B, N)
+        self.selected += torch.bincount(top[rows], minlength=len(self.layers)).to(self.selected.device)
+        gradcam_low = gradcam_maps(classifier, out.activations, pred, self.layers)  # {layer: (B, h, w)}
+
+        # Per method, the pair maps at every layer, stacked: (L, P, H, W).
+        per_layer = {
+            "cefam": torch.stack([upsample_regions(cefam_low[layer], size)[rows] for layer in self.layers]),
+            "gradcam": torch.stack(
+                [upsample_regions(gradcam_low[layer][:, None], size)[:, 0][rows[0]] for layer in self.layers]
+            ),
+        }
+        # The top-1 layer: CE-FAM's selection for CE-FAM and Grad-CAM, the baseline's own best layer for it.
+        top_layer = {"cefam": top[rows], "gradcam": top[rows]}
+        if self.single_channel is not None:
+            sc = self.single_channel
+            per_layer["single_channel"] = torch.stack(
+                [upsample_regions(sc.maps(out.activations, concepts, layer), size)[rows] for layer in self.layers]
+            )
+            top_layer["single_channel"] = sc.best_layer.to(ids.device)[ids]
+        pair = torch.arange(len(ids), device=ids.device)
+        for method, maps in per_layer.items():
+            for li, layer in enumerate(self.layers):
+                self.region[f"{method}/{layer}"].update(maps[li], pair_masks, ids)
+            self.region[f"{method}/top1"].update(maps[top_layer[method], pair], pair_masks, ids)
+        self.region["random/top1"].update(random_maps(pair_masks.shape, self.generator, images.device), pair_masks, ids)
+
+        if key is not None:
+            contributions = concept_contributions(
+                classifier, out.activations, logits, jac, z, slices, concepts, top, pred, k=self.k, fill=self.fill
+            )
+            self.contribution.update(contributions, valid, key.bool().gather(1, concepts) & valid, pred == labels)
+
+    def compute(self) -> dict[str, Any]:
+        """Plain-number results: ``regions[method][setting]`` (metric dicts), ``contribution``, ``layer_selection``."""
+        regions: dict[str, dict[str, dict[str, float]]] = {}
+        for name, metric in self.region.items():
+            method, setting = name.split("/")
+            regions.setdefault(method, {})[setting] = {k: float(v) for k, v in metric.compute().items()}
+        total = max(int(self.selected.sum()), 1)
+        return {
+            "regions": regions,
+            "contribution": {k: float(v) for k, v in self.contribution.compute().items()},
+            "layer_selection": {layer: int(n) / total for layer, n in zip(self.layers, self.selected, strict=True)},
+            "settings": {"k": self.k, "fill": self.fill},
+        }
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """A readable Markdown summary: NRA, hit rate and EPG (macro over concept types) per method and layer."""
+    regions = results["regions"]
+    settings = list(next(iter(regions.values())))
+    settings = [s for s in settings if s != "top1"] + ["top1"]
+    lines = []
+    for metric, title in (("nra", "NRA"), ("hit_rate", "hit rate"), ("epg", "EPG")):
+        lines.append(f"{title} (mean over concept types)\n")
+        lines.append("| method | " + " | ".join("top-1 layer" if s == "top1" else s for s in settings) + " |")
+        lines.append("|---" * (len(settings) + 1) + "|")
+        for method, per_setting in regions.items():
+            cells = []
+            for s in settings:
+                # The random map does not depend on the layer: one value, shown in every column.
+                value = per_setting.get(s, per_setting.get("top1"))[f"{metric}/mean"]
+                cells.append(f"{value:.3f}")
+            lines.append(f"| {METHOD_TITLES.get(method, method)} | " + " | ".join(cells) + " |")
+        lines.append("")
+    c = results.get("contribution", {})
+    if c and c.get("images_scored", 0) > 0:
+        lines.append(
+            f"Contribution accuracy (CE-FAM, top-1 layer, fill={results['settings']['fill']}): "
+            f"top contributor is a key-object concept on {c['top1_key']:.3f} of "
+            f"{int(c['images_scored'])} correctly classified images with other concepts present; "
+            f"all key-object concepts first on {c['all_key_first']:.3f}."
+        )
+    sel = results.get("layer_selection", {})
+    if sel:
+        shares = ", ".join(f"{k} {v:.2f}" for k, v in sel.items())
+        lines.append(f"Top-1 layer chosen by CE-FAM (share of present concepts): {shares}")
+    return "\n".join(lines) + "\n"

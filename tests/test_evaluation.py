@@ -1,0 +1,150 @@
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cefam_lightning.baselines import SingleChannelBaseline, gradcam_maps
+from cefam_lightning.classifier import build_classifier
+from cefam_lightning.evaluate import EvaluateError, evaluate_on_world, load_checkpoint
+from cefam_lightning.evaluation import ContributionAccuracy, _padded_concepts, format_table
+from cefam_lightning.shapes_world import key_object_concepts
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_padded_concepts_lists_each_images_present_concepts():
+    present = torch.tensor([[0, 1, 0, 1, 1], [1, 0, 0, 0, 0], [0, 0, 0, 0, 0]], dtype=torch.bool)
+    concepts, valid = _padded_concepts(present)
+    assert concepts.shape == (3, 3)
+    assert [set(c[v].tolist()) for c, v in zip(concepts, valid, strict=True)] == [{1, 3, 4}, {0}, set()]
+
+
+def test_contribution_accuracy_counts_by_hand():
+    # Image 0: key concepts {0, 1} rank first. Image 1: a non-key concept (2) tops the list, but key concept 0
+    # is second. Image 2: misclassified, not counted. Image 3: only key concepts present, counted as trivial.
+    contributions = torch.tensor([[0.5, 0.4, 0.1], [0.3, -0.2, 0.6], [0.9, 0.8, 0.0], [0.2, 0.1, 0.0]])
+    valid = torch.tensor([[1, 1, 1], [1, 1, 1], [1, 1, 1], [1, 1, 0]], dtype=torch.bool)
+    key = torch.tensor([[1, 1, 0], [1, 1, 0], [1, 1, 0], [1, 1, 0]], dtype=torch.bool)
+    correct = torch.tensor([True, True, False, True])
+    metric = ContributionAccuracy()
+    metric.update(contributions[:2], valid[:2], key[:2], correct[:2])
+    metric.update(contributions[2:], valid[2:], key[2:], correct[2:])
+    out = metric.compute()
+    assert out["images_scored"] == 2 and out["images_without_other_concepts"] == 1 and out["images_correct"] == 3
+    assert out["top1_key"].item() == pytest.approx(0.5)
+    assert out["all_key_first"].item() == pytest.approx(0.5)
+
+
+def test_single_channel_baseline_finds_the_channel_that_tracks_each_concept():
+    gen = torch.Generator().manual_seed(0)
+    presence = (torch.rand(200, 3, generator=gen) < 0.5).double()
+    z = torch.rand(200, 4 + 6, generator=gen, dtype=torch.float64)
+    z[:, 2] += 3 * presence[:, 0]  # layer "a", channel 2 tracks concept 0
+    z[:, 4 + 5] += 5 * presence[:, 1]  # layer "b", channel 5 tracks concept 1
+    presence[:, 2] = 1.0  # concept 2 always occurs: no correlation anywhere
+    base = SingleChannelBaseline.from_pooled(["a", "b"], {"a": 4, "b": 6}, z, presence)
+    assert base.channels["a"][0] == 2 and base.channels["b"][1] == 5
+    assert base.best_layer[0] == 0 and base.best_layer[1] == 1
+    assert (base.scores["a"][2] == -1) and (base.scores["b"][2] == -1)
+    acts = {"a": torch.rand(2, 4, 3, 3), "b": torch.rand(2, 6, 5, 5)}
+    maps = base.maps(acts, torch.tensor([[0, 1], [1, 0]]), "b")
+    torch.testing.assert_close(maps[0, 1], acts["b"][0, 5])
+
+
+def test_gradcam_through_the_tail_equals_gradcam_through_the_whole_network():
+    torch.manual_seed(0)
+    classifier = build_classifier("shapes_cnn", 5, ["layer2", "layer3"], widths=[4, 6, 8, 8])
+    images = torch.rand(3, 3, 32, 32)
+    out = classifier(images)
+    target = torch.tensor([0, 3, 4])
+    maps = gradcam_maps(classifier, out.activations, target, ["layer2", "layer3"])
+    # Reference: gradients of the class logit w.r.t. the activations, in one pass from the input.
+    x = images.clone().requires_grad_(True)
+    ref_out = classifier(x)
+    acts = [ref_out.activations[k] for k in ("layer2", "layer3")]
+    grads = torch.autograd.grad(ref_out.logits.gather(1, target[:, None]).sum(), acts)
+    for layer, a, g in zip(("layer2", "layer3"), acts, grads, strict=True):
+        expected = (g.mean(dim=(2, 3), keepdim=True) * a.detach()).sum(1).relu()
+        torch.testing.assert_close(maps[layer], expected, rtol=1e-4, atol=1e-6)
+
+
+def test_key_object_concepts_are_the_labels_color_and_shape_and_one_texture(tiny_world, tiny_spec):
+    split = tiny_world.split("test")
+    key = key_object_concepts(tiny_spec, np.array(split.masks), split.labels)
+    names = [c.name for c in tiny_spec.concepts]
+    types = [c.type for c in tiny_spec.concepts]
+    for row, label in zip(key, split.labels, strict=True):
+        chosen = [names[i] for i in row.nonzero()[:, 0]]
+        assert set(tiny_spec.classes[label].split()) <= set(chosen)
+        assert sorted(types[i] for i in row.nonzero()[:, 0]) == ["color", "shape", "texture"]
+
+
+def test_evaluation_on_the_tiny_world_is_complete_and_independent_of_batching(tiny_checkpoint, tiny_world):
+    module = load_checkpoint(tiny_checkpoint)
+    a = evaluate_on_world(module, tiny_world, batch_size=32)
+    b = evaluate_on_world(module, tiny_world, batch_size=7)
+    layers = module.classifier.layers
+    assert set(a["regions"]) == {"cefam", "gradcam", "single_channel", "random"}
+    assert set(a["regions"]["cefam"]) == {*layers, "top1"} and set(a["regions"]["random"]) == {"top1"}
+    presence = np.array(tiny_world.split("test").masks).any(axis=(2, 3))
+    for method, per_setting in a["regions"].items():
+        for setting, values in per_setting.items():
+            counted = sum(v for k, v in values.items() if k.startswith("count/")) + values["skipped_empty"]
+            assert counted == presence.sum(), (method, setting)  # every present (image, concept) pair, once
+            for key, value in values.items():
+                # float32 convolutions round differently in other batch sizes, hence the tolerance.
+                assert value == pytest.approx(b["regions"][method][setting][key], abs=1e-5), key
+    assert a["regions"]["random"]["top1"]["nra/mean"] < 0.3
+    assert a["contribution"] == pytest.approx(b["contribution"], nan_ok=True)
+    assert sum(a["layer_selection"].values()) == pytest.approx(1.0)
+    table = format_table(a)
+    assert "CE-FAM" in table and "single channel" in table and "top-1 layer" in table
+
+
+def test_evaluation_rejects_a_checkpoint_of_another_world(tiny_checkpoint, cache_dir):
+    from cefam_lightning.shapes_world import ShapesWorld, WorldSpec
+
+    module = load_checkpoint(tiny_checkpoint)
+    other = ShapesWorld.build(
+        WorldSpec(image_size=32, n_train=8, n_val=4, n_test=4, seed=5, textures=["plain", "dotted"]), cache_dir
+    )
+    with pytest.raises(EvaluateError, match="concepts"):
+        evaluate_on_world(module, other)
+
+
+def test_evaluate_command_writes_json_and_table(tiny_checkpoint, tmp_path):
+    out = tmp_path / "ev"
+    args = [sys.executable, "evaluate.py", "--checkpoint", tiny_checkpoint, "--max-images", "12", "--out", str(out)]
+    proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| CE-FAM |" in proc.stdout
+    results = json.loads((out / "evaluation.json").read_text())  # strict JSON: NaN written as null
+    assert results["images"] == 12 and results["checkpoint"] == tiny_checkpoint
+    assert (out / "evaluation.md").read_text().startswith("NRA")
+
+
+def test_evaluate_command_names_a_bad_checkpoint(tmp_path):
+    bad = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {}}, bad)
+    for path in (bad, tmp_path / "missing.ckpt"):
+        proc = subprocess.run(
+            [sys.executable, "evaluate.py", "--checkpoint", str(path)], cwd=ROOT, capture_output=True, text=True
+        )
+        assert proc.returncode == 2
+        assert "error: " in proc.stderr and str(path) in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_training_run_evaluates_explanations_in_its_test_stage(tiny_run):
+    run = Path(tiny_run["run_dir"])
+    results = json.loads((run / "evaluation" / "evaluation.json").read_text())
+    summary = json.loads((run / "metrics.json").read_text())["evaluation"]
+    for method in ("cefam", "gradcam", "single_channel", "random"):
+        want = results["regions"][method]["top1"]["nra/mean"]
+        got = summary["top1_layer"][method]["nra"]
+        assert (got is None and want is None) or math.isclose(got, want), method
+    assert (run / "evaluation" / "evaluation.md").is_file()
