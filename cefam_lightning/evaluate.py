@@ -54,7 +54,8 @@ def evaluate_on_world(
 ) -> dict[str, Any]:
     """Evaluate ``module`` (a trained CEFAMModule) on a shapes-world split; returns the results dict.
 
-    The single-channel baseline is fitted on the world's training split first.
+    The single-channel baseline is fitted on the world's training split first. This process evaluates the
+    whole split by itself (under DDP, call it on one rank), so the metrics do not sync across ranks.
     """
     if fill not in FILLS:
         raise EvaluateError(f"fill must be one of {FILLS}, got {fill!r}")
@@ -73,7 +74,13 @@ def evaluate_on_world(
         module.classifier, ((x, p) for x, p, _ in _batches(train, batch_size, None, False, device))
     )
     evaluation = ExplanationEvaluation(
-        module.classifier.layers, [c.type for c in world.concepts], baseline, k=k, fill=fill, seed=seed
+        module.classifier.layers,
+        [c.type for c in world.concepts],
+        baseline,
+        k=k,
+        fill=fill,
+        seed=seed,
+        sync_on_compute=False,
     ).to(device)
     data = world.split(split)
     for images, masks, labels in _batches(data, batch_size, max_images, True, device):

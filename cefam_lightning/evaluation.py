@@ -103,6 +103,8 @@ class ExplanationEvaluation(nn.Module):
         k: channels deleted/masked at most (SPEC's ``K``).
         fill: masked-channel fill for contributions (``"spatial_mean"`` per SPEC, or ``"zero"``).
         seed: seed of the random maps.
+        sync_on_compute: sum the states over DDP ranks in :meth:`compute` (every rank must then call it);
+            ``False`` when one process evaluates the whole split.
     """
 
     def __init__(
@@ -113,6 +115,7 @@ class ExplanationEvaluation(nn.Module):
         k: int = 20,
         fill: str = "spatial_mean",
         seed: int = 0,
+        sync_on_compute: bool = True,
     ):
         super().__init__()
         self.layers = list(layers)
@@ -121,13 +124,13 @@ class ExplanationEvaluation(nn.Module):
         self.methods = [m for m in METHODS if m != "single_channel" or single_channel is not None]
         self.region = nn.ModuleDict(
             {
-                f"{m}/{s}": RegionMetrics(concept_types)
+                f"{m}/{s}": RegionMetrics(concept_types, sync_on_compute=sync_on_compute)
                 for m in self.methods
                 for s in self.settings
                 if m != "random" or s == "top1"
             }
         )
-        self.contribution = ContributionAccuracy()
+        self.contribution = ContributionAccuracy(sync_on_compute=sync_on_compute)
         self.register_buffer("selected", torch.zeros(len(self.layers), dtype=torch.long), persistent=False)
         self.generator = torch.Generator().manual_seed(seed)
 

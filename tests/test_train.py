@@ -65,6 +65,7 @@ def test_two_process_ddp_on_cpu_writes_one_run_folder(tmp_path, cache_dir, tiny_
     metrics = json.loads((runs[0] / "metrics.json").read_text())
     assert np.isfinite(metrics["test"]["test/cosine"])
     assert len(list((runs[0] / "figures").glob("*.png"))) == 2
+    assert (runs[0] / "evaluation" / "evaluation.json").is_file()  # evaluated once, by rank zero
 
 
 def test_warm_cache_run_reproduces_a_cold_cache_run(tmp_path):
