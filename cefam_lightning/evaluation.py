@@ -11,7 +11,8 @@ scored with EPG, NRA and hit rate per concept type and macro-averaged over types
 accuracy (§2.6): on correctly classified images that show at least one concept outside the key object, how
 often the top contributor among the present concepts is one of the key object's concepts
 (``contribution/top1_key``), and how often all of the key object's concepts rank above every other present
-concept (``contribution/all_key_first``).
+concept (``contribution/all_key_first``). These are reported with each concept masked at its top-1 layer
+(the spec's contribution) and, for comparison, with every concept masked at one and the same layer.
 
 All states are torchmetrics sums, so the numbers are the same whatever the batching.
 """
@@ -67,10 +68,12 @@ class ContributionAccuracy(Metric):
         self.trivial += (correct & ~other.any(dim=1)).sum()
         if not usable.any():
             return
-        c = torch.where(valid, contributions, -math.inf)
-        self.top1_key += key.gather(1, c.argmax(dim=1, keepdim=True))[:, 0][usable].sum()
+        # Strict comparisons: a tie between a key-object concept and another one (e.g. all contributions 0 at a
+        # layer right before global pooling) is not a hit.
+        highest_key = torch.where(valid & key, contributions, -math.inf).amax(dim=1)
         lowest_key = torch.where(valid & key, contributions, math.inf).amin(dim=1)
         highest_other = torch.where(other, contributions, -math.inf).amax(dim=1)
+        self.top1_key += (highest_key > highest_other)[usable].sum()
         self.all_key_first += (lowest_key > highest_other)[usable].sum()
 
     def compute(self) -> dict[str, Tensor]:
@@ -130,7 +133,10 @@ class ExplanationEvaluation(nn.Module):
                 if m != "random" or s == "top1"
             }
         )
-        self.contribution = ContributionAccuracy(sync_on_compute=sync_on_compute)
+        # Contributions at CE-FAM's top-1 layer (the spec's), and, for comparison, with every concept at one layer.
+        self.contribution = nn.ModuleDict(
+            {s: ContributionAccuracy(sync_on_compute=sync_on_compute) for s in self.settings}
+        )
         self.register_buffer("selected", torch.zeros(len(self.layers), dtype=torch.long), persistent=False)
         self.generator = torch.Generator().manual_seed(seed)
 
@@ -187,10 +193,24 @@ class ExplanationEvaluation(nn.Module):
         self.region["random/top1"].update(random_maps(pair_masks.shape, self.generator, images.device), pair_masks, ids)
 
         if key is not None:
-            contributions = concept_contributions(
-                classifier, out.activations, logits, jac, z, slices, concepts, top, pred, k=self.k, fill=self.fill
-            )
-            self.contribution.update(contributions, valid, key.bool().gather(1, concepts) & valid, pred == labels)
+            key_present = key.bool().gather(1, concepts) & valid
+            correct = pred == labels
+            choices = {"top1": top, **{layer: torch.full_like(top, li) for li, layer in enumerate(self.layers)}}
+            for setting, concept_layers in choices.items():
+                contributions = concept_contributions(
+                    classifier,
+                    out.activations,
+                    logits,
+                    jac,
+                    z,
+                    slices,
+                    concepts,
+                    concept_layers,
+                    pred,
+                    k=self.k,
+                    fill=self.fill,
+                )
+                self.contribution[setting].update(contributions, valid, key_present, correct)
 
     def compute(self) -> dict[str, Any]:
         """Plain-number results: ``regions[method][setting]`` (metric dicts), ``contribution``, ``layer_selection``."""
@@ -201,10 +221,17 @@ class ExplanationEvaluation(nn.Module):
         total = max(int(self.selected.sum()), 1)
         return {
             "regions": regions,
-            "contribution": {k: float(v) for k, v in self.contribution.compute().items()},
+            "contribution": {
+                setting: {k: float(v) for k, v in metric.compute().items()}
+                for setting, metric in self.contribution.items()
+            },
             "layer_selection": {layer: int(n) / total for layer, n in zip(self.layers, self.selected, strict=True)},
             "settings": {"k": self.k, "fill": self.fill},
         }
+
+
+def _title(setting: str) -> str:
+    return "top-1 layer" if setting == "top1" else setting
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -215,7 +242,7 @@ def format_table(results: dict[str, Any]) -> str:
     lines = []
     for metric, title in (("nra", "NRA"), ("hit_rate", "hit rate"), ("epg", "EPG")):
         lines.append(f"{title} (mean over concept types)\n")
-        lines.append("| method | " + " | ".join("top-1 layer" if s == "top1" else s for s in settings) + " |")
+        lines.append("| method | " + " | ".join(_title(s) for s in settings) + " |")
         lines.append("|---" * (len(settings) + 1) + "|")
         for method, per_setting in regions.items():
             cells = []
@@ -225,14 +252,23 @@ def format_table(results: dict[str, Any]) -> str:
                 cells.append(f"{value:.3f}")
             lines.append(f"| {METHOD_TITLES.get(method, method)} | " + " | ".join(cells) + " |")
         lines.append("")
-    c = results.get("contribution", {})
-    if c and c.get("images_scored", 0) > 0:
+    contribution = results.get("contribution", {})
+    top1 = contribution.get("top1", {})
+    if top1.get("images_scored", 0):
         lines.append(
-            f"Contribution accuracy (CE-FAM, top-1 layer, fill={results['settings']['fill']}): "
-            f"top contributor is a key-object concept on {c['top1_key']:.3f} of "
-            f"{int(c['images_scored'])} correctly classified images with other concepts present; "
-            f"all key-object concepts first on {c['all_key_first']:.3f}."
+            f"Contribution accuracy of CE-FAM (fill={results['settings']['fill']}, K={results['settings']['k']}), "
+            f"on {int(top1['images_scored'])} correctly classified images with concepts outside the key object:\n"
         )
+        lines.append("| concepts masked at | " + " | ".join(_title(s) for s in settings) + " |")
+        lines.append("|---" * (len(settings) + 1) + "|")
+        rows = (
+            ("top1_key", "top contributor is a key-object concept"),
+            ("all_key_first", "all key-object concepts first"),
+        )
+        for name, title in rows:
+            cells = " | ".join(f"{contribution[s][name]:.3f}" for s in settings)
+            lines.append(f"| {title} | {cells} |")
+        lines.append("")
     sel = results.get("layer_selection", {})
     if sel:
         shares = ", ".join(f"{k} {v:.2f}" for k, v in sel.items())
