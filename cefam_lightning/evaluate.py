@@ -105,15 +105,13 @@ def write_results(results: dict[str, Any], out_dir: str | Path) -> str:
 
 def load_checkpoint(path: str | Path, device: str = "cpu"):
     """The CE-FAM module of a checkpoint, with a clear error for a missing file or another kind of checkpoint."""
-    from cefam_lightning.cefam_module import CEFAMModule
+    from cefam_lightning.explain import ExplainError
+    from cefam_lightning.explain import load_checkpoint as load
 
-    path = Path(path)
-    if not path.is_file():
-        raise EvaluateError(f"checkpoint not found: {path}")
     try:
-        return CEFAMModule.from_checkpoint(path, map_location=device).to(device)
-    except (ValueError, KeyError, RuntimeError) as e:
-        raise EvaluateError(f"{path}: cannot load as a CE-FAM checkpoint ({e})") from None
+        return load(path, map_location=device).to(device)
+    except ExplainError as e:
+        raise EvaluateError(str(e)) from None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
