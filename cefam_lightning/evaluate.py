@@ -51,6 +51,7 @@ def evaluate_on_world(
     batch_size: int = 64,
     max_images: int | None = None,
     seed: int = 0,
+    per_layer_contributions: bool = False,
 ) -> dict[str, Any]:
     """Evaluate ``module`` (a trained CEFAMModule) on a shapes-world split; returns the results dict.
 
@@ -81,6 +82,7 @@ def evaluate_on_world(
         fill=fill,
         seed=seed,
         sync_on_compute=False,
+        per_layer_contributions=per_layer_contributions,
     ).to(device)
     data = world.split(split)
     for images, masks, labels in _batches(data, batch_size, max_images, True, device):
@@ -121,6 +123,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--max-images", type=int, default=None, help="evaluate only the first N images of the split")
     p.add_argument("--k", type=int, default=None, help="channels deleted/masked at most (default: the run's)")
     p.add_argument("--fill", choices=FILLS, default=None, help="masked-channel fill (default: the run's)")
+    p.add_argument(
+        "--per-layer-contributions",
+        action="store_true",
+        help="also score contributions with every concept masked at each single layer (slower)",
+    )
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--cache-dir", default=None, help="where the shapes world is cached (default: the run's)")
     p.add_argument("--out", default=None, help="output folder (default: <run folder>/evaluation)")
@@ -148,6 +155,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             batch_size=args.batch_size,
             max_images=args.max_images,
             seed=evaluation.get("seed", 0),
+            per_layer_contributions=args.per_layer_contributions,
         )
     except EvaluateError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -87,8 +87,8 @@ def test_key_object_concepts_are_the_labels_color_and_shape_and_one_texture(tiny
 
 def test_evaluation_on_the_tiny_world_is_complete_and_independent_of_batching(tiny_checkpoint, tiny_world):
     module = load_checkpoint(tiny_checkpoint)
-    a = evaluate_on_world(module, tiny_world, batch_size=32)
-    b = evaluate_on_world(module, tiny_world, batch_size=7)
+    a = evaluate_on_world(module, tiny_world, batch_size=32, per_layer_contributions=True)
+    b = evaluate_on_world(module, tiny_world, batch_size=7, per_layer_contributions=True)
     layers = module.classifier.layers
     assert set(a["regions"]) == {"cefam", "gradcam", "single_channel", "random"}
     assert set(a["regions"]["cefam"]) == {*layers, "top1"} and set(a["regions"]["random"]) == {"top1"}
@@ -128,6 +128,7 @@ def test_evaluate_command_writes_json_and_table(tiny_checkpoint, tmp_path):
     assert "| CE-FAM |" in proc.stdout
     results = json.loads((out / "evaluation.json").read_text())  # strict JSON: NaN written as null
     assert results["images"] == 12 and results["checkpoint"] == tiny_checkpoint
+    assert set(results["contribution"]) == {"top1"}  # per-layer contributions only on request
     assert (out / "evaluation.md").read_text().startswith("NRA")
 
 
