@@ -137,8 +137,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    from cefam_lightning.explain import ExplainError, select_device
+
     try:
+        try:
+            device = select_device(args.device)
+        except ExplainError as e:
+            raise EvaluateError(str(e)) from None
         module = load_checkpoint(args.checkpoint, device)
         config = module.hparams.get("config") or {}
         if "world" not in config:

@@ -55,13 +55,12 @@ class ContributionAccuracy(Metric):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        for name in ("top1_key", "all_key_first", "images", "correct", "trivial"):
+        for name in ("top1_key", "all_key_first", "correct", "trivial"):
             self.add_state(name, torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, contributions: Tensor, valid: Tensor, key: Tensor, correct: Tensor) -> None:
         """``(B, N)`` contributions of the present concepts (``valid`` marks real slots, ``key`` the key object's
         concepts), ``correct``: ``(B,)`` whether the classifier was right."""
-        self.images += correct.numel()
         self.correct += correct.sum()
         other = valid & ~key
         usable = correct & other.any(dim=1) & (valid & key).any(dim=1)
