@@ -23,6 +23,7 @@ from torchmetrics.classification import MulticlassAccuracy, MultilabelAUROC
 from cefam_lightning.classifier import FrozenClassifier, build_classifier
 from cefam_lightning.components import ConceptScorer, Translator
 from cefam_lightning.concept_regions import concept_regions, pool_activations, score_jacobian, upsample_regions
+from cefam_lightning.feature_cache import IMAGE_INDEX, POOLED_INDEX, POOLED_KEY, PooledFeatureCache
 
 STAGES = ("train", "val", "test")
 
@@ -34,7 +35,7 @@ class CEFAMStep:
     loss_sim: Tensor
     embedding: Tensor  # translated embedding h(z), (B, d)
     scores: Tensor  # concept scores S, (B, C)
-    logits: Tensor  # the frozen classifier's logits, (B, num_classes)
+    logits: Tensor | None  # the frozen classifier's logits, (B, num_classes); None where z came from a cache
 
 
 class CEFAMModule(L.LightningModule):
@@ -107,6 +108,9 @@ class CEFAMModule(L.LightningModule):
             }
         )
         self.classifier_acc = MulticlassAccuracy(n_classes, average="micro")
+        # {"train": cache, "val": cache}: pooled activations kept across epochs (set by the CachePooledFeatures
+        # callback; not part of the checkpoint).
+        self.feature_caches: dict[str, PooledFeatureCache] = {}
 
     # ------------------------------------------------------------------ forward
     def pooled(self, images: Tensor) -> tuple[Tensor, Tensor]:
@@ -145,8 +149,37 @@ class CEFAMModule(L.LightningModule):
             maps = {k: upsample_regions(v, images.shape[-2:]) for k, v in maps.items()}
         return maps
 
-    def model_step(self, batch: dict) -> CEFAMStep:
-        logits, z = self.pooled(batch["image"])
+    def batch_pooled(self, batch: dict, stage: str | None = None) -> tuple[Tensor | None, Tensor]:
+        """``(logits, z)`` of a batch, from the feature cache of ``stage`` where it holds them.
+
+        Samples the cache already holds come with their ``z`` (``pooled``, served by
+        :class:`~cefam_lightning.feature_cache.CachedFeatureDataset`) or are read from the cache here; the
+        classifier runs only on the others, and their ``z`` is written to the cache. ``logits`` is ``None``
+        unless the classifier ran on the whole batch.
+        """
+        cache = self.feature_caches.get(stage) if stage else None
+        if cache is None and POOLED_KEY not in batch:
+            return self.pooled(batch["image"])
+        n = batch["embedding"].shape[0]
+        if POOLED_KEY not in batch:  # a stream: images always come, but the classifier may still be skipped
+            rows = cache.rows(batch["id"])
+            if cache.is_filled(rows).all():
+                return None, cache.read(rows).to(self.device)
+            logits, z = self.pooled(batch["image"])
+            cache.write(rows, z)
+            return logits, z
+        z = batch[POOLED_KEY].new_empty(n, batch[POOLED_KEY].shape[1])
+        z[batch[POOLED_INDEX]] = batch[POOLED_KEY]
+        if "image" in batch:
+            index = batch[IMAGE_INDEX]
+            _, z_images = self.pooled(batch["image"])
+            z[index] = z_images.to(z.dtype)
+            if cache is not None:
+                cache.write(cache.rows([batch["id"][i] for i in index.tolist()]), z_images)
+        return None, z
+
+    def model_step(self, batch: dict, stage: str | None = None) -> CEFAMStep:
+        logits, z = self.batch_pooled(batch, stage)
         emb = self.translator(z).float()
         target = batch["embedding"].float()
         scores = self.scorer(emb)
@@ -157,8 +190,8 @@ class CEFAMModule(L.LightningModule):
 
     # ------------------------------------------------------------------ steps
     def _shared_step(self, batch: dict, stage: str) -> Tensor:
-        out = self.model_step(batch)
-        bs = batch["image"].shape[0]
+        out = self.model_step(batch, stage)
+        bs = batch["embedding"].shape[0]
         on_step = stage == "train"
         self.log(
             f"{stage}/loss", out.loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=bs, sync_dist=True
@@ -171,6 +204,8 @@ class CEFAMModule(L.LightningModule):
             self.auroc[f"{stage}_"](out.scores, batch["presence"].long())
             self.log(f"{stage}/concept_auroc", self.auroc[f"{stage}_"], on_step=False, on_epoch=True, prog_bar=True)
         if stage == "test":
+            if out.logits is None:
+                raise RuntimeError("the test stage needs the classifier's logits; do not serve it from a feature cache")
             self.classifier_acc(out.logits, batch["label"])
             self.log("test/classifier_acc", self.classifier_acc, on_step=False, on_epoch=True)
         return out.loss

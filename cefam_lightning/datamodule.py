@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from cefam_lightning.embedding_store import EmbeddingStore
+from cefam_lightning.feature_cache import CachedFeatureDataset, PooledFeatureCache, collate_cached
 from cefam_lightning.shapes_world import ShapesWorld, WorldSpec, WorldSplit
 
 
@@ -31,17 +32,17 @@ class ShapesWorldDataset(Dataset):
         return len(self.split)
 
     def __getitem__(self, i: int) -> dict:
-        s = self.split
-        item = {
-            "image": torch.from_numpy(np.array(s.images[i])).permute(2, 0, 1).float().div_(255.0),
-            "label": int(s.labels[i]),
-            "id": s.ids[i],
-            "presence": self.presence[i],
-        }
+        item = self.item_without_image(i)
+        item["image"] = torch.from_numpy(np.array(self.split.images[i])).permute(2, 0, 1).float().div_(255.0)
+        if self.with_masks:
+            item["masks"] = torch.from_numpy(np.array(self.split.masks[i]))  # a copy: memory-mapped rows are read-only
+        return item
+
+    def item_without_image(self, i: int) -> dict:
+        """Item ``i`` without reading its image or masks (what a feature cache needs)."""
+        item = {"label": int(self.split.labels[i]), "id": self.split.ids[i], "presence": self.presence[i]}
         if self.rows is not None:
             item["embedding"] = torch.from_numpy(np.array(self.store.image_embeddings[self.rows[i]], dtype=np.float32))
-        if self.with_masks:
-            item["masks"] = torch.from_numpy(np.array(s.masks[i]))  # a copy: memory-mapped rows are read-only
         return item
 
 
@@ -57,6 +58,8 @@ class ShapesWorldDataModule(L.LightningDataModule):
         flip: random horizontal flips for training (only valid without precomputed embeddings of the
             un-flipped image; the world's shapes and textures are flip-invariant, so this is used to fit the
             classifier).
+        feature_caches: ``{split: PooledFeatureCache}`` for the train/val splits whose pooled activations are
+            cached (see :mod:`cefam_lightning.feature_cache`); not with ``flip``.
     """
 
     def __init__(
@@ -67,8 +70,12 @@ class ShapesWorldDataModule(L.LightningDataModule):
         num_workers: int = 0,
         with_embeddings: bool = True,
         flip: bool = False,
+        feature_caches: dict[str, PooledFeatureCache] | None = None,
     ):
         super().__init__()
+        if flip and feature_caches:
+            raise ValueError("a feature cache needs the same image every epoch: it cannot be used with flip=True")
+        self.feature_caches = dict(feature_caches or {})
         self.spec, self.cache_dir = spec, cache_dir
         self.batch_size, self.num_workers = batch_size, num_workers
         self.with_embeddings, self.flip = with_embeddings, flip
@@ -97,12 +104,17 @@ class ShapesWorldDataModule(L.LightningDataModule):
         return list(self.spec.classes)
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        dataset, collate = self.datasets[split], None
+        cache = self.feature_caches.get(split)
+        if cache is not None:
+            dataset, collate = CachedFeatureDataset(dataset, cache, dataset.split.ids), collate_cached
         return DataLoader(
-            self.datasets[split],
+            dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            collate_fn=collate,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -115,7 +127,7 @@ class ShapesWorldDataModule(L.LightningDataModule):
         return self._loader("test", shuffle=False)
 
     def on_after_batch_transfer(self, batch: dict, dataloader_idx: int) -> dict:
-        if self.flip and self.trainer is not None and self.trainer.training:
+        if self.flip and self.trainer is not None and self.trainer.training and "image" in batch:
             flip = torch.rand(batch["image"].shape[0], device=batch["image"].device) < 0.5
             batch["image"] = torch.where(flip[:, None, None, None], batch["image"].flip(-1), batch["image"])
         return batch
