@@ -30,7 +30,7 @@ def gradcam_maps(
     for layer in layers:
         a = activations[layer].detach().float().requires_grad_(True)
         with torch.enable_grad():
-            logits = classifier.tail(layer)(a)
+            logits = classifier.tail(layer)(a, getattr(activations, "prefix_tokens", {}).get(layer))
             (grad,) = torch.autograd.grad(logits.gather(1, target[:, None]).sum(), a)
         weights = grad.mean(dim=(2, 3), keepdim=True)
         out[layer] = (weights * a.detach()).sum(dim=1).relu()

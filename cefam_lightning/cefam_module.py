@@ -107,7 +107,7 @@ class CEFAMModule(L.LightningModule):
                 for s in ("val", "test")
             }
         )
-        self.classifier_acc = MulticlassAccuracy(n_classes, average="micro")
+        self.classifier_acc = MulticlassAccuracy(n_classes, average="micro", ignore_index=-1)  # -1: unlabeled
         # {"train": cache, "val": cache}: pooled activations kept across epochs (set by the CachePooledFeatures
         # callback; not part of the checkpoint).
         self.feature_caches: dict[str, PooledFeatureCache] = {}
@@ -283,8 +283,17 @@ class CEFAMModule(L.LightningModule):
             raise ValueError(f"{path}: not a CE-FAM checkpoint (no CE-FAM architecture in its hyper-parameters)")
         arch = hp["arch"]
         c = arch["classifier"]
+        size = None
+        if c.get("input_spec") is None and c["name"] == "shapes_cnn":  # written before input specs were recorded
+            config = hp.get("config")
+            size = ((config.get("world") or {}) if isinstance(config, dict) else {}).get("image_size")
         classifier = build_classifier(
-            c["name"], c["num_classes"], c["layers"], widths=c.get("widths", (16, 32, 64, 128))
+            c["name"],
+            c["num_classes"],
+            c["layers"],
+            widths=c.get("widths", (16, 32, 64, 128)),
+            input_spec=c.get("input_spec"),
+            image_size=size,
         )
         translator = Translator(**arch["translator"])
         s = arch["scorer"]

@@ -40,7 +40,8 @@ def concept_contributions(
 
     Args:
         classifier: the frozen classifier (its :meth:`~FrozenClassifier.tail` runs the masked variants).
-        activations, logits: its outputs for the images.
+        activations, logits: its outputs for the images (``activations`` as the classifier returns them: for a
+            token layer its ``prefix_tokens`` go through the tail too).
         jacobian, z, slices: ``dS/dz`` ``(B, C, D)``, pooled activations ``(B, D)``, ``{layer: slice of z}``.
         concepts: ``(B, N)`` concept indices.
         concept_layers: ``(B, N)`` index into ``slices`` of each concept's selected layer.
@@ -76,6 +77,8 @@ def concept_contributions(
         mask = torch.zeros(top.shape[0], k_l, a.shape[1], dtype=torch.bool, device=a.device)
         mask.scatter_(2, top[:, None, :].expand(-1, k_l, -1), deleted[None].expand(top.shape[0], -1, -1))
         tail = classifier.tail(layer)
+        # A token layer's tail also reads the prefix (class/register) tokens its map leaves out.
+        prefix = getattr(activations, "prefix_tokens", {}).get(layer)
         probs = []
         flat_mask = mask.reshape(-1, a.shape[1])  # (R*k_l, K_l)
         sample_of = torch.arange(top.shape[0], device=a.device).repeat_interleave(k_l)
@@ -84,7 +87,8 @@ def concept_contributions(
             m = flat_mask[start : start + chunk, :, None, None]
             variants = torch.where(m, means[idx], base[idx])
             tgt = target[rows[idx, 0]]
-            probs.append(tail(variants).float().softmax(dim=1).gather(1, tgt[:, None])[:, 0])
+            pre = None if prefix is None else prefix[rows[idx, 0]]
+            probs.append(tail(variants, pre).float().softmax(dim=1).gather(1, tgt[:, None])[:, 0])
         p_i = torch.cat(probs).reshape(-1, k_l)  # (R, k_l)
         p0 = p_y[rows[:, 0]][:, None]
         out[rows[:, 0], rows[:, 1]] = ((p0 - p_i) / p0).mean(dim=1)
