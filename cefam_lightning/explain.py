@@ -7,8 +7,9 @@ Usage::
                       [--device auto|cpu|cuda] [--no-figures] INPUT [INPUT ...]
 
 ``INPUT`` is an image file or a folder (searched recursively for .jpg/.jpeg/.png/.bmp/.gif/.webp/.tif/.tiff,
-in sorted order). Each image is resized (shorter side) to the checkpoint's input size, center-cropped and
-explained (SPEC §2.7). For each image ``<out>/<name>/`` receives:
+in sorted order). Each image goes through the classifier's own input transform (shorter side resized, center
+crop: ``classifier.input_spec``, recorded in the checkpoint) and is explained (SPEC §2.7). For each image
+``<out>/<name>/`` receives:
 
 - ``report.json``: the predicted class and its probability, the explained class (``--target`` or the
   predicted one), and for each reported concept (decreasing score) its score ``S``, probability, selected
@@ -54,10 +55,12 @@ from torch import Tensor, nn
 
 from cefam_lightning.cefam_module import CEFAMModule
 from cefam_lightning.components import ConceptScorer
+from cefam_lightning.concepts import ConceptFileError, read_concept_file
 from cefam_lightning.contributions import FILLS
 from cefam_lightning.embedding_store import EmbeddingStore, EmbeddingStoreError
 from cefam_lightning.explainer import BatchExplanation, explain_batch
 from cefam_lightning.io_utils import atomic_write_bytes, atomic_write_json
+from cefam_lightning.transforms import load_image
 
 log = logging.getLogger("cefam_lightning")
 
@@ -109,15 +112,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
 
 
 def input_size(module: CEFAMModule) -> int:
-    """The classifier's input size, recorded in the training run's config (``config.world.image_size``)."""
-    config = module.hparams.get("config") or {}
-    size = (config.get("world") or {}).get("image_size") if isinstance(config, dict) else None
-    if not isinstance(size, int) or size <= 0:
-        raise ExplainError(
-            "the checkpoint records no input image size (hyper-parameter config.world.image_size); "
-            "it was not written by this framework's training run"
-        )
-    return size
+    """The classifier's input crop size (``classifier.input_spec.crop``)."""
+    return module.classifier.input_spec.crop
 
 
 def select_device(device: str | torch.device) -> torch.device:
@@ -161,25 +157,10 @@ def read_concepts(spec: str | os.PathLike | Sequence[str | tuple[str, str | None
 
 
 def _read_concept_file(path: Path) -> list[tuple[str, str | None]]:
-    if not path.is_file():
-        raise ExplainError(f"concept file not found: {path}")
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ExplainError(f"{path}: cannot read the concept file ({_reason(e)})") from e
-    items: list[tuple[str, str | None]] = []
-    for lineno, raw in enumerate(lines, start=1):
-        line = raw.split("#", 1)[0].strip()
-        if not line:
-            continue
-        fields = [f.strip() for f in line.split("\t" if "\t" in line else ",")]
-        if len(fields) > 2 or not fields[0] or (len(fields) == 2 and not fields[1]):
-            raise ExplainError(f"{path}:{lineno}: expected 'name' or 'name,type', got {raw.strip()!r}")
-        items.append((fields[0], fields[1] if len(fields) == 2 else None))
-    if not items:
-        raise ExplainError(f"{path}: no concepts in the file")
-    _check_unique([n for n, _ in items], str(path))
-    return items
+        return read_concept_file(path)
+    except ConceptFileError as e:
+        raise ExplainError(str(e)) from e
 
 
 def _check_unique(names: list[str], where: str) -> None:
@@ -295,25 +276,6 @@ def find_images(inputs: Sequence[str | os.PathLike]) -> list[Path]:
     return unique
 
 
-def load_image(path: str | os.PathLike, size: int) -> Tensor:
-    """An RGB image as ``3 x size x size`` float in ``[0, 1]``: shorter side resized to ``size``, center crop.
-
-    Raises whatever PIL raises for an unreadable file (see :func:`explain_images`, which reports and skips it).
-    """
-    from PIL import Image, ImageOps
-    from torchvision.transforms.v2 import functional as TF
-
-    with Image.open(path) as im:
-        im.load()
-        rgb = ImageOps.exif_transpose(im).convert("RGB")
-    x = TF.pil_to_tensor(rgb)
-    if min(x.shape[-2:]) != size:
-        x = TF.resize(x, [size], antialias=True)
-    if tuple(x.shape[-2:]) != (size, size):
-        x = TF.center_crop(x, [size, size])
-    return TF.to_dtype(x, torch.float32, scale=True)
-
-
 def output_names(paths: Sequence[Path]) -> list[str]:
     """One output folder name per image: its file stem, made safe, with ``-2``, ``-3``... on collisions.
 
@@ -387,7 +349,7 @@ def explain_images(
         dev = select_device(device if device is not None else "auto")
         module, checkpoint = load_checkpoint(module_or_ckpt), str(module_or_ckpt)
     module = module.to(dev)
-    size = input_size(module)
+    spec = module.classifier.input_spec
     class_names = [str(c) for c in module.hparams["class_names"]]
     target_index = None
     if target is not None:
@@ -419,7 +381,8 @@ def explain_images(
         "concept_set": cset.source,
         "concepts": cset.names,
         "store": str(opened_store.path) if opened_store is not None else None,
-        "image_size": size,
+        "image_size": spec.crop,
+        "input_spec": spec.to_dict(),
         "batch_size": batch_size,
         "device": str(dev),
     }
@@ -429,7 +392,7 @@ def explain_images(
         chunk, tensors = [], []
         for path, name in zip(images[start : start + batch_size], names[start : start + batch_size], strict=True):
             try:
-                tensors.append(load_image(path, size))
+                tensors.append(load_image(path, spec))
             except Exception as e:  # PIL raises many kinds for corrupt files; each is reported, the rest go on
                 reason = _reason(e)
                 log.warning(f"skipped {path}: cannot read the image ({reason})")
