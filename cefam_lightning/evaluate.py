@@ -1,30 +1,61 @@
-"""Evaluate a trained CE-FAM checkpoint on the shapes world's held-out masks, beside three baselines.
+"""Evaluate a trained CE-FAM checkpoint against ground-truth masks, beside three baselines.
 
-Usage: ``python evaluate.py --checkpoint RUN/checkpoints/best.ckpt [--split test] [--max-images N] [--out DIR]``
+Usage::
+
+    python evaluate.py --checkpoint RUN/checkpoints/best.ckpt [--split test] [--max-images N] [--out DIR]
+    python evaluate.py --checkpoint CKPT --data ROOT [--format auto|folder|broden|imagenet-s] [--split SPLIT]
+                       [--store STORE_DIR] [--fit-split SPLIT|none] [--max-images N] [--max-fit-images N]
+
+Without ``--data`` it evaluates on the shapes world the checkpoint was trained on (rebuilt from the run's config),
+on the held-out split. With ``--data`` it evaluates on a mask dataset (:mod:`cefam_lightning.mask_datasets`: the
+documented folder format, Broden's or ImageNet-S's released layout), on ``--split`` (default ``val`` /
+``validation`` where the dataset has it, else every image). The dataset's concepts the checkpoint knows by name are
+evaluated; others take their text embeddings from ``--store`` (an embedding store made with the checkpoint's VLM)
+and otherwise are skipped, counted and listed in the results. The single-channel baseline is fitted on the
+dataset's training split (``train``, ImageNet-S ``train-semi``; ``--fit-split``) and left out, with a note, where
+there is none. The contribution accuracy needs the shapes world's key object and is left out for these datasets.
 
 Writes ``evaluation.json`` (every number, per concept type) and ``evaluation.md`` (the readable table) to
-``--out`` (default: ``evaluation/`` in the checkpoint's run folder) and prints the table. What is measured is
-described in :mod:`cefam_lightning.evaluation`.
+``--out`` (default: ``evaluation/`` in the checkpoint's run folder, ``evaluation-<dataset>-<split>/`` with
+``--data``) and prints the table. What is measured is described in :mod:`cefam_lightning.evaluation`.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 from omegaconf import OmegaConf
+from torch import Tensor
 
 from cefam_lightning.baselines import SingleChannelBaseline
 from cefam_lightning.config import world_spec
 from cefam_lightning.contributions import FILLS
 from cefam_lightning.evaluation import ExplanationEvaluation, format_table
 from cefam_lightning.io_utils import atomic_write_bytes, atomic_write_json
+from cefam_lightning.mask_datasets import (
+    FORMATS,
+    MaskBatch,
+    MaskConcept,
+    MaskDataset,
+    MaskDatasetError,
+    collate_masks,
+    open_mask_dataset,
+)
 from cefam_lightning.shapes_world import ShapesWorld, WorldSplit, key_object_concepts
+from cefam_lightning.transforms import InputSpec
+
+WORLD_SPLITS = ("train", "val", "test")
+EVAL_SPLITS = ("val", "validation")  # a mask dataset's default evaluation split, where it has one
+FIT_SPLITS = ("train", "train-semi")  # the split the single-channel baseline is fitted on, where it has one
+_MAX_NOTED = 20
 
 
 class EvaluateError(ValueError):
@@ -95,6 +126,248 @@ def evaluate_on_world(
     return results
 
 
+def classifier_input_spec(module) -> InputSpec:
+    """The input geometry images and masks are brought to: the classifier's own, else its recorded input size."""
+    spec = getattr(module.classifier, "input_spec", None)
+    if isinstance(spec, InputSpec):
+        return spec
+    from cefam_lightning.explain import ExplainError, input_size
+
+    try:
+        size = input_size(module)
+    except ExplainError as e:
+        raise EvaluateError(str(e)) from None
+    return InputSpec(crop=size, resize=size)
+
+
+def resolve_dataset_concepts(module, concepts: list[MaskConcept], store=None):
+    """Which of a dataset's concepts can be evaluated, with which text embeddings.
+
+    A concept the checkpoint knows by name uses its text embedding, one the embedding store (already opened and
+    checked, see :func:`cefam_lightning.explain.open_store`) holds uses the store's; the dataset's type is kept.
+
+    Returns:
+        ``(concept_set, mapping, skipped)``: the :class:`~cefam_lightning.explain.ConceptSet` to score, a
+        ``(len(concepts),)`` tensor mapping each dataset concept to its index in that set (``-1``: skipped), and
+        the skipped concepts' names.
+    """
+    from cefam_lightning.explain import ExplainError, resolve_concepts
+
+    known = {str(n) for n in module.hparams["concept_names"]}
+    if store is not None:
+        known |= set(store.concept_names)
+    usable = [i for i, c in enumerate(concepts) if c.name in known]
+    skipped = [c.name for c in concepts if c.name not in known]
+    if not usable:
+        where = "the checkpoint's concept set" + (f" or the embedding store {store.path}" if store is not None else "")
+        raise EvaluateError(
+            f"none of the dataset's {len(concepts)} concepts (e.g. {', '.join(skipped[:5])}) is in {where}; give an "
+            "embedding store that holds them (--store, made with the checkpoint's VLM)"
+        )
+    try:
+        cset = resolve_concepts(module, [(concepts[i].name, concepts[i].type) for i in usable], store)
+    except ExplainError as e:
+        raise EvaluateError(str(e)) from None
+    mapping = torch.full((len(concepts),), -1, dtype=torch.long)
+    mapping[usable] = torch.arange(len(usable))
+    return cset, mapping, skipped
+
+
+def _mask_batches(dataset: MaskDataset, limit: int | None, batch_size: int, num_workers: int):
+    from torch.utils.data import DataLoader, Subset
+
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    loader = DataLoader(
+        Subset(dataset, range(n)), batch_size=batch_size, num_workers=num_workers, collate_fn=collate_masks
+    )
+    try:
+        yield from loader
+    except MaskDatasetError as e:  # re-raised from a worker with its traceback: keep the original message
+        raise MaskDatasetError(_original_message(e)) from None
+
+
+def _original_message(e: BaseException) -> str:
+    text = str(e)
+    if "Original Traceback" not in text:
+        return text
+    last = [line for line in text.strip().splitlines() if line.strip()][-1]
+    return last.split("MaskDatasetError: ", 1)[-1]
+
+
+def _mapped_pairs(batch: MaskBatch, mapping: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The batch's pairs of evaluated concepts: ``(image_index, concept (scored set's index), masks, keep)``."""
+    mapped = mapping[batch.concepts]
+    keep = mapped >= 0
+    return batch.image_index[keep], mapped[keep], batch.masks[keep], keep
+
+
+@torch.no_grad()
+def evaluate_on_masks(
+    module,
+    dataset: MaskDataset,
+    store=None,
+    fit_dataset: MaskDataset | None = None,
+    k: int = 20,
+    fill: str = "spatial_mean",
+    batch_size: int = 16,
+    max_images: int | None = None,
+    max_fit_images: int | None = None,
+    seed: int = 0,
+    num_workers: int = 0,
+) -> dict[str, Any]:
+    """Evaluate ``module`` (a trained CEFAMModule) on a mask dataset; returns the results dict.
+
+    Args:
+        module: the CE-FAM module (on its device).
+        dataset: the evaluation split, opened with the classifier's input geometry (:func:`classifier_input_spec`).
+        store: an opened embedding store holding text embeddings of concepts the checkpoint lacks.
+        fit_dataset: the split to fit the single-channel baseline on; ``None`` leaves that baseline out.
+        k: channels deleted at most for layer relevance; fill: recorded for reference (no contributions here).
+        batch_size, num_workers: of the DataLoader; max_images, max_fit_images: use only the first N images.
+        seed: seed of the random maps.
+    """
+    from cefam_lightning.components import ConceptScorer
+
+    if k < 1:
+        raise EvaluateError(f"k must be >= 1, got {k}")
+    device = next(module.translator.parameters()).device
+    module.eval()
+    t0 = time.time()
+    cset, mapping, skipped = resolve_dataset_concepts(module, dataset.concepts, store)
+    s = module.scorer
+    scorer = ConceptScorer(cset.text, s.kind, s.logit_scale, s.logit_bias).to(device)
+    # What ExplanationEvaluation reads from a module, with the dataset's concept set as the scorer.
+    parts = SimpleNamespace(classifier=module.classifier, translator=module.translator, scorer=scorer)
+    notes = [
+        "contribution accuracy left out: it needs each image's key object, which only the shapes world defines",
+    ]
+    baseline, fit_info = None, None
+    if fit_dataset is not None:
+        baseline, fit_info = _fit_single_channel(
+            module.classifier, fit_dataset, mapping, len(cset.names), batch_size, max_fit_images, num_workers, device
+        )
+        notes.append(
+            f"single-channel baseline fitted on split {fit_dataset.split!r} ({fit_info['images']} images, "
+            f"{fit_info['concepts_present']} of {len(cset.names)} evaluated concepts present there)"
+        )
+    else:
+        notes.append(
+            "single-channel baseline left out: it is fitted on a training split, and there was none (the dataset "
+            "has no train/train-semi split besides the evaluated one, or --fit-split none)"
+        )
+    evaluation = ExplanationEvaluation(
+        module.classifier.layers,
+        cset.types,
+        baseline,
+        k=k,
+        fill=fill,
+        seed=seed,
+        sync_on_compute=False,
+        contributions=False,
+    ).to(device)
+    skipped_pairs = torch.zeros(len(dataset.concepts), dtype=torch.long)
+    n_images = 0
+    for batch in _mask_batches(dataset, max_images, batch_size, num_workers):
+        image_index, concepts, masks, keep = _mapped_pairs(batch, mapping)
+        skipped_pairs += torch.bincount(batch.concepts[~keep], minlength=len(dataset.concepts))
+        evaluation.update_pairs(
+            parts, batch.images.to(device), image_index.to(device), concepts.to(device), masks.to(device)
+        )
+        n_images += len(batch.ids)
+    results = evaluation.compute()
+    skipped_set = set(skipped)
+    skipped_by_name = {
+        c.name: int(n) for c, n in zip(dataset.concepts, skipped_pairs, strict=True) if c.name in skipped_set
+    }
+    n_skipped_pairs = sum(skipped_by_name.values())
+    if skipped:
+        unknown_to = (
+            "neither the checkpoint nor the embedding store knows"
+            if store is not None
+            else "the checkpoint does not know"
+        )
+        store_hint = "" if store is not None else "; an embedding store that holds them (--store) would add them"
+        notes.append(
+            f"{len(skipped)} of the dataset's {len(dataset.concepts)} concepts skipped: {unknown_to} them "
+            f"({', '.join(skipped[:_MAX_NOTED])}"
+            f"{', ...' if len(skipped) > _MAX_NOTED else ''}); their {n_skipped_pairs} (image, concept) pairs are "
+            f"not scored{store_hint}"
+        )
+    checkpoint_names = {str(n) for n in module.hparams["concept_names"]}
+    from_store = [n for n in cset.names if n not in checkpoint_names]
+    results["dataset"] = {**dataset.describe(), "images_evaluated": n_images}
+    results["concepts"] = {
+        "evaluated": len(cset.names),
+        "from_store": len(from_store),
+        "store": str(store.path) if store is not None else None,
+        "skipped": {"count": len(skipped), "pairs": n_skipped_pairs, "pairs_by_concept": skipped_by_name},
+    }
+    if fit_info is not None:
+        results["single_channel_fit"] = fit_info
+    results["notes"] = notes
+    results["split"] = dataset.split
+    results["images"] = n_images
+    results["seconds"] = round(time.time() - t0, 1)
+    return results
+
+
+def _fit_single_channel(classifier, dataset, mapping, num_concepts, batch_size, limit, num_workers, device):
+    presence_total = torch.zeros(num_concepts, dtype=torch.long)
+    n_images = 0
+
+    def batches():
+        nonlocal presence_total, n_images
+        for batch in _mask_batches(dataset, limit, batch_size, num_workers):
+            image_index, concepts, _, _ = _mapped_pairs(batch, mapping)
+            presence = torch.zeros(len(batch.ids), num_concepts)
+            presence[image_index, concepts] = 1.0
+            presence_total += presence.sum(0).long()
+            n_images += len(batch.ids)
+            yield batch.images.to(device), presence
+
+    try:
+        baseline = SingleChannelBaseline.fit(classifier, batches())
+    except ValueError as e:
+        if isinstance(e, MaskDatasetError):
+            raise
+        raise EvaluateError(f"cannot fit the single-channel baseline on split {dataset.split!r}: {e}") from None
+    return baseline, {"split": dataset.split, "images": n_images, "concepts_present": int((presence_total > 0).sum())}
+
+
+def open_evaluation_data(
+    root: str | Path,
+    input_spec: InputSpec,
+    format: str = "auto",
+    split: str | None = None,
+    fit_split: str | None = None,
+    **options: Any,
+) -> tuple[MaskDataset, MaskDataset | None]:
+    """The evaluation split of a mask dataset and the split to fit the single-channel baseline on.
+
+    Args:
+        root, input_spec, format, options: see :func:`~cefam_lightning.mask_datasets.open_mask_dataset`.
+        split: the evaluation split; ``None``: ``val`` (ImageNet-S ``validation``) where the dataset has it, else
+            every image.
+        fit_split: ``None``: ``train`` (ImageNet-S ``train-semi``) where the dataset has it and a held-out split
+            is evaluated; ``"none"``: no fit split.
+    """
+    dataset = open_mask_dataset(root, input_spec, format, split=split, **options)
+    fmt = dataset.format
+    if split is None:
+        default = next((s for s in EVAL_SPLITS if s in dataset.splits), None)
+        if default != dataset.split:
+            dataset = open_mask_dataset(root, input_spec, fmt, split=default, **options)
+    if fit_split == "none":
+        return dataset, None
+    if fit_split is None:
+        # Only beside a held-out evaluation split: "every image" would include the training images.
+        candidates = [s for s in FIT_SPLITS if s in dataset.splits and s != dataset.split]
+        if dataset.split is None or not candidates:
+            return dataset, None
+        fit_split = candidates[0]
+    return dataset, open_mask_dataset(root, input_spec, fmt, split=fit_split, **options)
+
+
 def write_results(results: dict[str, Any], out_dir: str | Path) -> str:
     """Write ``evaluation.json`` and ``evaluation.md`` to ``out_dir``; return the table."""
     out = Path(out_dir)
@@ -116,11 +389,31 @@ def load_checkpoint(path: str | Path, device: str = "cpu"):
         raise EvaluateError(str(e)) from None
 
 
+DATA_OPTIONS = ("format", "store", "fit_split", "max_fit_images", "categories", "class_names")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", required=True, help="a CE-FAM checkpoint written by train.py")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument(
+        "--split",
+        default=None,
+        help="shapes world: train, val or test (default test); --data: the dataset's split (default val/validation)",
+    )
     p.add_argument("--max-images", type=int, default=None, help="evaluate only the first N images of the split")
+    data = p.add_argument_group("mask datasets (--data)")
+    data.add_argument("--data", default=None, metavar="ROOT", help="evaluate on this mask dataset folder instead")
+    data.add_argument("--format", default=None, choices=("auto", *FORMATS), help="its layout (default auto)")
+    data.add_argument(
+        "--store", default=None, metavar="STORE_DIR", help="embedding store for concepts the checkpoint lacks"
+    )
+    data.add_argument(
+        "--fit-split", default=None, help="split to fit the single-channel baseline on (default train/train-semi; none)"
+    )
+    data.add_argument("--max-fit-images", type=int, default=None, help="fit the baseline on the first N images only")
+    data.add_argument("--num-workers", type=int, default=0, help="DataLoader workers reading the dataset (default 0)")
+    data.add_argument("--categories", default=None, help="ImageNet-S: the release's ImageNetS_categories_im{N}.txt")
+    data.add_argument("--class-names", default=None, help="ImageNet-S: '<wnid> <name>' lines (LOC_synset_mapping.txt)")
     p.add_argument("--k", type=int, default=None, help="channels deleted/masked at most (default: the run's)")
     p.add_argument("--fill", choices=FILLS, default=None, help="masked-channel fill (default: the run's)")
     p.add_argument(
@@ -128,11 +421,70 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         action="store_true",
         help="also score contributions with every concept masked at each single layer (slower)",
     )
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=None, help="images per batch (default 64; 16 with --data)")
     p.add_argument("--cache-dir", default=None, help="where the shapes world is cached (default: the run's)")
-    p.add_argument("--out", default=None, help="output folder (default: <run folder>/evaluation)")
+    p.add_argument("--out", default=None, help="output folder (default: <run folder>/evaluation[-<data>-<split>])")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.data is None:
+        given = [f"--{o.replace('_', '-')}" for o in DATA_OPTIONS if getattr(args, o) is not None]
+        if given:
+            p.error(f"{', '.join(given)} only apply with --data")
+        args.split = args.split or "test"
+        if args.split not in WORLD_SPLITS:
+            p.error(f"argument --split: invalid choice: {args.split!r} (choose from {', '.join(WORLD_SPLITS)})")
+        args.batch_size = args.batch_size or 64
+    else:
+        for flag, value in (
+            ("--per-layer-contributions", args.per_layer_contributions),
+            ("--cache-dir", args.cache_dir),
+        ):
+            if value:
+                p.error(f"{flag} applies to the shapes world only, not with --data")
+        args.batch_size = args.batch_size or 16
+        for flag in ("batch_size", "num_workers", "max_images", "max_fit_images"):
+            value = getattr(args, flag)
+            if value is not None and value < (0 if flag == "num_workers" else 1):
+                p.error(
+                    f"--{flag.replace('_', '-')} must be {'>= 0' if flag == 'num_workers' else '>= 1'}, got {value}"
+                )
+    return args
+
+
+def _evaluate_data(args: argparse.Namespace, module) -> tuple[dict[str, Any], Path]:
+    from cefam_lightning.explain import ExplainError, open_store
+
+    config = module.hparams.get("config") or {}
+    evaluation = config.get("evaluation", {}) if isinstance(config, dict) else {}
+    try:
+        store = open_store(args.store, module.translator.out_dim) if args.store else None
+    except ExplainError as e:
+        raise EvaluateError(str(e)) from None
+    dataset, fit = open_evaluation_data(
+        args.data,
+        classifier_input_spec(module),
+        args.format or "auto",
+        split=args.split,
+        fit_split=args.fit_split,
+        categories=args.categories,
+        class_names=args.class_names,
+    )
+    results = evaluate_on_masks(
+        module,
+        dataset,
+        store=store,
+        fit_dataset=fit,
+        k=args.k or evaluation.get("k", 20),
+        fill=args.fill or evaluation.get("fill", "spatial_mean"),
+        batch_size=args.batch_size,
+        max_images=args.max_images,
+        max_fit_images=args.max_fit_images,
+        seed=evaluation.get("seed", 0),
+        num_workers=args.num_workers,
+    )
+    name = re.sub(r"[^\w.\-]+", "_", Path(args.data).resolve().name) or "data"
+    default_out = Path(args.checkpoint).resolve().parent.parent / f"evaluation-{name}-{dataset.split or 'all'}"
+    return results, default_out
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -145,31 +497,39 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         except ExplainError as e:
             raise EvaluateError(str(e)) from None
         module = load_checkpoint(args.checkpoint, device)
-        config = module.hparams.get("config") or {}
-        if "world" not in config:
-            raise EvaluateError(f"{args.checkpoint}: the checkpoint records no shapes-world config to evaluate on")
-        cfg = OmegaConf.create(config)
-        evaluation = config.get("evaluation", {})
-        world = ShapesWorld.build(world_spec(cfg), args.cache_dir or cfg.cache_dir)
-        results = evaluate_on_world(
-            module,
-            world,
-            split=args.split,
-            k=args.k or evaluation.get("k", 20),
-            fill=args.fill or evaluation.get("fill", "spatial_mean"),
-            batch_size=args.batch_size,
-            max_images=args.max_images,
-            seed=evaluation.get("seed", 0),
-            per_layer_contributions=args.per_layer_contributions,
-        )
-    except EvaluateError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if args.data is not None:
+            results, default_out = _evaluate_data(args, module)
+        else:
+            results = _evaluate_world(args, module)
+            default_out = Path(args.checkpoint).resolve().parent.parent / "evaluation"
+    except (EvaluateError, MaskDatasetError) as e:
+        print(f"error: {_original_message(e)}", file=sys.stderr)
         raise SystemExit(2) from None
     results["checkpoint"] = str(args.checkpoint)
-    out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent.parent / "evaluation"
+    out = Path(args.out) if args.out else default_out
     print(write_results(results, out))
     print(f"written: {out / 'evaluation.json'}, {out / 'evaluation.md'}")
     return results
+
+
+def _evaluate_world(args: argparse.Namespace, module) -> dict[str, Any]:
+    config = module.hparams.get("config") or {}
+    if "world" not in config:
+        raise EvaluateError(f"{args.checkpoint}: the checkpoint records no shapes-world config to evaluate on")
+    cfg = OmegaConf.create(config)
+    evaluation = config.get("evaluation", {})
+    world = ShapesWorld.build(world_spec(cfg), args.cache_dir or cfg.cache_dir)
+    return evaluate_on_world(
+        module,
+        world,
+        split=args.split,
+        k=args.k or evaluation.get("k", 20),
+        fill=args.fill or evaluation.get("fill", "spatial_mean"),
+        batch_size=args.batch_size,
+        max_images=args.max_images,
+        seed=evaluation.get("seed", 0),
+        per_layer_contributions=args.per_layer_contributions,
+    )
 
 
 if __name__ == "__main__":

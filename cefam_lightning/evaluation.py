@@ -86,6 +86,21 @@ class ContributionAccuracy(Metric):
         }
 
 
+def _padded_pairs(image_index: Tensor, concept_ids: Tensor, batch_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Sparse (image, concept) pairs -> ``(B, N)`` concept indices (padded with 0), their validity, and the order
+    of the pairs that lists them as ``valid.nonzero()`` does (image by image, in the given order within one)."""
+    order = torch.sort(image_index, stable=True).indices
+    image = image_index[order]
+    counts = torch.bincount(image, minlength=batch_size)
+    position = torch.arange(len(image), device=image.device) - (counts.cumsum(0) - counts)[image]
+    n = max(int(counts.max()), 1) if len(image) else 1
+    concepts = torch.zeros(batch_size, n, dtype=torch.long, device=image.device)
+    valid = torch.zeros(batch_size, n, dtype=torch.bool, device=image.device)
+    concepts[image, position] = concept_ids[order]
+    valid[image, position] = True
+    return concepts, valid, order
+
+
 def _padded_concepts(present: Tensor) -> tuple[Tensor, Tensor]:
     """``(B, C)`` presence -> ``(B, N)`` indices of the present concepts (padded with 0) and their validity."""
     n = max(int(present.sum(dim=1).max()), 1) if present.numel() else 1
@@ -109,6 +124,8 @@ class ExplanationEvaluation(nn.Module):
             ``False`` when one process evaluates the whole split.
         per_layer_contributions: also score contributions with every concept masked at each single layer
             (a diagnostic; it runs the masked variants through every layer's tail, several times the cost).
+        contributions: score the contribution accuracy at all; ``False`` for data without a key object (the
+            results then have an empty ``contribution``).
     """
 
     def __init__(
@@ -121,6 +138,7 @@ class ExplanationEvaluation(nn.Module):
         seed: int = 0,
         sync_on_compute: bool = True,
         per_layer_contributions: bool = False,
+        contributions: bool = True,
     ):
         super().__init__()
         self.layers = list(layers)
@@ -136,7 +154,7 @@ class ExplanationEvaluation(nn.Module):
             }
         )
         # Contributions at CE-FAM's top-1 layer (the spec's), and, for comparison, with every concept at one layer.
-        contribution_settings = self.settings if per_layer_contributions else ["top1"]
+        contribution_settings = (self.settings if per_layer_contributions else ["top1"]) if contributions else []
         self.contribution = nn.ModuleDict(
             {s: ContributionAccuracy(sync_on_compute=sync_on_compute) for s in contribution_settings}
         )
@@ -152,8 +170,41 @@ class ExplanationEvaluation(nn.Module):
             images: ``(B, 3, H, W)`` in ``[0, 1]``; masks: ``(B, C, H, W)`` concept masks; labels: ``(B,)``.
             key: ``(B, C)`` the key object's concepts; ``None`` skips the contribution accuracy.
         """
-        classifier, translator, scorer = module.classifier, module.translator, module.scorer
         masks = masks.bool()
+        concepts, valid = _padded_concepts(masks.flatten(2).any(dim=2))  # (B, N)
+        rows = valid.nonzero(as_tuple=True)
+        self._update(module, images, concepts, valid, masks[rows[0], concepts[rows]], labels, key)
+
+    @torch.no_grad()
+    def update_pairs(self, module, images: Tensor, image_index: Tensor, concept_ids: Tensor, masks: Tensor) -> None:
+        """Score one batch given sparse masks: one row per (image, concept) pair (no contribution accuracy).
+
+        Args:
+            module: a trained CE-FAM module, or anything with its ``classifier``, ``translator`` and ``scorer``.
+            images: ``(B, 3, H, W)`` in ``[0, 1]``.
+            image_index: ``(P,)`` the image of each pair; concept_ids: ``(P,)`` its concept (scorer index);
+            masks: ``(P, H, W)`` its mask. An (image, concept) pair may occur once.
+        """
+        if len(concept_ids) == 0:
+            return
+        if len(torch.unique(image_index * (int(concept_ids.max()) + 1) + concept_ids)) != len(concept_ids):
+            raise ValueError("update_pairs: an (image, concept) pair occurs more than once in the batch")
+        concepts, valid, order = _padded_pairs(image_index, concept_ids, len(images))
+        self._update(module, images, concepts, valid, masks.bool()[order], None, None)
+
+    def _update(
+        self,
+        module,
+        images: Tensor,
+        concepts: Tensor,
+        valid: Tensor,
+        pair_masks: Tensor,
+        labels: Tensor | None,
+        key: Tensor | None,
+    ) -> None:
+        """Score the ``(B, N)`` padded concepts (``valid`` marks real ones) whose masks, in ``valid.nonzero()``
+        order, are ``pair_masks`` ``(P, H, W)``."""
+        classifier, translator, scorer = module.classifier, module.translator, module.scorer
         size = images.shape[-2:]
         out = classifier(images)
         logits = out.logits.float()
@@ -161,10 +212,8 @@ class ExplanationEvaluation(nn.Module):
         z = pool_activations(out.activations, self.layers)
         jac = score_jacobian(translator, scorer, z)
         slices = layer_slices(out.activations, self.layers)
-        concepts, valid = _padded_concepts(masks.flatten(2).any(dim=2))  # (B, N)
         rows = valid.nonzero(as_tuple=True)
         ids = concepts[rows]
-        pair_masks = masks[rows[0], ids]  # (P, H, W)
 
         jac_sel = jac.gather(1, concepts[:, :, None].expand(-1, -1, jac.shape[2]))
         cefam_low = concept_regions(out.activations, self.layers, jac_sel)  # {layer: (B, N, h, w)}
@@ -195,7 +244,7 @@ class ExplanationEvaluation(nn.Module):
             self.region[f"{method}/top1"].update(maps[top_layer[method], pair], pair_masks, ids)
         self.region["random/top1"].update(random_maps(pair_masks.shape, self.generator, images.device), pair_masks, ids)
 
-        if key is not None:
+        if key is not None and self.contribution:
             key_present = key.bool().gather(1, concepts) & valid
             correct = pred == labels
             choices = {"top1": top, **{layer: torch.full_like(top, li) for li, layer in enumerate(self.layers)}}
@@ -278,4 +327,8 @@ def format_table(results: dict[str, Any]) -> str:
     if sel:
         shares = ", ".join(f"{k} {v:.2f}" for k, v in sel.items())
         lines.append(f"Top-1 layer chosen by CE-FAM (share of present concepts): {shares}")
+    notes = results.get("notes", [])
+    if notes:
+        lines.append("")
+        lines.extend(f"Note: {note}" for note in notes)
     return "\n".join(lines) + "\n"
