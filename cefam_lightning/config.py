@@ -40,6 +40,8 @@ class ClassifierSchema:
     layers: list[str] = MISSING
     weights: str | None = MISSING
     num_classes: int | None = MISSING
+    image_size: int | None = MISSING
+    allow_random_init: bool = MISSING
     fit: ClassifierFitSchema = field(default_factory=ClassifierFitSchema)
 
 
@@ -79,8 +81,18 @@ class EarlyStoppingSchema:
     mode: str = MISSING
 
 
+DATA_SOURCES = ("shapes", "images")
+
+
 @dataclass
 class DataSchema:
+    source: str = MISSING
+    train: str | None = MISSING
+    val: str | None = MISSING
+    test: str | None = MISSING
+    store: str | None = MISSING
+    class_names: list[str] | None = MISSING
+    shuffle_buffer: int = MISSING
     batch_size: int = MISSING
     num_workers: int = MISSING
 
@@ -186,6 +198,7 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] | No
         raise ConfigError(f"Could not resolve the config: {e}") from None
     world = world_spec(cfg)  # validates the world's values
     del world
+    check_data(cfg)
     OmegaConf.set_readonly(cfg, True)
     return cfg
 
@@ -195,6 +208,19 @@ def world_spec(cfg: DictConfig) -> WorldSpec:
         return WorldSpec(**OmegaConf.to_container(cfg.world, resolve=True))
     except ValueError as e:
         raise ConfigError(str(e)) from None
+
+
+def check_data(cfg: DictConfig) -> None:
+    """``data.source`` is known, and the keys ``data.source=images`` needs have values."""
+    data = cfg.data
+    if data.source not in DATA_SOURCES:
+        raise ConfigError(f"data.source must be one of {DATA_SOURCES}, got {data.source!r}")
+    if data.source == "images":
+        missing = [f"data.{k}" for k in ("train", "val", "store") if data[k] is None]
+        if missing:
+            raise ConfigError(f"data.source=images needs {', '.join(missing)} (image sources and the embedding store)")
+    if data.shuffle_buffer < 0:
+        raise ConfigError(f"data.shuffle_buffer must be >= 0, got {data.shuffle_buffer}")
 
 
 def to_dict(cfg: DictConfig) -> dict[str, Any]:

@@ -1,0 +1,506 @@
+"""Where images come from: an image folder, a CSV/JSONL manifest, or WebDataset tar shards.
+
+Every source yields :class:`ImageRecord` objects (a stable sample id, an optional integer label, and either a file
+path or the encoded bytes) once each, in a deterministic order, without shuffling. ``precompute`` walks a source
+to write the embedding store, and the training DataModule walks the same source and joins each image with its
+embedding by sample id, so the id rules below are what ties the two together:
+
+- **folder** (``root/<class>/<...>/<file>``, classes are the sorted sub-folder names, as torchvision's
+  ``ImageFolder``): the id is the file's posix path relative to ``root``, e.g. ``cat/0001.jpg``.
+- **manifest** (``*.csv`` with a header line, or ``*.jsonl`` with one JSON object per line): a ``path`` column
+  (relative paths are resolved against the manifest's folder), an optional ``label`` (a class index or a class
+  name) and an optional ``id``; the id is the ``id`` value when given, else the path exactly as written.
+- **WebDataset shards** (``data.tar``, a brace pattern ``shards-{000..009}.tar`` or a glob ``shards-*.tar`` whose
+  wildcards are in the file name only): the id is the sample's ``__key__`` (its file name up to the first dot);
+  the image is the ``jpg``, ``jpeg``, ``png`` or ``webp`` member, the label the ``cls`` member (an integer or a
+  class name) or ``json["label"]``.
+
+Every problem is an :class:`ImageSourceError` naming the file, line, shard or key at fault.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+import os
+import re
+import tarfile
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+from PIL import Image, ImageOps
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # WebDataset member suffixes read as the image, in this order
+TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
+_GLOB_CHARS = re.compile(r"[*?\[]")
+_BRACES = re.compile(r"\{[^{}]*\}")
+
+
+class ImageSourceError(ValueError):
+    """A source of images is missing, malformed or has an unreadable image; the message names what is at fault."""
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image of a source.
+
+    Args:
+        id: the sample's unique, stable id (see the module docstring for each kind of source).
+        label: class index, or ``None`` for an unlabeled image.
+        path: the image file, for sources on disk.
+        data: the encoded image bytes, for WebDataset shards. Exactly one of ``path`` and ``data`` is set.
+        origin: where the record was read, for messages: ``manifest.csv:12`` or a shard's path (else ``None``).
+    """
+
+    id: str
+    label: int | None
+    path: Path | None = None
+    data: bytes | None = None
+    origin: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.path is None) == (self.data is None):
+            raise ValueError(f"ImageRecord {self.id!r}: exactly one of path and data must be set")
+
+    def where(self) -> str:
+        """A human-readable location: the file, or the shard (for records holding bytes)."""
+        if self.path is not None:
+            return str(self.path) if self.origin is None else f"{self.path} ({self.origin})"
+        return f"shard {self.origin}" if self.origin else "in-memory bytes"
+
+
+def open_image(record: ImageRecord) -> Image.Image:
+    """Decode ``record`` into an RGB PIL image (EXIF orientation applied).
+
+    Raises:
+        ImageSourceError: naming the record's id and file or shard when the image cannot be read or decoded.
+    """
+    try:
+        src = record.path if record.path is not None else io.BytesIO(record.data)
+        with Image.open(src) as im:
+            im.load()
+            return ImageOps.exif_transpose(im).convert("RGB")
+    except Exception as e:  # noqa: BLE001 - PIL raises OSError, ValueError, SyntaxError, DecompressionBombError ...
+        raise ImageSourceError(f"cannot decode image {record.id!r} ({record.where()}): {type(e).__name__}: {e}") from e
+
+
+@runtime_checkable
+class ImageSource(Protocol):
+    """What every source offers: class names (when known), records in a fixed order, a one-line description."""
+
+    class_names: list[str] | None
+
+    def __iter__(self) -> Iterator[ImageRecord]: ...
+
+    def describe(self) -> str: ...
+
+
+# ---------------------------------------------------------------------------------------------------- labels
+def _label_from_value(value: Any, class_names: Sequence[str] | None, where: str) -> int | str | None:
+    """An int (validated against ``class_names`` when known), a class-name string to map later, or ``None``.
+
+    Strings that are one of ``class_names`` are names; other all-digit strings are indices.
+    """
+    if value is None or (isinstance(value, str) and value.strip() == ""):
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        raise ImageSourceError(f"{where}: bad label {value!r} (expected a class index or a class name)")
+    if isinstance(value, str):
+        value = value.strip()
+        if class_names is not None and value in class_names:
+            return list(class_names).index(value)
+        if re.fullmatch(r"[0-9]+", value):
+            value = int(value)
+        elif _is_number(value):
+            raise ImageSourceError(f"{where}: bad label {value!r} (class indices are integers >= 0)")
+        elif class_names is not None:
+            raise ImageSourceError(
+                f"{where}: label {value!r} is not one of the {len(class_names)} class names ({_preview(class_names)})"
+            )
+        else:
+            return value
+    if value < 0 or (class_names is not None and value >= len(class_names)):
+        limit = f" with {len(class_names)} classes" if class_names is not None else ""
+        raise ImageSourceError(f"{where}: label {value} is out of range{limit}")
+    return value
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _resolve_labels(
+    raw: list[int | str | None], class_names: Sequence[str] | None, wheres: list[str], what: str
+) -> tuple[list[int | None], list[str] | None]:
+    """Map class-name labels to indices; without given class names the names are the sorted distinct labels."""
+    names = [r for r in raw if isinstance(r, str)]
+    if not names:
+        return list(raw), list(class_names) if class_names is not None else None  # type: ignore[arg-type]
+    ints = [i for i, r in enumerate(raw) if isinstance(r, int)]
+    if ints:
+        first_name = next(i for i, r in enumerate(raw) if isinstance(r, str))
+        raise ImageSourceError(
+            f"{what}: labels mix class indices ({wheres[ints[0]]}: {raw[ints[0]]}) and class names "
+            f"({wheres[first_name]}: {raw[first_name]!r}); use one kind, or give the class names"
+        )
+    found = sorted(set(names))
+    index = {n: i for i, n in enumerate(found)}
+    return [index[r] if isinstance(r, str) else None for r in raw], found
+
+
+def _preview(items: Sequence[Any], n: int = 5) -> str:
+    shown = ", ".join(repr(x) for x in list(items)[:n])
+    return shown + (", ..." if len(items) > n else "")
+
+
+def _check_unique(ids: Sequence[str], wheres: Sequence[str], what: str) -> None:
+    seen: dict[str, int] = {}
+    for i, s in enumerate(ids):
+        j = seen.setdefault(s, i)
+        if j != i:
+            raise ImageSourceError(f"{what}: duplicate sample id {s!r} ({wheres[j]} and {wheres[i]})")
+
+
+# ---------------------------------------------------------------------------------------------------- map-style
+class _MapSource:
+    """Shared behaviour of the sources that list their records up front (folder, manifest)."""
+
+    records: list[ImageRecord]
+    class_names: list[str] | None
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> ImageRecord:
+        return self.records[i]
+
+    def __iter__(self) -> Iterator[ImageRecord]:
+        return iter(self.records)
+
+    @property
+    def ids(self) -> list[str]:
+        return [r.id for r in self.records]
+
+
+class ImageFolderSource(_MapSource):
+    """``root/<class>/.../<image>`` with one sub-folder per class (torchvision ``ImageFolder`` rules).
+
+    Args:
+        root: the folder.
+        class_names: the class list (its order gives the indices); every sub-folder must be one of them, a class
+            may have no folder. ``None``: the sorted sub-folder names, each of which must hold an image.
+    """
+
+    def __init__(self, root: str | os.PathLike, class_names: Sequence[str] | None = None):
+        from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+
+        self.root = Path(root).expanduser()
+        if not self.root.is_dir():
+            raise ImageSourceError(f"{self.root}: no such image folder")
+        try:
+            found, _ = find_classes(self.root)
+        except FileNotFoundError:
+            raise ImageSourceError(f"{self.root}: no class sub-folders (expected root/<class>/<image>)") from None
+        if class_names is None:
+            self.class_names = found
+        else:
+            self.class_names = list(class_names)
+            unknown = sorted(set(found) - set(self.class_names))
+            if unknown:
+                raise ImageSourceError(
+                    f"{self.root}: sub-folder(s) {_preview(unknown)} are not among the given class names "
+                    f"({_preview(self.class_names)})"
+                )
+        try:
+            items = make_dataset(
+                str(self.root),
+                {c: i for i, c in enumerate(self.class_names)},
+                extensions=IMG_EXTENSIONS,
+                allow_empty=class_names is not None,
+            )
+        except FileNotFoundError as e:
+            raise ImageSourceError(f"{self.root}: {e}") from None
+        if not items:
+            raise ImageSourceError(f"{self.root}: no images (extensions {', '.join(IMG_EXTENSIONS)})")
+        self.records = [
+            ImageRecord(id=Path(p).relative_to(self.root).as_posix(), label=int(y), path=Path(p)) for p, y in items
+        ]
+
+    def describe(self) -> str:
+        return f"folder {self.root} ({len(self)} images, {len(self.class_names)} classes)"
+
+
+class ManifestSource(_MapSource):
+    """A CSV (with a header line) or JSONL file listing images: ``path``, optional ``label`` and ``id``.
+
+    Args:
+        manifest: the ``.csv`` or ``.jsonl`` file.
+        class_names: the class list; labels may then be names from it or indices into it. ``None``: integer labels
+            are kept as they are (no names), class-name labels are numbered in sorted order.
+    """
+
+    def __init__(self, manifest: str | os.PathLike, class_names: Sequence[str] | None = None):
+        self.manifest = Path(manifest).expanduser()
+        if not self.manifest.is_file():
+            raise ImageSourceError(f"{self.manifest}: no such manifest file")
+        suffix = self.manifest.suffix.lower()
+        if suffix == ".csv":
+            rows = list(_csv_rows(self.manifest))
+        elif suffix == ".jsonl":
+            rows = list(_jsonl_rows(self.manifest))
+        else:
+            raise ImageSourceError(f"{self.manifest}: a manifest must be a .csv or .jsonl file")
+        if not rows:
+            raise ImageSourceError(f"{self.manifest}: the manifest lists no images")
+        given = list(class_names) if class_names is not None else None
+        base = self.manifest.parent
+        ids, paths, raw, wheres, lines, missing = [], [], [], [], [], []
+        for line, row in rows:
+            where = f"{self.manifest}:{line}"
+            value = row.get("path")
+            if not isinstance(value, str) or not value.strip():
+                raise ImageSourceError(f"{where}: empty or non-string 'path' ({value!r})")
+            path = Path(value).expanduser()
+            path = path if path.is_absolute() else base / path
+            sid = row.get("id")
+            if sid is None or (isinstance(sid, str) and not sid.strip()):
+                sid = value
+            elif isinstance(sid, bool) or not isinstance(sid, str | int):
+                raise ImageSourceError(f"{where}: bad id {sid!r} (expected a string)")
+            raw.append(_label_from_value(row.get("label"), given, where))
+            ids.append(str(sid))
+            paths.append(path)
+            wheres.append(where)
+            lines.append(line)
+            if not path.is_file():
+                missing.append(f"{where}: {path}")
+        if missing:
+            raise ImageSourceError(
+                f"{self.manifest}: {len(missing)} of {len(rows)} listed image files do not exist (first: "
+                + "; ".join(missing[:5])
+                + ")"
+            )
+        _check_unique(ids, wheres, str(self.manifest))
+        labels, self.class_names = _resolve_labels(raw, given, wheres, str(self.manifest))
+        self.records = [
+            ImageRecord(id=s, label=y, path=p, origin=f"{self.manifest.name}:{n}")
+            for s, y, p, n in zip(ids, labels, paths, lines, strict=True)
+        ]
+
+    def describe(self) -> str:
+        classes = f", {len(self.class_names)} classes" if self.class_names is not None else ""
+        return f"manifest {self.manifest} ({len(self)} images{classes})"
+
+
+def _csv_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None:
+            raise ImageSourceError(f"{path}: empty CSV (expected a header line with a 'path' column)")
+        fields = [c.strip() for c in reader.fieldnames]
+        if "path" not in fields:
+            raise ImageSourceError(f"{path}:1: no 'path' column in the header {fields}")
+        reader.fieldnames = fields
+        for row in reader:
+            if all(v is None or not str(v).strip() for v in row.values()):
+                continue  # a blank line
+            if None in row:
+                raise ImageSourceError(f"{path}:{reader.line_num}: more values than header columns")
+            yield reader.line_num, row
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ImageSourceError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise ImageSourceError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+            if "path" not in row:
+                raise ImageSourceError(f"{path}:{n}: no 'path' key (keys: {sorted(row)})")
+            yield n, row
+
+
+# ---------------------------------------------------------------------------------------------------- webdataset
+def expand_shards(spec: str | os.PathLike) -> list[Path]:
+    """The tar files a shard spec names: a file, a brace pattern (``a-{000..009}.tar``) or a file-name glob.
+
+    Every file must exist; the order is the pattern's (braces) or sorted (globs).
+    """
+    import braceexpand
+
+    text = os.path.expanduser(str(spec))
+    out: list[Path] = []
+    for item in braceexpand.braceexpand(text):
+        head, name = os.path.split(item)
+        if _GLOB_CHARS.search(head):
+            raise ImageSourceError(f"{spec}: wildcards are allowed in the file name only, not in the folder {head!r}")
+        if _GLOB_CHARS.search(name):
+            matches = sorted(glob.glob(item))
+            if not matches:
+                raise ImageSourceError(f"{spec}: no files match {item!r}")
+            out.extend(Path(m) for m in matches)
+        else:
+            out.append(Path(item))
+    bad = [p for p in out if not p.name.lower().endswith(TAR_SUFFIXES)]
+    if bad:
+        raise ImageSourceError(f"{spec}: not tar shards ({_preview([str(p) for p in bad])}); expected {TAR_SUFFIXES}")
+    missing = [str(p) for p in out if not p.is_file()]
+    if missing:
+        raise ImageSourceError(f"{spec}: {len(missing)} of {len(out)} shards do not exist (first: {_preview(missing)})")
+    dupes = sorted({str(p) for p in out if out.count(p) > 1})
+    if dupes:
+        raise ImageSourceError(f"{spec}: shards listed more than once: {_preview(dupes)}")
+    return out
+
+
+def shard_keys(shard: str | os.PathLike) -> list[str]:
+    """The sample keys of a tar shard, in order, read from the member headers only (no image is read).
+
+    Members are grouped into samples exactly as ``webdataset`` does (key = name up to the first dot of the file
+    name, ``__*__`` metadata skipped). A key that appears in two places, or a sample without an image member, is an
+    :class:`ImageSourceError`.
+    """
+    from webdataset.tariterators import base_plus_ext
+
+    shard = Path(shard)
+    keys: list[str] = []
+    suffixes: list[set[str]] = []
+    try:
+        with tarfile.open(shard, "r:*") as tf:
+            for m in tf:
+                name = m.name
+                if not m.isreg() or re.match(r"__[^/]*__($|/)", name):
+                    continue
+                prefix, suffix = base_plus_ext(name)
+                if prefix is None:
+                    continue
+                if not keys or keys[-1] != prefix:
+                    keys.append(prefix)
+                    suffixes.append(set())
+                suffixes[-1].add(suffix.lower())
+    except (tarfile.TarError, OSError, EOFError) as e:
+        raise ImageSourceError(f"{shard}: not a readable tar file ({e})") from e
+    if not keys:
+        raise ImageSourceError(f"{shard}: the shard holds no samples")
+    _check_unique(keys, [f"{shard} sample {i}" for i in range(len(keys))], str(shard))
+    for key, sfx in zip(keys, suffixes, strict=True):
+        if not sfx.intersection(IMAGE_EXTENSIONS):
+            raise ImageSourceError(
+                f"{shard}: sample {key!r} has no image member (has {sorted(sfx)}; expected one of {IMAGE_EXTENSIONS})"
+            )
+    return keys
+
+
+def record_from_sample(sample: dict[str, Any], class_names: Sequence[str] | None = None) -> ImageRecord:
+    """Turn a ``webdataset`` sample dict (``__key__``, ``__url__``, member bytes by suffix) into an ImageRecord."""
+    key, url = sample["__key__"], sample.get("__url__")
+    where = f"{url}: sample {key!r}"
+    image = next((sample[s] for s in IMAGE_EXTENSIONS if s in sample), None)
+    if image is None:
+        members = sorted(k for k in sample if not k.startswith("__"))
+        raise ImageSourceError(f"{where}: no image member (has {members}; expected one of {IMAGE_EXTENSIONS})")
+    label: Any = None
+    if "cls" in sample:
+        label = _decode_text(sample["cls"], where, "cls")
+    elif "json" in sample:
+        try:
+            meta = json.loads(_decode_text(sample["json"], where, "json"))
+        except json.JSONDecodeError as e:
+            raise ImageSourceError(f"{where}: the json member is not valid JSON ({e.msg})") from None
+        label = meta.get("label") if isinstance(meta, dict) else None
+    label = _label_from_value(label, class_names, where)
+    if isinstance(label, str):
+        raise ImageSourceError(f"{where}: label {label!r} is a class name; give the class names to map it to an index")
+    return ImageRecord(id=str(key), label=label, data=bytes(image), origin=str(url) if url is not None else None)
+
+
+def _decode_text(value: bytes, where: str, member: str) -> str:
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ImageSourceError(f"{where}: the {member} member is not UTF-8 text") from None
+
+
+def iter_shard_samples(shards: Iterable[str | os.PathLike]) -> Iterator[dict[str, Any]]:
+    """Raw ``webdataset`` samples of ``shards`` in order (no splitting, no shuffling)."""
+    import webdataset as wds
+
+    yield from wds.tarfile_to_samples()(iter([{"url": str(s)} for s in shards]))
+
+
+class WebDataSource:
+    """WebDataset tar shards read in order, every sample once (no node/worker splitting, no shuffling).
+
+    Training streams the same shards through ``webdataset`` with splitting and a shuffle buffer
+    (:class:`~cefam_lightning.image_datamodule.ImageDataModule`).
+
+    Args:
+        spec: a ``.tar`` file, a brace pattern or a file-name glob of tar files.
+        class_names: needed when labels are class names; integer labels are checked against it when given.
+    """
+
+    def __init__(self, spec: str | os.PathLike, class_names: Sequence[str] | None = None):
+        self.spec = str(spec)
+        self.shards = expand_shards(spec)
+        self.class_names = list(class_names) if class_names is not None else None
+        self._keys: list[list[str]] | None = None
+
+    def __iter__(self) -> Iterator[ImageRecord]:
+        for sample in iter_shard_samples(self.shards):
+            yield record_from_sample(sample, self.class_names)
+
+    def keys_by_shard(self) -> list[list[str]]:
+        """Each shard's sample keys (from the tar headers; cached). Checks that keys are unique across shards."""
+        if self._keys is None:
+            keys = [shard_keys(s) for s in self.shards]
+            flat = [k for ks in keys for k in ks]
+            wheres = [str(s) for s, ks in zip(self.shards, keys, strict=True) for _ in ks]
+            _check_unique(flat, wheres, self.spec)
+            self._keys = keys
+        return self._keys
+
+    def describe(self) -> str:
+        return f"webdataset {self.spec} ({len(self.shards)} shard{'s' if len(self.shards) != 1 else ''})"
+
+
+# ---------------------------------------------------------------------------------------------------- dispatch
+def is_shard_spec(spec: str | os.PathLike) -> bool:
+    """Whether ``spec`` names tar shards (a tar file, a brace pattern or a glob ending in a tar suffix)."""
+    text = str(spec)
+    return text.lower().endswith(TAR_SUFFIXES) or (
+        bool(_BRACES.search(text) or _GLOB_CHARS.search(text)) and _BRACES.sub("", text).lower().endswith(TAR_SUFFIXES)
+    )
+
+
+def open_source(spec: str | os.PathLike, class_names: Sequence[str] | None = None) -> ImageSource:
+    """Open the source ``spec`` names: a folder, a ``.csv``/``.jsonl`` manifest, or tar shards.
+
+    Args:
+        spec: a directory (one sub-folder per class), a manifest file, or a shard spec (``a.tar``,
+            ``a-{000..009}.tar``, ``dir/a-*.tar``).
+        class_names: the class list to index labels by (e.g. the training source's, for validation data).
+    """
+    text = os.path.expanduser(str(spec))
+    path = Path(text)
+    if path.is_dir():
+        return ImageFolderSource(path, class_names)
+    if path.suffix.lower() in (".csv", ".jsonl"):
+        return ManifestSource(path, class_names)
+    if is_shard_spec(text):
+        return WebDataSource(text, class_names)
+    if not path.exists():
+        raise ImageSourceError(f"{spec}: no such folder, manifest or tar shard")
+    raise ImageSourceError(f"{spec}: not an image source (expected a folder, a .csv/.jsonl manifest, or .tar shards)")
