@@ -404,8 +404,13 @@ def shard_keys(shard: str | os.PathLike) -> list[str]:
     return keys
 
 
-def record_from_sample(sample: dict[str, Any], class_names: Sequence[str] | None = None) -> ImageRecord:
-    """Turn a ``webdataset`` sample dict (``__key__``, ``__url__``, member bytes by suffix) into an ImageRecord."""
+def record_from_sample(
+    sample: dict[str, Any], class_names: Sequence[str] | None = None, labels: bool = True
+) -> ImageRecord:
+    """Turn a ``webdataset`` sample dict (``__key__``, ``__url__``, member bytes by suffix) into an ImageRecord.
+
+    ``labels=False`` leaves the label out (``None``) without reading it.
+    """
     key, url = sample["__key__"], sample.get("__url__")
     where = f"{url}: sample {key!r}"
     image = next((sample[s] for s in IMAGE_EXTENSIONS if s in sample), None)
@@ -413,6 +418,8 @@ def record_from_sample(sample: dict[str, Any], class_names: Sequence[str] | None
         members = sorted(k for k in sample if not k.startswith("__"))
         raise ImageSourceError(f"{where}: no image member (has {members}; expected one of {IMAGE_EXTENSIONS})")
     label: Any = None
+    if not labels:
+        return ImageRecord(id=str(key), label=None, data=bytes(image), origin=str(url) if url is not None else None)
     if "cls" in sample:
         label = _decode_text(sample["cls"], where, "cls")
     elif "json" in sample:
@@ -450,17 +457,19 @@ class WebDataSource:
     Args:
         spec: a ``.tar`` file, a brace pattern or a file-name glob of tar files.
         class_names: needed when labels are class names; integer labels are checked against it when given.
+        labels: ``False``: do not read labels (every record's label is ``None``), e.g. for embedding
+            precomputation, which needs none, of shards whose labels are class names.
     """
 
-    def __init__(self, spec: str | os.PathLike, class_names: Sequence[str] | None = None):
-        self.spec = str(spec)
+    def __init__(self, spec: str | os.PathLike, class_names: Sequence[str] | None = None, labels: bool = True):
+        self.spec, self.labels = str(spec), labels
         self.shards = expand_shards(spec)
         self.class_names = list(class_names) if class_names is not None else None
         self._keys: list[list[str]] | None = None
 
     def __iter__(self) -> Iterator[ImageRecord]:
         for sample in iter_shard_samples(self.shards):
-            yield record_from_sample(sample, self.class_names)
+            yield record_from_sample(sample, self.class_names, self.labels)
 
     def keys_by_shard(self) -> list[list[str]]:
         """Each shard's sample keys (from the tar headers; cached). Checks that keys are unique across shards."""
@@ -485,13 +494,15 @@ def is_shard_spec(spec: str | os.PathLike) -> bool:
     )
 
 
-def open_source(spec: str | os.PathLike, class_names: Sequence[str] | None = None) -> ImageSource:
+def open_source(spec: str | os.PathLike, class_names: Sequence[str] | None = None, labels: bool = True) -> ImageSource:
     """Open the source ``spec`` names: a folder, a ``.csv``/``.jsonl`` manifest, or tar shards.
 
     Args:
         spec: a directory (one sub-folder per class), a manifest file, or a shard spec (``a.tar``,
             ``a-{000..009}.tar``, ``dir/a-*.tar``).
         class_names: the class list to index labels by (e.g. the training source's, for validation data).
+        labels: ``False``: tar shards are read without their labels (folders and manifests name their classes
+            themselves, so they always have theirs).
     """
     text = os.path.expanduser(str(spec))
     path = Path(text)
@@ -500,7 +511,7 @@ def open_source(spec: str | os.PathLike, class_names: Sequence[str] | None = Non
     if path.suffix.lower() in (".csv", ".jsonl"):
         return ManifestSource(path, class_names)
     if is_shard_spec(text):
-        return WebDataSource(text, class_names)
+        return WebDataSource(text, class_names, labels)
     if not path.exists():
         raise ImageSourceError(f"{spec}: no such folder, manifest or tar shard")
     raise ImageSourceError(f"{spec}: not an image source (expected a folder, a .csv/.jsonl manifest, or .tar shards)")

@@ -393,7 +393,7 @@ def precompute(
 
     specs = [str(Path(s).expanduser().resolve()) if Path(s).expanduser().exists() else str(s) for s in sources]
     try:
-        opened = [(spec, open_source(spec)) for spec in specs]
+        opened = [(spec, open_source(spec, labels=False)) for spec in specs]  # embeddings need no labels
     except ImageSourceError as e:
         raise PrecomputeError(str(e)) from e
 

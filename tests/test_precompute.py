@@ -159,7 +159,8 @@ def test_manifest_and_shards_with_float16(vlm, tmp_path):
     shard = tmp_path / "shard-000.tar"
     with wds.TarWriter(str(shard)) as sink:
         for i, p in enumerate(files[:5]):
-            sink.write({"__key__": f"s{i:03d}", "jpg": p.read_bytes()})
+            # class-name labels, which training needs the class list for: precompute reads no labels
+            sink.write({"__key__": f"s{i:03d}", "jpg": p.read_bytes(), "cls": b"tabby cat"})
     tar_store = precompute(vlm, tmp_path / "tar", concepts, [shard], batch_size=3, chunk_size=4).store
     assert tar_store.sample_ids.tolist() == [f"s{i:03d}" for i in range(5)]
     np.testing.assert_allclose(tar_store.image_embeddings, np.asarray(f32.image_embeddings)[:5], rtol=1e-5, atol=1e-6)
