@@ -95,6 +95,8 @@ class DataSchema:
     shuffle_buffer: int = MISSING
     batch_size: int = MISSING
     num_workers: int = MISSING
+    feature_cache: bool = MISSING
+    feature_cache_dir: str | None = MISSING
 
 
 @dataclass

@@ -99,6 +99,9 @@ class ShapesWorldDataModule(L.LightningDataModule):
     def concepts(self):
         return self.spec.concepts
 
+    def sample_ids(self, split: str) -> list[str]:
+        return list(self.datasets[split].split.ids)
+
     @property
     def class_names(self) -> list[str]:
         return list(self.spec.classes)
@@ -107,7 +110,7 @@ class ShapesWorldDataModule(L.LightningDataModule):
         dataset, collate = self.datasets[split], None
         cache = self.feature_caches.get(split)
         if cache is not None:
-            dataset, collate = CachedFeatureDataset(dataset, cache, dataset.split.ids), collate_cached
+            dataset, collate = CachedFeatureDataset(dataset, cache, self.sample_ids(split)), collate_cached
         return DataLoader(
             dataset,
             batch_size=self.batch_size,

@@ -42,6 +42,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
 
 from cefam_lightning.embedding_store import EmbeddingStore
+from cefam_lightning.feature_cache import CachedFeatureDataset, PooledFeatureCache, collate_cached
 from cefam_lightning.image_sources import (
     ImageRecord,
     ImageSource,
@@ -141,6 +142,12 @@ class ImageDataset(Dataset):
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         return _item(self.records[i], self.transform, self.store, int(self.rows[i]))
+
+    def item_without_image(self, i: int) -> dict[str, Any]:
+        """Item ``i`` without decoding its image (what a feature cache serves)."""
+        record = self.records[i]
+        label = -1 if record.label is None else int(record.label)
+        return {"label": label, "id": record.id, "embedding": self.store.embedding(int(self.rows[i]))}
 
 
 # ---------------------------------------------------------------------------------------------------- streaming
@@ -351,6 +358,9 @@ class ImageDataModule(L.LightningDataModule):
         shuffle_buffer: samples held by the shuffle buffer of streamed training data (0: shard order only).
         seed: seed of the training data order (map-style sampler, shard order, shuffle buffer).
         class_names: the class list; ``None``: the training source's (folder names, manifest labels).
+        feature_caches: ``{split: PooledFeatureCache}`` for train/val (see :mod:`cefam_lightning.feature_cache`):
+            map-style sources then serve a cached sample's pooled activations instead of its image; streamed ones
+            still decode images, but the module skips the classifier for cached samples.
     """
 
     def __init__(
@@ -366,8 +376,10 @@ class ImageDataModule(L.LightningDataModule):
         shuffle_buffer: int = 1000,
         seed: int = 0,
         class_names: Sequence[str] | None = None,
+        feature_caches: dict[str, PooledFeatureCache] | None = None,
     ):
         super().__init__()
+        self.feature_caches = dict(feature_caches or {})
         if batch_size < 1 or num_workers < 0 or shuffle_buffer < 0:
             raise ValueError(
                 f"need batch_size >= 1, num_workers >= 0, shuffle_buffer >= 0; got {batch_size}, {num_workers}, "
@@ -460,6 +472,12 @@ class ImageDataModule(L.LightningDataModule):
             raise RuntimeError("ImageDataModule.setup() has not run yet")
         return self.store.concepts
 
+    def sample_ids(self, split: str) -> list[str]:
+        """The ids of ``split``'s images (after leaving out the skipped ones), in source order."""
+        if split in self.datasets:
+            return [r.id for r in self.datasets[split].records]
+        return [k for keys in self.plans[split][0].keys for k in keys]
+
     def num_samples(self, split: str) -> int:
         """Images of ``split`` after leaving out the skipped ones (all ranks together)."""
         if split in self.datasets:
@@ -470,6 +488,7 @@ class ImageDataModule(L.LightningDataModule):
     def _loader(self, split: str, train: bool) -> DataLoader:
         if self.store is None:
             self.setup()
+        cache = self.feature_caches.get(split) if split in ("train", "val") else None
         if split == "test" and "test" not in self.sources:
             if rank_zero_only.rank == 0:
                 log.info("no test data given: testing on the validation data")
@@ -482,9 +501,13 @@ class ImageDataModule(L.LightningDataModule):
             drop_last = train and per_rank % self.batch_size == 1
             if drop_last:
                 self._log_single(split, rank)
+            dataset, collate = self.datasets[split], None
+            if cache is not None:
+                dataset, collate = CachedFeatureDataset(dataset, cache, self.sample_ids(split)), collate_cached
             return DataLoader(
-                self.datasets[split],
+                dataset,
                 batch_size=self.batch_size,
+                collate_fn=collate,
                 shuffle=train,
                 drop_last=drop_last,
                 generator=generator,

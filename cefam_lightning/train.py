@@ -26,7 +26,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from callbacks import ConceptScoreFigures
+from callbacks import CachePooledFeatures, ConceptScoreFigures
 from cefam_lightning.cefam_module import CEFAMModule
 from cefam_lightning.classifier import build_classifier
 from cefam_lightning.classifier_fit import FitSettings, fit_shapes_classifier
@@ -34,6 +34,7 @@ from cefam_lightning.components import ConceptScorer, Translator
 from cefam_lightning.config import ConfigError, load_config, to_dict, world_spec
 from cefam_lightning.datamodule import ShapesWorldDataModule
 from cefam_lightning.evaluate import evaluate_on_world, write_results
+from cefam_lightning.feature_cache import PooledFeatureCache, pooled_identity
 from cefam_lightning.image_datamodule import ImageDataModule
 from cefam_lightning.image_sources import open_source
 from cefam_lightning.io_utils import atomic_write_json
@@ -121,6 +122,9 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         enable_version_counter=False,
     )
     callbacks: list[L.Callback] = [ckpt, LearningRateMonitor(logging_interval="epoch")]
+    if cfg.data.feature_cache:
+        dm.feature_caches = _feature_caches(cfg, dm, classifier, images)
+        callbacks.append(CachePooledFeatures(dm.feature_caches))
     figures = None
     if not images:  # the figures mark the concepts present in the world's ground truth
         figures = ConceptScoreFigures(
@@ -218,6 +222,19 @@ def _shapes_data_and_classifier(cfg: DictConfig, quick: bool) -> tuple[ShapesWor
         image_size=spec.image_size,
     )
     return dm, classifier, weights, classifier_metrics
+
+
+def _feature_caches(cfg: DictConfig, dm: Any, classifier: Any, images: bool) -> dict[str, PooledFeatureCache]:
+    """Pooled-activation caches of the train and val splits, keyed by all that the activations depend on."""
+    root = cfg.data.feature_cache_dir or Path(cfg.cache_dir).expanduser() / "features"
+    dim = sum(c for c, _, _ in classifier.layer_shapes().values())
+    caches = {}
+    for split in ("train", "val"):
+        # What the pixels reaching the classifier depend on, besides the classifier's own input spec.
+        data = {"source": str(cfg.data[split])} if images else {"shapes_world": world_spec(cfg).cache_key()}
+        identity = pooled_identity(classifier, {**data, "split": split})
+        caches[split] = PooledFeatureCache(root, dm.sample_ids(split), dim, identity)
+    return caches
 
 
 def _check_random_init(ccfg: DictConfig, why: str) -> None:

@@ -131,3 +131,20 @@ def test_flip_augmentation_and_a_cache_do_not_mix(tiny_spec, cache_dir, tmp_path
     cache = PooledFeatureCache(tmp_path, ["a"], 2, {})
     with pytest.raises(ValueError, match="flip"):
         ShapesWorldDataModule(tiny_spec, cache_dir, flip=True, feature_caches={"train": cache})
+
+
+def test_module_reads_a_streamed_batch_from_the_cache(tiny_world, tiny_classifier_weights, tmp_path):
+    module = _module(tiny_world, tiny_classifier_weights)
+    counter = _CountImages(module)
+    split = tiny_world.split("train")
+    ids = split.ids[:4]
+    cache = PooledFeatureCache(tmp_path, ids, module.translator.in_dim, {}).open_or_create()
+    module.feature_caches = {"train": cache}
+    images = torch.from_numpy(np.array(split.images[:4])).permute(0, 3, 1, 2).float() / 255
+    batch = {"image": images, "id": ids, "embedding": torch.zeros(4, 2)}
+    logits, z = module.batch_pooled(batch, "train")  # first pass: computed and written
+    assert counter.images == 4 and logits is not None and cache.num_filled == 4
+    logits_again, z_again = module.batch_pooled(batch, "train")  # now from the cache alone
+    assert counter.images == 4 and logits_again is None
+    torch.testing.assert_close(z_again, z, rtol=0, atol=0)
+    assert module.batch_pooled(batch, "test")[0] is not None  # no cache for testing: the classifier runs

@@ -13,6 +13,7 @@ import torch
 
 from cefam_lightning.concepts import make_concepts
 from cefam_lightning.embedding_store import EmbeddingStore, VLMInfo
+from cefam_lightning.feature_cache import PooledFeatureCache
 from cefam_lightning.image_datamodule import EmbeddingJoinError, ImageDataModule, _LazyStore, _SampleToItem
 from cefam_lightning.image_sources import ImageSourceError, iter_shard_samples, open_image, open_source
 from cefam_lightning.transforms import InputSpec, image_transform
@@ -370,3 +371,22 @@ def test_data_pipeline_benchmark_runs_and_prints_the_ratio():
     assert "wrote 12 JPEGs" in proc.stdout and "streaming loader, pass 1, 1 workers" in proc.stdout
     ratio = float(proc.stdout.split("ratio loader / training step: ")[1].split("x")[0])
     assert ratio > 0
+
+
+@pytest.mark.parametrize("kind", ["manifest", "shards"])
+def test_image_data_serve_cached_features(data, kind, tmp_path):
+    ids = make_dm(data[kind], store=data["store"]).sample_ids("train")
+    cache = PooledFeatureCache(tmp_path, ids, 5, {"kind": kind}).open_or_create()
+    z = torch.randn(len(ids), 5)
+    cache.write(cache.rows(ids[:-1]), z[:-1])  # every sample but the last
+    dm = make_dm(data[kind], store=data["store"], feature_caches={"train": cache})
+    batches = list(dm.train_dataloader())
+    assert sorted(i for b in batches for i in b["id"]) == sorted(ids)
+    if kind == "manifest":  # map-style: cached samples come without their image
+        for b in batches:
+            cached = [b["id"][i] for i in b["pooled_index"].tolist()]
+            torch.testing.assert_close(b["pooled"], z[cache.rows(cached)])
+            with_image = [b["id"][i] for i in b["image_index"].tolist()] if "image" in b else []
+            assert ids[-1] not in cached and set(with_image) <= {ids[-1]}
+    else:  # streamed: images always come; the module skips the classifier (next test)
+        assert all("image" in b and "pooled" not in b for b in batches)
