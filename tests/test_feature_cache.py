@@ -148,3 +148,15 @@ def test_module_reads_a_streamed_batch_from_the_cache(tiny_world, tiny_classifie
     assert counter.images == 4 and logits_again is None
     torch.testing.assert_close(z_again, z, rtol=0, atol=0)
     assert module.batch_pooled(batch, "test")[0] is not None  # no cache for testing: the classifier runs
+
+
+def test_feature_cache_benchmark_runs_and_prints_the_ratio():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    args = [sys.executable, "benchmarks/feature_cache.py", "--images", "6", "--batch", "3", "--epochs", "2"]
+    proc = subprocess.run(args, cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert float(proc.stdout.split("speed-up:")[1].split("x")[0]) > 1  # the cached epoch is the faster one
