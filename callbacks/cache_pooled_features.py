@@ -26,6 +26,8 @@ class CachePooledFeatures(L.Callback):
         self.caches = caches
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage not in ("fit", "validate"):  # testing and predicting need the classifier's logits
+            return
         for split, cache in self.caches.items():
             cache.open_or_create(barrier=trainer.strategy.barrier, creator=trainer.local_rank == 0)
             rank_zero_info(
