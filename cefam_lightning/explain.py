@@ -53,6 +53,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from cefam_lightning import devices
 from cefam_lightning.cefam_module import CEFAMModule
 from cefam_lightning.components import ConceptScorer
 from cefam_lightning.concepts import ConceptFileError, read_concept_file
@@ -117,18 +118,8 @@ def input_size(module: CEFAMModule) -> int:
 
 
 def select_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, or a device."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise ExplainError(f"unknown device {device!r}; choose auto, cpu or cuda") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ExplainError(f"device {device!r} requested, but CUDA is not available here (use --device cpu)")
-    return dev
+    """``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or a device; a bad one is a :class:`ExplainError`."""
+    return devices.select_device(device, ExplainError)
 
 
 # ---------------------------------------------------------------------- concepts

@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from cefam_lightning import devices
 from cefam_lightning.embedding_store import VLM_KINDS, VLMInfo
 
 log = logging.getLogger("cefam_lightning")
@@ -150,18 +151,8 @@ def hub_offline(enabled: bool = True) -> Iterator[None]:
 
 
 def select_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"``, ``"cuda:1"``, or a device."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise VLMError(f"unknown device {device!r}; choose auto, cpu or cuda") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise VLMError(f"device {device!r} requested, but CUDA is not available here (use --device cpu)")
-    return dev
+    """``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or a device; a bad one is a :class:`VLMError`."""
+    return devices.select_device(device, VLMError)
 
 
 class OpenCLIPVLM:
