@@ -98,8 +98,9 @@ def test_evaluation_on_the_tiny_world_is_complete_and_independent_of_batching(ti
             counted = sum(v for k, v in values.items() if k.startswith("count/")) + values["skipped_empty"]
             assert counted == presence.sum(), (method, setting)  # every present (image, concept) pair, once
             for key, value in values.items():
-                # float32 convolutions round differently in other batch sizes, hence the tolerance.
-                assert value == pytest.approx(b["regions"][method][setting][key], abs=1e-5), key
+                # float32 convolutions round differently in other batch sizes, which can reorder near-tied pixels
+                # of a map: hence the tolerance (1e-5 was seen to be exceeded by 4e-8 on torch 2.14).
+                assert value == pytest.approx(b["regions"][method][setting][key], abs=1e-4), key
     assert a["regions"]["random"]["top1"]["nra/mean"] < 0.3
     assert set(a["contribution"]) == {*layers, "top1"}
     for setting, values in a["contribution"].items():
