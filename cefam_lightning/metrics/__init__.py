@@ -3,3 +3,7 @@
 from cefam_lightning.metrics.region import RegionMetrics
 
 __all__ = ["RegionMetrics"]
+
+from cefam_lightning.metrics.faithfulness import Faithfulness  # noqa: E402 - appended export
+
+__all__ += ["Faithfulness"]
