@@ -5,3 +5,7 @@ from cefam_lightning.components.shapes_cnn import ShapesCNN
 from cefam_lightning.components.translator import Translator, default_hidden_dims
 
 __all__ = ["ConceptScorer", "ShapesCNN", "Translator", "default_hidden_dims"]
+
+from cefam_lightning.components.siam_head import AttributeMaps, SIAMHead, attribute_presence, zero_border
+
+__all__ += ["AttributeMaps", "SIAMHead", "attribute_presence", "zero_border"]
