@@ -7,6 +7,8 @@ of the VLM's own (precomputed) embedding. ``lambda = 0`` is the concept-free set
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +25,27 @@ from torchmetrics.classification import MulticlassAccuracy, MultilabelAUROC
 from cefam_lightning.classifier import FrozenClassifier, build_classifier
 from cefam_lightning.components import ConceptScorer, Translator
 from cefam_lightning.concept_regions import concept_regions, pool_activations, score_jacobian, upsample_regions
-from cefam_lightning.feature_cache import IMAGE_INDEX, POOLED_INDEX, POOLED_KEY, PooledFeatureCache
+from cefam_lightning.feature_cache import IMAGE_INDEX, POOLED_INDEX, POOLED_KEY, PooledFeatureCache, state_dict_digest
 
 STAGES = ("train", "val", "test")
+IDENTITY_KEY = "cefam_identity"
+
+
+class CheckpointMismatchError(ValueError):
+    """A checkpoint does not fit the classifier, layers, VLM or concept set it is loaded with."""
+
+
+def identity_differences(
+    saved: dict[str, Any], current: dict[str, Any], parts: Sequence[str] | None = None
+) -> list[str]:
+    """Human-readable differences between two :meth:`CEFAMModule.identity` dicts (``parts``: compare only these)."""
+    out = []
+    for part in parts or sorted(set(saved) | set(current)):
+        a, b = saved.get(part) or {}, current.get(part) or {}
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                out.append(f"{part}.{key}: checkpoint {a.get(key)!r}, this run {b.get(key)!r}")
+    return out
 
 
 @dataclass
@@ -53,6 +73,8 @@ class CEFAMModule(L.LightningModule):
             "warmup_factor"}``.
         auroc_thresholds: ``None`` for exact concept-presence AUROC, or a bin count for constant memory.
         config: the run's resolved configuration, kept in the checkpoint.
+        vlm: the VLM's identity (``name``, ``pretrained``, ...: an embedding store's ``VLMInfo`` as a dict),
+            recorded in checkpoints so that resuming or fine-tuning in another VLM's space is an error.
     """
 
     def __init__(
@@ -68,6 +90,7 @@ class CEFAMModule(L.LightningModule):
         scheduler: dict[str, Any] | None = None,
         auroc_thresholds: int | None = None,
         config: dict[str, Any] | None = None,
+        vlm: dict[str, Any] | None = None,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["classifier", "translator", "scorer"])
@@ -111,6 +134,52 @@ class CEFAMModule(L.LightningModule):
         # {"train": cache, "val": cache}: pooled activations kept across epochs (set by the CachePooledFeatures
         # callback; not part of the checkpoint).
         self.feature_caches: dict[str, PooledFeatureCache] = {}
+        self._classifier_digest: str | None = None  # the frozen classifier's never changes: hashed once
+
+    # ------------------------------------------------------------------ identity
+    def identity(self) -> dict[str, Any]:
+        """What a checkpoint of this module must agree with to be resumed: the classifier (name, layers, a digest
+        of its frozen weights), the VLM (name, pretrained tag, scoring, embedding size) and the concept set (names,
+        types and a digest of their text embeddings)."""
+        if self._classifier_digest is None:
+            self._classifier_digest = state_dict_digest(self.classifier)
+        arch = self.hparams["arch"]
+        text = self.scorer.text.detach().float().cpu().contiguous()
+        h = hashlib.sha256(json.dumps([list(self.hparams.concept_names), list(self.hparams.concept_types)]).encode())
+        h.update(text.numpy().tobytes())
+        vlm = dict(self.hparams.get("vlm") or {})
+        return {
+            "classifier": {
+                "name": arch["classifier"].get("name"),
+                "layers": list(self.classifier.layers),
+                "weights_digest": self._classifier_digest,
+            },
+            "vlm": {
+                "name": vlm.get("name"),
+                "pretrained": vlm.get("pretrained"),
+                "kind": self.scorer.kind,
+                "embed_dim": int(self.scorer.text.shape[1]),
+            },
+            "concepts": {"count": self.scorer.num_concepts, "digest": h.hexdigest()[:32]},
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[IDENTITY_KEY] = self.identity()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resuming (``trainer.fit(ckpt_path=...)``) with another classifier, layers, VLM or concept set would load
+        weights trained for something else (or fail deep in ``load_state_dict``): say what differs instead."""
+        saved = checkpoint.get(IDENTITY_KEY)
+        if saved is None:  # written before identities were recorded
+            return
+        differences = identity_differences(saved, self.identity())
+        if differences:
+            raise CheckpointMismatchError(
+                "The checkpoint was trained with another setup than this run's: "
+                + "; ".join(differences)
+                + ". Resume with the checkpoint's own classifier, layers, VLM and concepts, or start a new run "
+                "from it with model.init_from (fine-tuning)."
+            )
 
     # ------------------------------------------------------------------ forward
     def pooled(self, images: Tensor) -> tuple[Tensor, Tensor]:
@@ -304,3 +373,68 @@ class CEFAMModule(L.LightningModule):
         module = cls(classifier, translator, scorer, **kwargs)
         module.load_state_dict(ckpt["state_dict"])
         return module.eval()
+
+
+@dataclass
+class InitReport:
+    """What :func:`init_translator_from` took from a checkpoint."""
+
+    path: str
+    loaded: list[str]
+    reinitialized: list[str]  # translator tensors whose shape differs (a new classifier or new layers)
+
+    def summary(self) -> str:
+        text = f"translator initialized from {self.path}: {len(self.loaded)} tensor(s) loaded"
+        if self.reinitialized:
+            text += f", {len(self.reinitialized)} trained anew (their shape changed): {', '.join(self.reinitialized)}"
+        return text
+
+
+def init_translator_from(module: CEFAMModule, path: str | Path) -> InitReport:
+    """Fine-tuning: start ``module``'s translator from a trained CE-FAM checkpoint's.
+
+    The translator maps pooled activations into the VLM's embedding space, whatever the concepts: a new concept
+    vocabulary (zero-shot, text embeddings only) keeps every tensor, and a new domain with the same classifier too.
+    A new classifier or new layers change the input width, so the tensors whose shape differs (the input
+    standardization and the first linear layer) start fresh and the rest is loaded. The VLM must be the same:
+    another VLM's space would make the loaded weights meaningless.
+
+    Raises:
+        FileNotFoundError: no such file. CheckpointMismatchError: another VLM (name, tag or embedding size).
+        ValueError: not a CE-FAM checkpoint.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"model.init_from: checkpoint not found: {path}")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
+    if "translator" not in (hp.get("arch") or {}) or "state_dict" not in ckpt:
+        raise ValueError(f"model.init_from: {path} is not a CE-FAM checkpoint (no CE-FAM translator in it)")
+    saved = ckpt.get(IDENTITY_KEY) or {
+        "vlm": {"embed_dim": hp["arch"]["scorer"]["embed_dim"], "name": (hp.get("vlm") or {}).get("name")}
+    }
+    current = module.identity()
+    saved_vlm = saved.get("vlm", {})
+    keys = [k for k in ("name", "pretrained", "embed_dim") if k in saved_vlm]
+    differences = identity_differences(
+        {"vlm": {k: saved_vlm[k] for k in keys}}, {"vlm": {k: current["vlm"][k] for k in keys}}
+    )
+    if differences:
+        raise CheckpointMismatchError(
+            f"model.init_from: {path} maps into another VLM's embedding space than this run's: "
+            + "; ".join(differences)
+        )
+    own = module.translator.state_dict()
+    prefix = "translator."
+    loaded, fresh, state = [], [], {}
+    for name, tensor in ckpt["state_dict"].items():
+        if not name.startswith(prefix) or name[len(prefix) :] not in own:
+            continue
+        key = name[len(prefix) :]
+        if own[key].shape == tensor.shape:
+            state[key] = tensor
+            loaded.append(key)
+        else:
+            fresh.append(key)
+    module.translator.load_state_dict(state, strict=False)
+    return InitReport(str(path), loaded, fresh)

@@ -52,6 +52,7 @@ class ModelSchema:
     input_norm: bool = MISSING
     lambda_sim: float = MISSING
     auroc_thresholds: int | None = MISSING
+    init_from: str | None = MISSING
 
 
 @dataclass
@@ -135,11 +136,89 @@ class EvaluationSchema:
 
 
 @dataclass
+class WandbSchema:
+    project: str = MISSING
+    entity: str | None = MISSING
+    name: str | None = MISSING
+    tags: list[str] = MISSING
+    group: str | None = MISSING
+    mode: str = MISSING
+    log_model: Any = MISSING  # true, false or "all"
+
+
+@dataclass
+class LoggerSchema:
+    kinds: list[str] = MISSING
+    wandb: WandbSchema = field(default_factory=WandbSchema)
+
+
+@dataclass
+class RegionMapsCallbackSchema:
+    enabled: bool = MISSING
+    every_n_epochs: int = MISSING
+    num_images: int = MISSING
+    top_k: int = MISSING
+
+
+@dataclass
+class ContributionsCallbackSchema:
+    enabled: bool = MISSING
+    every_n_epochs: int = MISSING
+    num_images: int = MISSING
+    top_n: int = MISSING
+    top: int = MISSING
+
+
+@dataclass
+class RegionMetricsCallbackSchema:
+    enabled: bool = MISSING
+    every_n_epochs: int = MISSING
+    max_images: int | None = MISSING
+
+
+@dataclass
+class CallbacksSchema:
+    region_maps: RegionMapsCallbackSchema = field(default_factory=RegionMapsCallbackSchema)
+    contributions: ContributionsCallbackSchema = field(default_factory=ContributionsCallbackSchema)
+    region_metrics: RegionMetricsCallbackSchema = field(default_factory=RegionMetricsCallbackSchema)
+
+
+@dataclass
+class LCAMSchema:
+    layer: str | None = MISSING
+    label_source: str = MISSING
+    bias_lr_factor: float = MISSING
+    ce_weight: float = MISSING
+    area_weight: float = MISSING
+    tv_weight: float = MISSING
+    area_eps: float = MISSING
+    area_power: float = MISSING
+    tv_border: float = MISSING
+
+
+@dataclass
+class SIAMSchema:
+    layer: str = MISSING
+    border: int | None = MISSING
+    grid: int | None = MISSING
+    n_templates: int = MISSING
+    template_init: float = MISSING
+    w_attr: float = MISSING
+    w_tmpl: float = MISSING
+    presence_tanh: bool = MISSING
+
+
+METHODS = ("cefam", "lcam_fm", "lcam_img", "siam")
+
+
+@dataclass
 class Config:
+    method: str = MISSING
     run_name: str | None = MISSING
     output_dir: str = MISSING
     cache_dir: str = MISSING
     seed: int = MISSING
+    ckpt_path: str | None = MISSING
     world: WorldSpec = field(default_factory=WorldSpec)
     classifier: ClassifierSchema = field(default_factory=ClassifierSchema)
     model: ModelSchema = field(default_factory=ModelSchema)
@@ -150,6 +229,10 @@ class Config:
     trainer: TrainerSchema = field(default_factory=TrainerSchema)
     demo: DemoSchema = field(default_factory=DemoSchema)
     evaluation: EvaluationSchema = field(default_factory=EvaluationSchema)
+    logger: LoggerSchema = field(default_factory=LoggerSchema)
+    callbacks: CallbacksSchema = field(default_factory=CallbacksSchema)
+    lcam: LCAMSchema = field(default_factory=LCAMSchema)
+    siam: SIAMSchema = field(default_factory=SIAMSchema)
 
 
 def _merge(base: DictConfig, other: DictConfig, source: str) -> DictConfig:
@@ -201,6 +284,11 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] | No
     world = world_spec(cfg)  # validates the world's values
     del world
     check_data(cfg)
+    if cfg.method not in METHODS:
+        raise ConfigError(f"method must be one of {', '.join(METHODS)}, got {cfg.method!r}")
+    from cefam_lightning.loggers import check_logger_config  # loggers imports this module
+
+    check_logger_config(to_dict(cfg.logger))
     OmegaConf.set_readonly(cfg, True)
     return cfg
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from cefam_lightning.embedding_store import EmbeddingStore
 from cefam_lightning.feature_cache import CachedFeatureDataset, PooledFeatureCache, collate_cached
@@ -60,6 +60,8 @@ class ShapesWorldDataModule(L.LightningDataModule):
             classifier).
         feature_caches: ``{split: PooledFeatureCache}`` for the train/val splits whose pooled activations are
             cached (see :mod:`cefam_lightning.feature_cache`); not with ``flip``.
+        seed: of the training order, which depends only on it and the epoch, so that a run resumed from a
+            checkpoint sees the same batches as an uninterrupted one.
     """
 
     def __init__(
@@ -71,6 +73,7 @@ class ShapesWorldDataModule(L.LightningDataModule):
         with_embeddings: bool = True,
         flip: bool = False,
         feature_caches: dict[str, PooledFeatureCache] | None = None,
+        seed: int = 0,
     ):
         super().__init__()
         if flip and feature_caches:
@@ -78,7 +81,7 @@ class ShapesWorldDataModule(L.LightningDataModule):
         self.feature_caches = dict(feature_caches or {})
         self.spec, self.cache_dir = spec, cache_dir
         self.batch_size, self.num_workers = batch_size, num_workers
-        self.with_embeddings, self.flip = with_embeddings, flip
+        self.with_embeddings, self.flip, self.seed = with_embeddings, flip, seed
         self.world: ShapesWorld | None = None
         self.datasets: dict[str, ShapesWorldDataset] = {}
 
@@ -111,10 +114,17 @@ class ShapesWorldDataModule(L.LightningDataModule):
         cache = self.feature_caches.get(split)
         if cache is not None:
             dataset, collate = CachedFeatureDataset(dataset, cache, self.sample_ids(split)), collate_cached
+        sampler = None
+        if shuffle and (self.trainer is None or self.trainer.world_size == 1):
+            # A DataLoader's own shuffle draws from the global RNG, whose state a checkpoint does not keep, so a
+            # resumed run would see other batches. This sampler's order is a function of (seed, epoch), and
+            # Lightning sets the epoch; under DDP Lightning puts in a DistributedSampler, seeded the same way.
+            sampler, shuffle = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=self.seed), False
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             collate_fn=collate,

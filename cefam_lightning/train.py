@@ -15,6 +15,8 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Sequence
+from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -22,12 +24,17 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
-from callbacks import CachePooledFeatures, ConceptScoreFigures
-from cefam_lightning.cefam_module import CEFAMModule
+from callbacks import (
+    CachePooledFeatures,
+    ConceptRegionMaps,
+    ConceptScoreFigures,
+    ContributionLogger,
+    RegionMetricsCallback,
+)
+from cefam_lightning.cefam_module import CEFAMModule, init_translator_from
 from cefam_lightning.classifier import build_classifier
 from cefam_lightning.classifier_fit import FitSettings, fit_shapes_classifier
 from cefam_lightning.components import ConceptScorer, Translator
@@ -37,7 +44,12 @@ from cefam_lightning.evaluate import evaluate_on_world, write_results
 from cefam_lightning.feature_cache import PooledFeatureCache, pooled_identity
 from cefam_lightning.image_datamodule import ImageDataModule
 from cefam_lightning.image_sources import open_source
-from cefam_lightning.io_utils import atomic_write_json
+from cefam_lightning.io_utils import atomic_write_bytes, atomic_write_json
+from cefam_lightning.lcam_evaluation import evaluate_lcam_on_world, format_lcam_table
+from cefam_lightning.lcam_module import build_lcam_module
+from cefam_lightning.loggers import build_loggers, code_version, finish_loggers, run_links
+from cefam_lightning.siam_evaluation import evaluate_siam_on_world, format_siam_table
+from cefam_lightning.siam_module import build_siam_module
 from cefam_lightning.transforms import InputSpec
 
 log = logging.getLogger("cefam_lightning")
@@ -70,9 +82,14 @@ def _stage(msg: str) -> None:
     print(f"[cefam] {msg}", flush=True)
 
 
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Run training and testing for a loaded config; returns what was written to ``metrics.json``."""
+def run(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str, Any]:
+    """Run training and testing for a loaded config; returns what was written to ``metrics.json``.
+
+    ``cfg.method`` picks the explainer trained on the frozen classifier: CE-FAM (the default), L-CAM-Fm,
+    L-CAM-Img or SIAM. ``extra_callbacks`` are added to the trainer's own (checkpointing, figures, ...).
+    """
     t0 = time.time()
+    method = cfg.method
     run_dir = make_run_dir(cfg)
     if rank_zero_only.rank == 0:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -81,6 +98,11 @@ def run(cfg: DictConfig) -> dict[str, Any]:
 
     ccfg = cfg.classifier
     images = cfg.data.source == "images"
+    if images and method == "siam":
+        raise ConfigError(
+            "method=siam trains on the shapes world (its concepts are the attributes); data.source=images has no "
+            "attribute labels"
+        )
     if images:
         dm, classifier, weights, class_names = _image_data_and_classifier(cfg)
         store, image_size, classifier_metrics = dm.store, dm.input_spec.crop, {}
@@ -91,26 +113,10 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     # Seeded here, after the classifier: fitting it (cold cache) or not (warm) must not change the branch's
     # initialization or data order.
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    shapes = classifier.layer_shapes(image_size)
-    in_dim = sum(c for c, _, _ in shapes.values())
-    hidden = list(cfg.model.hidden_dims) if cfg.model.hidden_dims is not None else None
-    translator = Translator(in_dim, store.embed_dim, hidden, cfg.model.activation, cfg.model.input_norm)
-    scorer = ConceptScorer(
-        torch.from_numpy(store.text_embeddings), store.vlm.kind, store.vlm.logit_scale, store.vlm.logit_bias
-    )
-    module = CEFAMModule(
-        classifier,
-        translator,
-        scorer,
-        concept_names=store.concept_names,
-        concept_types=[c.type for c in store.concepts],
-        class_names=class_names,
-        lambda_sim=cfg.model.lambda_sim,
-        optimizer=to_dict(cfg.optimizer),
-        scheduler=to_dict(cfg.scheduler),
-        auroc_thresholds=cfg.model.auroc_thresholds,
-        config=to_dict(cfg),
-    )
+    module, trainable = _build_module(cfg, classifier, store, class_names, image_size)
+    if method == "cefam" and cfg.model.init_from:
+        report = init_translator_from(module, cfg.model.init_from)
+        _stage(report.summary())
 
     ckpt = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
@@ -122,29 +128,33 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         enable_version_counter=False,
     )
     callbacks: list[L.Callback] = [ckpt, LearningRateMonitor(logging_interval="epoch")]
-    if cfg.data.feature_cache:
+    if cfg.data.feature_cache and method == "cefam":  # only CE-FAM's translator reads pooled activations alone
         dm.feature_caches = _feature_caches(cfg, dm, classifier, images)
         callbacks.append(CachePooledFeatures(dm.feature_caches))
     figures = None
-    if not images:  # the figures mark the concepts present in the world's ground truth
+    if not images and method == "cefam":  # the figures mark the concepts present in the world's ground truth
         figures = ConceptScoreFigures(
             run_dir / "figures", cfg.demo.num_figures, cfg.demo.top_k, dm.class_names, store.concept_names
         )
         callbacks.insert(1, figures)
+    if method == "cefam":
+        callbacks.extend(_training_callbacks(cfg, run_dir, masks=not images))
     es = cfg.early_stopping
     if es.enabled:
         callbacks.append(EarlyStopping(monitor=es.monitor, patience=es.patience, mode=es.mode))
+    callbacks.extend(extra_callbacks)
+    loggers = build_loggers(to_dict(cfg.logger), run_dir, config=to_dict(cfg))
     trainer = L.Trainer(
         default_root_dir=run_dir,
-        logger=CSVLogger(run_dir, name="logs", version=""),
+        logger=loggers or False,
         callbacks=callbacks,
         **to_dict(tcfg),  # every trainer.* key is a lightning.Trainer argument
     )
-    _stage(
-        f"training the CE-FAM branch ({sum(p.numel() for p in translator.parameters()):,} parameters, "
-        f"layers {list(ccfg.layers)}) -> {run_dir}"
-    )
-    trainer.fit(module, datamodule=dm)
+    _stage(f"training {METHOD_TITLES[method]} ({trainable:,} parameters, layers {list(ccfg.layers)}) -> {run_dir}")
+    ckpt_path = resume_path(cfg, run_dir)
+    if ckpt_path:
+        _stage(f"resuming from {ckpt_path}")
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     best = ckpt.best_model_path or None
     test = trainer.test(module, datamodule=dm, ckpt_path=best, verbose=False)[0]
 
@@ -152,37 +162,172 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     ecfg = cfg.evaluation
     if ecfg.enabled and not images and trainer.is_global_zero:
         # trainer.test loaded the best weights into the module; the world's test masks are the ground truth.
-        _stage("evaluating explanations on the test split (regions vs masks, baselines, contributions)")
-        evaluation = evaluate_on_world(
-            module,
-            dm.world,
-            "test",
-            k=ecfg.k,
-            fill=ecfg.fill,
-            batch_size=ecfg.batch_size,
-            max_images=ecfg.batch_size if quick else ecfg.max_images,
-            seed=ecfg.seed,
-        )
+        _stage("evaluating explanations on the test split against the world's masks")
+        evaluation, table = _evaluate(cfg, module, dm.world, max_images=ecfg.batch_size if quick else ecfg.max_images)
         evaluation["checkpoint"] = best
-        table = write_results(evaluation, run_dir / "evaluation")
 
     metrics = {
         "run_dir": str(run_dir),
+        "method": method,
         "classifier": {"name": ccfg.name, "weights": str(weights), **classifier_metrics},
         "test": {k: float(v) for k, v in test.items()},
         "best_checkpoint": best,
         "best_val_loss": float(ckpt.best_model_score) if ckpt.best_model_score is not None else None,
         "epochs_trained": trainer.current_epoch,
         "figures": [str(p) for p in figures.written] if figures is not None else [],
-        "evaluation": _evaluation_summary(evaluation),
+        "evaluation": _evaluation_summary(method, evaluation),
         "seconds": round(time.time() - t0, 1),
     }
     if trainer.is_global_zero:
         atomic_write_json(run_dir / "metrics.json", metrics)
+        atomic_write_json(run_dir / "run.json", _run_record(run_dir, loggers, callbacks, metrics))
         _summary(metrics, images)
         if table is not None:
             print(table + f"(full results: {run_dir / 'evaluation' / 'evaluation.json'})", flush=True)
+    finish_loggers(loggers)
     return metrics
+
+
+METHOD_TITLES = {"cefam": "the CE-FAM branch", "lcam_fm": "L-CAM-Fm", "lcam_img": "L-CAM-Img", "siam": "SIAM"}
+
+
+def _build_module(
+    cfg: DictConfig, classifier: Any, store: Any, class_names: list[str], image_size: int
+) -> tuple[L.LightningModule, int]:
+    """The LightningModule of ``cfg.method`` on the frozen classifier, and its number of trainable parameters."""
+    method = cfg.method
+    if method in ("lcam_fm", "lcam_img"):
+        lc = to_dict(cfg.lcam)
+        module = build_lcam_module(
+            classifier,
+            len(class_names),
+            class_names,
+            variant=method.removeprefix("lcam_"),
+            layer=lc.pop("layer"),
+            label_source=lc.pop("label_source"),
+            optimizer={**to_dict(cfg.optimizer), "bias_lr_factor": lc.pop("bias_lr_factor")},
+            scheduler=to_dict(cfg.scheduler),
+            loss=lc,  # the loss weights are what is left
+            config=to_dict(cfg),
+        )
+    elif method == "siam":
+        sc = to_dict(cfg.siam)
+        module = build_siam_module(
+            classifier,
+            len(class_names),
+            class_names,
+            store.concept_names,
+            [c.type for c in store.concepts],
+            **sc,
+            optimizer=to_dict(cfg.optimizer),
+            scheduler=to_dict(cfg.scheduler),
+            auroc_thresholds=cfg.model.auroc_thresholds,
+            config=to_dict(cfg),
+        )
+    else:
+        shapes = classifier.layer_shapes(image_size)
+        in_dim = sum(c for c, _, _ in shapes.values())
+        hidden = list(cfg.model.hidden_dims) if cfg.model.hidden_dims is not None else None
+        translator = Translator(in_dim, store.embed_dim, hidden, cfg.model.activation, cfg.model.input_norm)
+        scorer = ConceptScorer(
+            torch.from_numpy(store.text_embeddings), store.vlm.kind, store.vlm.logit_scale, store.vlm.logit_bias
+        )
+        module = CEFAMModule(
+            classifier,
+            translator,
+            scorer,
+            concept_names=store.concept_names,
+            concept_types=[c.type for c in store.concepts],
+            class_names=class_names,
+            lambda_sim=cfg.model.lambda_sim,
+            optimizer=to_dict(cfg.optimizer),
+            scheduler=to_dict(cfg.scheduler),
+            auroc_thresholds=cfg.model.auroc_thresholds,
+            config=to_dict(cfg),
+            vlm=asdict(store.vlm),
+        )
+    return module, sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+def _training_callbacks(cfg: DictConfig, run_dir: Path, masks: bool) -> list[L.Callback]:
+    """The ``callbacks`` section: region maps, contribution tables, and region metrics where the data have masks.
+
+    Their images and tables go to the run's W&B / TensorBoard loggers, else to files under the run folder.
+    """
+    c, k = cfg.callbacks, cfg.evaluation.k
+    out: list[L.Callback] = []
+    if c.region_maps.enabled:
+        rm = c.region_maps
+        out.append(ConceptRegionMaps(rm.every_n_epochs, rm.num_images, rm.top_k, out_dir=run_dir, k=k))
+    if c.contributions.enabled:
+        cc = c.contributions
+        out.append(
+            ContributionLogger(
+                cc.every_n_epochs, cc.num_images, cc.top_n, k=k, top=cc.top, fill=cfg.evaluation.fill, out_dir=run_dir
+            )
+        )
+    if c.region_metrics.enabled and masks:
+        out.append(RegionMetricsCallback(c.region_metrics.every_n_epochs, c.region_metrics.max_images, k=k))
+    return out
+
+
+def resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
+    """``cfg.ckpt_path`` as a file to resume from: ``"last"`` is this run's ``checkpoints/last.ckpt``.
+
+    Raises:
+        FileNotFoundError: the checkpoint does not exist (naming the path and the key).
+    """
+    if not cfg.ckpt_path:
+        return None
+    path = run_dir / "checkpoints" / "last.ckpt" if cfg.ckpt_path == "last" else Path(cfg.ckpt_path).expanduser()
+    if not path.is_file():
+        hint = f" (ckpt_path=last means {path}: resume a run by its run_name)" if cfg.ckpt_path == "last" else ""
+        raise FileNotFoundError(f"ckpt_path: no checkpoint at {path}{hint}")
+    return str(path)
+
+
+def _evaluate(cfg: DictConfig, module: Any, world: Any, max_images: int | None) -> tuple[dict[str, Any], str]:
+    """The method's evaluation on the world's test split, written to ``<run>/evaluation/``: results and table."""
+    ecfg, method = cfg.evaluation, cfg.method
+    folder = Path(module.trainer.default_root_dir) / "evaluation"
+    if method == "cefam":
+        results = evaluate_on_world(
+            module,
+            world,
+            "test",
+            k=ecfg.k,
+            fill=ecfg.fill,
+            batch_size=ecfg.batch_size,
+            max_images=max_images,
+            seed=ecfg.seed,
+        )
+        return results, write_results(results, folder)
+    if method == "siam":
+        results = evaluate_siam_on_world(module, world, "test", batch_size=ecfg.batch_size, max_images=max_images)
+        table = format_siam_table(results)
+    else:
+        results = evaluate_lcam_on_world(
+            module, world, "test", batch_size=ecfg.batch_size, max_images=max_images, seed=ecfg.seed
+        )
+        table = format_lcam_table(results)
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(folder / "evaluation.json", results)
+    atomic_write_bytes(folder / "evaluation.md", table.encode())
+    return results, table
+
+
+def _run_record(run_dir: Path, loggers: Sequence[Any], callbacks: Sequence[L.Callback], metrics: dict) -> dict:
+    """``run.json``: what the run folder holds and where its loggers keep the run (the W&B URL when online)."""
+    written = sorted({str(p) for cb in callbacks for p in getattr(cb, "written", [])})
+    return {
+        "method": metrics["method"],
+        "code_version": code_version(),
+        "config": str(run_dir / "config.yaml"),
+        "metrics": str(run_dir / "metrics.json"),
+        "checkpoints": {"best": metrics["best_checkpoint"], "last": str(run_dir / "checkpoints" / "last.ckpt")},
+        "loggers": run_links(loggers),
+        "images_and_tables": written,
+    }
 
 
 def _shapes_data_and_classifier(cfg: DictConfig, quick: bool) -> tuple[ShapesWorldDataModule, Any, Any, dict]:
@@ -190,7 +335,9 @@ def _shapes_data_and_classifier(cfg: DictConfig, quick: bool) -> tuple[ShapesWor
     classifier_metrics``."""
     tcfg = cfg.trainer
     spec = world_spec(cfg)
-    dm = ShapesWorldDataModule(spec, cfg.cache_dir, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers)
+    dm = ShapesWorldDataModule(
+        spec, cfg.cache_dir, batch_size=cfg.data.batch_size, num_workers=cfg.data.num_workers, seed=cfg.seed
+    )
     _stage(
         f"shapes world: {spec.n_train}/{spec.n_val}/{spec.n_test} images, {spec.num_concepts} concepts, "
         f"{len(spec.classes)} classes (cache: {Path(cfg.cache_dir).expanduser()})"
@@ -293,10 +440,13 @@ def _image_data_and_classifier(cfg: DictConfig) -> tuple[ImageDataModule, Any, A
     return dm, classifier, weights, class_names or [str(i) for i in range(num_classes)]
 
 
-def _evaluation_summary(results: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The headline numbers of an evaluation: top-1-layer NRA/hit rate/EPG per method, contribution accuracy."""
+def _evaluation_summary(method: str, results: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The headline numbers of an evaluation: for CE-FAM top-1-layer NRA/hit rate/EPG per method and the
+    contribution accuracy; for L-CAM and SIAM their evaluation's own numbers."""
     if results is None:
         return None
+    if method != "cefam":
+        return results
     regions = {
         method: {m: per["top1"][f"{m}/mean"] for m in ("nra", "hit_rate", "epg")}
         for method, per in results["regions"].items()
@@ -304,27 +454,41 @@ def _evaluation_summary(results: dict[str, Any] | None) -> dict[str, Any] | None
     return {"top1_layer": regions, "contribution": results["contribution"], "images": results["images"]}
 
 
+SUMMARY_LINES = {  # (label, test metric key) per method
+    "cefam": [
+        ("classifier accuracy", "test/classifier_acc"),
+        ("concept-presence AUROC", "test/concept_auroc"),
+        ("cosine(predicted, VLM) embed.", "test/cosine"),
+        ("test loss", "test/loss"),
+    ],
+    "lcam": [
+        ("accuracy on masked inputs", "test/masked_acc"),
+        ("mean attention (mask area)", "test/mask_area"),
+        ("test loss", "test/loss"),
+    ],
+    "siam": [
+        ("SIAM class accuracy", "test/acc"),
+        ("attribute-presence AUROC", "test/attr_auroc"),
+        ("test loss", "test/loss"),
+    ],
+}
+
+
 def _summary(m: dict[str, Any], images: bool = False) -> None:
-    t = m["test"]
-    folders = (
-        "config.yaml, metrics.json, checkpoints/, logs/"
-        if images
-        else "config.yaml, metrics.json, checkpoints/, figures/, logs/"
-    )
-    lines = [
-        "",
-        "=" * 72,
-        "CE-FAM on images: test data" if images else "CE-FAM on the shapes world: held-out test split",
-        f"  classifier accuracy            {t.get('test/classifier_acc', float('nan')):.4f}",
-        # Plain images have no ground-truth concept presence.
-        None if images else f"  concept-presence AUROC         {t.get('test/concept_auroc', float('nan')):.4f}",
-        f"  cosine(predicted, VLM) embed.  {t.get('test/cosine', float('nan')):.4f}",
-        f"  test loss                      {t.get('test/loss', float('nan')):.5f}",
+    t, method = m["test"], m["method"]
+    title = {"cefam": "CE-FAM", "lcam_fm": "L-CAM-Fm", "lcam_img": "L-CAM-Img", "siam": "SIAM"}[method]
+    where = "on images: test data" if images else "on the shapes world: held-out test split"
+    folders = "config.yaml, run.json, metrics.json, checkpoints/, logs/" + ("" if images else ", evaluation/")
+    rows = SUMMARY_LINES["lcam" if method.startswith("lcam") else method]
+    lines = ["", "=" * 72, f"{title} {where}"]
+    # Plain images have no ground-truth concept presence.
+    lines += [f"  {label:<30} {t[key]:.4f}" for label, key in rows if key in t and not (images and "auroc" in key)]
+    lines += [
         f"  epochs trained {m['epochs_trained']}, {m['seconds']:.0f} s",
         f"  run folder   {m['run_dir']}  ({folders})",
         "=" * 72,
     ]
-    print("\n".join(line for line in lines if line is not None), flush=True)
+    print("\n".join(lines), flush=True)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
