@@ -94,14 +94,17 @@ def concept_regions(
         h, w = a.shape[-2:]
         # dS/dA_k(i,j) = g_k/(HW) at every pixel; summing over the HW pixels and dividing by gamma = HW
         # leaves beta_k = g_k/(HW).
-        beta = jacobian[:, :, sl] / (h * w)
-        out[layer] = torch.einsum("bck,bkhw->bchw", beta, a).relu_()
+        beta = jacobian[:, :, sl].float() / (h * w)
+        # Under autocast (bf16-mixed, 16-mixed training) einsum would run in half precision: the maps stay float32.
+        with torch.autocast(device_type=a.device.type, enabled=False):
+            out[layer] = torch.einsum("bck,bkhw->bchw", beta, a).relu_()
     return out
 
 
 def upsample_regions(maps: Tensor, size: int | tuple[int, int]) -> Tensor:
-    """Bilinear upsampling of ``(B, C, h, w)`` maps to the image size."""
-    return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+    """Bilinear upsampling of ``(B, C, h, w)`` maps to the image size (in the maps' dtype, also under autocast)."""
+    with torch.autocast(device_type=maps.device.type, enabled=False):
+        return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
 
 
 def concept_regions_reference(
