@@ -163,8 +163,7 @@ def run(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str
     if ecfg.enabled and not images and trainer.is_global_zero:
         # trainer.test loaded the best weights into the module; the world's test masks are the ground truth.
         _stage("evaluating explanations on the test split against the world's masks")
-        evaluation, table = _evaluate(cfg, module, dm.world, max_images=ecfg.batch_size if quick else ecfg.max_images)
-        evaluation["checkpoint"] = best
+        evaluation, table = _evaluate(cfg, module, dm.world, ecfg.batch_size if quick else ecfg.max_images, best)
 
     metrics = {
         "run_dir": str(run_dir),
@@ -286,8 +285,11 @@ def resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
     return str(path)
 
 
-def _evaluate(cfg: DictConfig, module: Any, world: Any, max_images: int | None) -> tuple[dict[str, Any], str]:
-    """The method's evaluation on the world's test split, written to ``<run>/evaluation/``: results and table."""
+def _evaluate(
+    cfg: DictConfig, module: Any, world: Any, max_images: int | None, checkpoint: str | None
+) -> tuple[dict[str, Any], str]:
+    """The method's evaluation on the world's test split (of ``checkpoint``'s weights, which ``module`` holds),
+    written to ``<run>/evaluation/``: results and table."""
     ecfg, method = cfg.evaluation, cfg.method
     folder = Path(module.trainer.default_root_dir) / "evaluation"
     if method == "cefam":
@@ -301,6 +303,7 @@ def _evaluate(cfg: DictConfig, module: Any, world: Any, max_images: int | None) 
             max_images=max_images,
             seed=ecfg.seed,
         )
+        results["checkpoint"] = checkpoint
         return results, write_results(results, folder)
     if method == "siam":
         results = evaluate_siam_on_world(module, world, "test", batch_size=ecfg.batch_size, max_images=max_images)
@@ -310,6 +313,7 @@ def _evaluate(cfg: DictConfig, module: Any, world: Any, max_images: int | None) 
             module, world, "test", batch_size=ecfg.batch_size, max_images=max_images, seed=ecfg.seed
         )
         table = format_lcam_table(results)
+    results["checkpoint"] = checkpoint
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_json(folder / "evaluation.json", results)
     atomic_write_bytes(folder / "evaluation.md", table.encode())

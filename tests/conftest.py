@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import socket
+import sys
+
 import pytest
 
 from cefam_lightning.classifier_fit import FitSettings, fit_shapes_classifier
@@ -63,3 +66,31 @@ def tiny_run(cache_dir, tmp_path_factory) -> dict:
 def tiny_checkpoint(tiny_run) -> str:
     """Path of the tiny run's best CE-FAM checkpoint."""
     return tiny_run["best_checkpoint"]
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def wandb_sandbox(tmp_path, monkeypatch):
+    """No API key, no network (the W&B host is a closed local port), every wandb folder in tmp, cwd in tmp."""
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    for var in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_MODE", "NETRC", "WANDB_ENTITY", "WANDB_PROJECT"):
+        monkeypatch.delenv(var, raising=False)
+    folders = {"WANDB_DIR": "w", "WANDB_CACHE_DIR": "wc", "WANDB_CONFIG_DIR": "wcfg", "WANDB_DATA_DIR": "wd"}
+    for var, sub in folders.items():
+        (tmp_path / sub).mkdir()
+        monkeypatch.setenv(var, str(tmp_path / sub))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("WANDB_ERROR_REPORTING", "false")
+    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{closed_port()}")
+    monkeypatch.chdir(tmp_path)
+    yield tmp_path
+    wandb = sys.modules.get("wandb")  # None where a test hid it
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()

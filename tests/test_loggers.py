@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from cefam_lightning import loggers as lg
 from cefam_lightning.config import ConfigError
+from tests.conftest import closed_port
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = {"seed": 3, "model": {"lambda_sim": 0.001, "hidden_dims": [8, 4]}, "run_name": "t"}
@@ -27,32 +28,7 @@ VERSION = {"commit": "0123abc", "dirty": False, "package_version": "9.9"}
 LOGGER_NAME = "cefam_lightning.loggers"
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(autouse=True)
-def wandb_sandbox(tmp_path, monkeypatch):
-    """No API key, no network (the W&B host is a closed local port), every wandb folder in tmp, cwd in tmp."""
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("HOME", str(home))
-    for var in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_MODE", "NETRC", "WANDB_ENTITY", "WANDB_PROJECT"):
-        monkeypatch.delenv(var, raising=False)
-    folders = {"WANDB_DIR": "w", "WANDB_CACHE_DIR": "wc", "WANDB_CONFIG_DIR": "wcfg", "WANDB_DATA_DIR": "wd"}
-    for var, sub in folders.items():
-        (tmp_path / sub).mkdir()
-        monkeypatch.setenv(var, str(tmp_path / sub))
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("WANDB_ERROR_REPORTING", "false")
-    monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{_closed_port()}")
-    monkeypatch.chdir(tmp_path)
-    yield tmp_path
-    wandb = sys.modules.get("wandb")  # None where a test hid it
-    if wandb is not None and wandb.run is not None:
-        wandb.finish()
+pytestmark = pytest.mark.usefixtures("wandb_sandbox")  # conftest: no API key, no network, wandb in tmp
 
 
 def _offline_messages(caplog) -> list[str]:
@@ -182,7 +158,7 @@ def test_api_key_sources(wandb_sandbox, monkeypatch):
 def test_host_reachable_gives_up_quickly():
     t0 = time.monotonic()
     assert not lg.host_reachable("https://no-such-host.invalid", timeout=1.0)
-    assert not lg.host_reachable(f"http://127.0.0.1:{_closed_port()}", timeout=1.0)
+    assert not lg.host_reachable(f"http://127.0.0.1:{closed_port()}", timeout=1.0)
     assert time.monotonic() - t0 < 2.5
 
 
