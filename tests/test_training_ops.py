@@ -117,6 +117,13 @@ def test_fine_tuning_starts_from_a_trained_branch(two_epochs, cache_dir, capsys)
     for key, value in fresh.translator.state_dict().items():
         torch.testing.assert_close(value, trained[f"translator.{key}"])
 
+    # A new domain with a new classifier (other classes: the shapes CNN is fitted anew), same VLM and concepts:
+    # every translator tensor fits and is loaded.
+    classes = "world.classes=[red square,blue circle,yellow triangle]"
+    main(_overrides(cache_dir, out, "ft_domain", f"model.init_from={source}", classes, "trainer.max_epochs=1"))
+    said = capsys.readouterr().out
+    assert f"translator initialized from {source}: {len(trained)} tensor(s) loaded\n" in said
+
     # Another VLM's embedding space (here: the oracle's embedding size) is refused, naming what differs.
     with pytest.raises(CheckpointMismatchError, match="vlm.embed_dim: checkpoint 32, this run 24"):
         main(_overrides(cache_dir, out, "ft2", f"model.init_from={source}", "world.embed_dim=24"))
