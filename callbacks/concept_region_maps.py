@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import torch
+from torch import Tensor
 
 from callbacks.logging_utils import (
     check_positive,
@@ -124,33 +126,88 @@ class ConceptRegionMaps(L.Callback):
                     self._data = stack_items(fixed_validation_items(trainer, self.num_images))
                     self.sample_ids = self._data["id"]
                 images = self._data["image"].to(pl_module.device)
-                expl = explain_batch(pl_module, images, top_n=self.top_k, k=self.k)
+                panels = method_panels(pl_module, images, self.top_k, self.k)
         finally:
             pl_module.train(was_training)
-        arrays, captions = self._render(pl_module, expl)
+        arrays, captions = self._render(pl_module, panels)
         self.written.extend(log_images(trainer, self.key, arrays, captions, out_dir=self.out_dir) or [])
 
-    def _render(self, pl_module: L.LightningModule, expl) -> tuple[list[np.ndarray], list[str]]:
-        concept_names = list(pl_module.hparams["concept_names"])
+    def _render(self, pl_module: L.LightningModule, panels: MethodPanels) -> tuple[list[np.ndarray], list[str]]:
         class_names = list(pl_module.hparams["class_names"])
         masks = self._data["masks"]
-        concepts = expl.concepts.cpu()
-        regions = expl.regions.cpu().numpy()
-        scores = expl.scores.gather(1, expl.concepts).cpu()
-        layer_index, target, prob = expl.layer_index.cpu(), expl.target.cpu(), expl.class_prob.cpu()
         arrays, captions = [], []
         for i, sample_id in enumerate(self._data["id"]):
-            pred = class_names[int(target[i])]
-            heading = f"{sample_id}\npred: {pred} ({float(prob[i]):.2f})"
-            labels = self._data["label"]
-            if labels is not None and 0 <= int(labels[i]) < len(class_names) and int(labels[i]) != int(target[i]):
-                heading += f"\ntrue: {class_names[int(labels[i])]}"
-            names = [concept_names[int(c)] for c in concepts[i]]
-            layers = [expl.layers[int(li)] for li in layer_index[i]]
-            titles = [f"{n} S={float(s):.2f}\n{layer}" for n, s, layer in zip(names, scores[i], layers, strict=True)]
-            img_masks = masks[i][concepts[i]].numpy() if masks is not None else None
+            pred = class_names[int(panels.target[i])] if int(panels.target[i]) < len(class_names) else "?"
+            heading = f"{sample_id}\npred: {pred} ({float(panels.prob[i]):.2f})"
+            label = int(self._data["label"][i]) if self._data["label"] is not None else -1
+            if 0 <= label < len(class_names) and label != int(panels.target[i]):
+                heading += f"\ntrue: {class_names[label]}"
+            img_masks = None
+            if masks is not None and panels.concepts is not None:
+                img_masks = masks[i][panels.concepts[i]].numpy()
             image = self._data["image"][i].permute(1, 2, 0).numpy()
-            arrays.append(render_region_maps(image, regions[i], titles, img_masks, heading, self.panel_size))
-            parts = [f"{n} (S={float(s):.2f} at {layer})" for n, s, layer in zip(names, scores[i], layers, strict=True)]
-            captions.append("; ".join([f"{sample_id}: predicted {pred}", *parts]))
+            titles = panels.titles[i]
+            arrays.append(render_region_maps(image, panels.regions[i], titles, img_masks, heading, self.panel_size))
+            captions.append("; ".join([f"{sample_id}: predicted {pred}", *panels.captions[i]]))
         return arrays, captions
+
+
+@dataclass
+class MethodPanels:
+    """What one method shows for a batch: per image its panels' maps, titles, and the concepts whose masks to
+    outline (``None``: no concept masks apply, as for a class map)."""
+
+    regions: np.ndarray  # (B, N, H, W)
+    titles: list[list[str]]
+    captions: list[list[str]]  # per image, one text per panel
+    concepts: Tensor | None  # (B, N) concept indices, or None
+    target: Tensor  # (B,) explained (predicted) class
+    prob: Tensor  # (B,) its probability
+
+
+def method_panels(pl_module: L.LightningModule, images: Tensor, top_k: int, k: int = 20) -> MethodPanels:
+    """The maps each method explains with, on ``images``: CE-FAM the ``top_k`` concepts' regions at their top-1
+    layer; L-CAM the class map of the predicted class; SIAM the ``top_k`` attributes' maps by contribution."""
+    from cefam_lightning.lcam_module import LCAMModule
+    from cefam_lightning.siam_module import SIAMModule
+
+    b = images.shape[0]
+    if isinstance(pl_module, LCAMModule):
+        out = pl_module.classifier(images)
+        probs = out.logits.float().softmax(1)
+        target = probs.argmax(1)
+        maps = pl_module.class_maps(images, target)[:, None].cpu().numpy()
+        title = f"L-CAM-{pl_module.variant.capitalize()} class map\n{pl_module.layer}"
+        caption = [f"L-CAM-{pl_module.variant.capitalize()} class map (at {pl_module.layer})"]
+        return MethodPanels(maps, [[title]] * b, [caption] * b, None, target.cpu(), probs.max(1).values.cpu())
+    if isinstance(pl_module, SIAMModule):
+        ex = pl_module.explain(images)
+        n = min(top_k, ex["contributions"].shape[1])
+        top = ex["contributions"].topk(n, dim=1).indices
+        names = list(pl_module.hparams["attribute_names"])
+        contrib = ex["contributions"].gather(1, top).cpu()
+        regions = ex["maps"].gather(1, top[:, :, None, None].expand(-1, -1, *ex["maps"].shape[-2:]))
+        titles = [
+            [f"{names[int(a)]} c={float(c):.2f}\nattribute map" for a, c in zip(top[i].cpu(), contrib[i], strict=True)]
+            for i in range(b)
+        ]
+        captions = [
+            [f"{names[int(a)]} (contribution {float(c):.2f})" for a, c in zip(top[i].cpu(), contrib[i], strict=True)]
+            for i in range(b)
+        ]
+        probs = ex["logits"].float().softmax(1)
+        target = ex["target"]
+        prob = probs.gather(1, target[:, None])[:, 0]
+        return MethodPanels(regions.cpu().numpy(), titles, captions, top.cpu(), target.cpu(), prob.cpu())
+    expl = explain_batch(pl_module, images, top_n=top_k, k=k)
+    concept_names = list(pl_module.hparams["concept_names"])
+    concepts, scores = expl.concepts.cpu(), expl.scores.gather(1, expl.concepts).cpu()
+    titles, captions = [], []
+    for i in range(b):
+        names = [concept_names[int(c)] for c in concepts[i]]
+        layers = [expl.layers[int(li)] for li in expl.layer_index[i].cpu()]
+        shown = list(zip(names, scores[i].tolist(), layers, strict=True))
+        titles.append([f"{n} S={s:.2f}\n{layer}" for n, s, layer in shown])
+        captions.append([f"{n} (S={s:.2f} at {layer})" for n, s, layer in shown])
+    regions = expl.regions.cpu().numpy()
+    return MethodPanels(regions, titles, captions, concepts, expl.target.cpu(), expl.class_prob.cpu())

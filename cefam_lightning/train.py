@@ -137,8 +137,7 @@ def run(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str
             run_dir / "figures", cfg.demo.num_figures, cfg.demo.top_k, dm.class_names, store.concept_names
         )
         callbacks.insert(1, figures)
-    if method == "cefam":
-        callbacks.extend(_training_callbacks(cfg, run_dir, masks=not images))
+    callbacks.extend(_training_callbacks(cfg, run_dir, masks=not images))
     es = cfg.early_stopping
     if es.enabled:
         callbacks.append(EarlyStopping(monitor=es.monitor, patience=es.patience, mode=es.mode))
@@ -249,7 +248,8 @@ def _build_module(
 
 
 def _training_callbacks(cfg: DictConfig, run_dir: Path, masks: bool) -> list[L.Callback]:
-    """The ``callbacks`` section: region maps, contribution tables, and region metrics where the data have masks.
+    """The ``callbacks`` section: the method's maps (every method), and for CE-FAM contribution tables and region
+    metrics where the data have masks.
 
     Their images and tables go to the run's W&B / TensorBoard loggers, else to files under the run folder.
     """
@@ -258,6 +258,8 @@ def _training_callbacks(cfg: DictConfig, run_dir: Path, masks: bool) -> list[L.C
     if c.region_maps.enabled:
         rm = c.region_maps
         out.append(ConceptRegionMaps(rm.every_n_epochs, rm.num_images, rm.top_k, out_dir=run_dir, k=k))
+    if cfg.method != "cefam":  # the contribution and region-metric callbacks explain CE-FAM's concepts
+        return out
     if c.contributions.enabled:
         cc = c.contributions
         out.append(

@@ -15,6 +15,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from PIL import Image
 
 from cefam_lightning.cefam_module import CEFAMModule, CheckpointMismatchError, init_translator_from
 from cefam_lightning.datamodule import ShapesWorldDataModule
@@ -197,8 +198,15 @@ def test_train_py_trains_and_evaluates_every_method(method, cache_dir, tmp_path)
     from cefam_lightning.lcam_module import LCAMModule
     from cefam_lightning.siam_module import SIAMModule
 
-    metrics = main([*tiny_overrides(cache_dir, tmp_path, method), f"method={method}"])
+    cb = "callbacks.region_maps.every_n_epochs=1"
+    metrics = main([*tiny_overrides(cache_dir, tmp_path, method), f"method={method}", cb])
     run = tmp_path / method
+    # The region-map callback renders each method's own maps: L-CAM's class map, SIAM's top attributes' maps.
+    figures = sorted((run / "images" / "val" / "region_maps").glob("epoch_000_*.png"))
+    assert len(figures) == 4
+    caption = Image.open(figures[0]).info["Description"]
+    assert ("class map (at layer4)" in caption) if method != "siam" else ("(contribution " in caption)
+    assert not (run / "tables").exists()  # contribution tables are CE-FAM's
     assert metrics["method"] == method and json.loads((run / "metrics.json").read_text()) == metrics
     results = json.loads((run / "evaluation" / "evaluation.json").read_text())
     table = (run / "evaluation" / "evaluation.md").read_text()
