@@ -26,6 +26,7 @@ from cefam_lightning.classifier import FrozenClassifier, build_classifier
 from cefam_lightning.components import ConceptScorer, Translator
 from cefam_lightning.concept_regions import concept_regions, pool_activations, score_jacobian, upsample_regions
 from cefam_lightning.feature_cache import IMAGE_INDEX, POOLED_INDEX, POOLED_KEY, PooledFeatureCache, state_dict_digest
+from cefam_lightning.optim import configure_optimization
 
 STAGES = ("train", "val", "test")
 IDENTITY_KEY = "cefam_identity"
@@ -297,47 +298,8 @@ class CEFAMModule(L.LightningModule):
     def configure_optimizers(self) -> Any:
         params = [p for p in self.parameters() if p.requires_grad]
         rank_zero_info(f"CE-FAM: {sum(p.numel() for p in params):,} trainable parameters (classifier frozen)")
-        ocfg = dict(self.hparams.optimizer or {"name": "sgd", "lr": 0.1})
-        name = ocfg.pop("name", "sgd").lower()
-        lr, wd = float(ocfg.get("lr", 0.1)), float(ocfg.get("weight_decay", 0.0))
-        if name == "sgd":
-            opt = torch.optim.SGD(
-                params,
-                lr=lr,
-                momentum=float(ocfg.get("momentum", 0.0)),
-                weight_decay=wd,
-                nesterov=bool(ocfg.get("nesterov", False)),
-            )
-        elif name == "adam":
-            opt = torch.optim.Adam(params, lr=lr, weight_decay=wd)
-        elif name == "adamw":
-            opt = torch.optim.AdamW(params, lr=lr, weight_decay=wd)
-        else:
-            raise ValueError(f"optimizer.name: unknown optimizer {name!r}; choose sgd, adam or adamw")
-        scfg = dict(self.hparams.scheduler or {"name": "none"})
-        sname = scfg.get("name", "none").lower()
-        schedulers = []
-        warmup = int(scfg.get("warmup_epochs", 0))
-        if warmup > 0:
-            # The authors' optional warm-up: LR rises linearly to warmup_factor x lr (0.1 -> 0.2), then the main
-            # schedule takes over. LinearLR is chainable, so plateau decay multiplies on top of it.
-            # LinearLR only scales down, so the optimizer's LR becomes the peak and warm-up starts at 1/factor of it.
-            factor = float(scfg.get("warmup_factor", 2.0))
-            if factor < 1:
-                raise ValueError(f"scheduler.warmup_factor must be >= 1, got {factor}")
-            for group in opt.param_groups:
-                group["lr"] = lr * factor
-            schedulers.append(torch.optim.lr_scheduler.LinearLR(opt, 1.0 / factor, 1.0, total_iters=warmup))
-        if sname == "plateau":
-            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-                opt, mode="min", factor=float(scfg.get("factor", 0.1)), patience=int(scfg.get("patience", 5))
-            )
-            schedulers.append({"scheduler": sched, "monitor": scfg.get("monitor", "val/loss")})
-        elif sname == "cosine":
-            schedulers.append(torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.trainer.max_epochs)))
-        elif sname != "none":
-            raise ValueError(f"scheduler.name: unknown scheduler {sname!r}; choose plateau, cosine or none")
-        return [opt], schedulers
+        ocfg = self.hparams.optimizer or {"name": "sgd", "lr": 0.1}
+        return configure_optimization(params, ocfg, self.hparams.scheduler, getattr(self._trainer, "max_epochs", None))
 
     # ------------------------------------------------------------------ loading
     @classmethod

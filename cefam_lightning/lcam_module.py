@@ -31,6 +31,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
 from cefam_lightning.classifier import ClassifierOutput, FrozenClassifier, build_classifier
+from cefam_lightning.optim import configure_optimization
 
 STAGES = ("train", "val", "test")
 VARIANTS = ("fm", "img")
@@ -275,38 +276,16 @@ class LCAMModule(L.LightningModule):
         unknown = sorted(set(ocfg) - set(AUTHORS_OPTIMIZER))
         if unknown:
             raise ValueError(f"lcam.optimizer: unknown key(s) {unknown}; valid keys: {sorted(AUTHORS_OPTIMIZER)}")
-        name = str(ocfg["name"]).lower()
-        lr, wd = float(ocfg["lr"]), float(ocfg["weight_decay"])
         weights = [p for n, p in self.attention.named_parameters() if not n.endswith("bias")]
         biases = [p for n, p in self.attention.named_parameters() if n.endswith("bias")]
         # The authors' rule: biases learn at bias_lr_factor x the LR.
-        groups = [{"params": weights, "lr": lr}, {"params": biases, "lr": lr * float(ocfg["bias_lr_factor"])}]
+        groups = [{"params": weights}, {"params": biases, "lr_factor": float(ocfg["bias_lr_factor"])}]
         rank_zero_info(
             f"L-CAM-{self.variant.capitalize()}: {sum(p.numel() for p in self.attention.parameters()):,} trainable "
             "parameters (classifier frozen)"
         )
-        if name == "sgd":
-            opt = torch.optim.SGD(
-                groups, lr=lr, momentum=float(ocfg["momentum"]), weight_decay=wd, nesterov=bool(ocfg["nesterov"])
-            )
-        elif name == "adam":
-            opt = torch.optim.Adam(groups, lr=lr, weight_decay=wd)
-        elif name == "adamw":
-            opt = torch.optim.AdamW(groups, lr=lr, weight_decay=wd)
-        else:
-            raise ValueError(f"lcam.optimizer.name: unknown optimizer {name!r}; choose sgd, adam or adamw")
-        scfg = dict(self.hparams.scheduler or {"name": "none"})
-        sname = str(scfg.get("name", "none")).lower()
-        if sname == "none":
-            return opt
-        if sname == "cosine":
-            return [opt], [torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.trainer.max_epochs))]
-        if sname == "plateau":
-            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-                opt, mode="min", factor=float(scfg.get("factor", 0.1)), patience=int(scfg.get("patience", 5))
-            )
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": scfg.get("monitor", "val/loss")}}
-        raise ValueError(f"lcam.scheduler.name: unknown scheduler {sname!r}; choose none, cosine or plateau")
+        max_epochs = getattr(self._trainer, "max_epochs", None)
+        return configure_optimization(groups, ocfg, self.hparams.scheduler, max_epochs, where="lcam.optimizer")
 
     # ------------------------------------------------------------------ loading
     @classmethod

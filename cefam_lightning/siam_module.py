@@ -40,6 +40,7 @@ from torchmetrics.classification import MulticlassAccuracy, MultilabelAUROC
 
 from cefam_lightning.classifier import FrozenClassifier, build_classifier
 from cefam_lightning.components.siam_head import AttributeMaps, SIAMHead, attribute_presence
+from cefam_lightning.optim import configure_optimization
 
 STAGES = ("train", "val", "test")
 TASKS = ("classification", "regression")
@@ -325,33 +326,8 @@ class SIAMModule(L.LightningModule):
     def configure_optimizers(self) -> Any:
         params = [p for p in self.parameters() if p.requires_grad]
         rank_zero_info(f"SIAM: {sum(p.numel() for p in params):,} trainable parameters (classifier frozen)")
-        ocfg = dict(self.hparams.optimizer or {})
-        name = str(ocfg.get("name", "adam")).lower()
-        lr, wd = float(ocfg.get("lr", 1e-3)), float(ocfg.get("weight_decay", 0.0))
-        if name == "adam":
-            opt = torch.optim.Adam(params, lr=lr, weight_decay=wd)
-        elif name == "adamw":
-            opt = torch.optim.AdamW(params, lr=lr, weight_decay=wd)
-        elif name == "sgd":
-            momentum, nesterov = float(ocfg.get("momentum", 0.0)), bool(ocfg.get("nesterov", False))
-            opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=wd, nesterov=nesterov)
-        else:
-            raise ValueError(f"optimizer.name: unknown optimizer {name!r}; choose adam, adamw or sgd")
-        scfg = dict(self.hparams.scheduler or {})
-        sname = str(scfg.get("name", "none")).lower()
-        if int(scfg.get("warmup_epochs", 0)) > 0:
-            raise ValueError("scheduler.warmup_epochs: SIAM has no warm-up; set it to 0")
-        if sname == "none":
-            return opt
-        if sname == "cosine":
-            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, self.trainer.max_epochs))
-            return {"optimizer": opt, "lr_scheduler": sched}
-        if sname == "plateau":
-            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
-                opt, mode="min", factor=float(scfg.get("factor", 0.1)), patience=int(scfg.get("patience", 3))
-            )
-            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "monitor": scfg.get("monitor", "val/loss")}}
-        raise ValueError(f"scheduler.name: unknown scheduler {sname!r}; choose none, cosine or plateau")
+        ocfg = {"name": "adam", "lr": 1e-3, **dict(self.hparams.optimizer or {})}  # the authors' Adam 1e-3
+        return configure_optimization(params, ocfg, self.hparams.scheduler, getattr(self._trainer, "max_epochs", None))
 
     # ------------------------------------------------------------------ loading
     @classmethod

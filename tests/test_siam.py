@@ -205,8 +205,13 @@ def test_missing_labels_and_bad_arguments_are_clear_errors(classifier, tiny_spec
         make_module(classifier, tiny_spec, optimizer={"name": "lbfgs"}).configure_optimizers()
     with pytest.raises(ValueError, match="scheduler.name: unknown scheduler 'step'"):
         make_module(classifier, tiny_spec, scheduler={"name": "step"}).configure_optimizers()
-    with pytest.raises(ValueError, match="scheduler.warmup_epochs"):
-        make_module(classifier, tiny_spec, scheduler={"name": "none", "warmup_epochs": 2}).configure_optimizers()
+    with pytest.raises(ValueError, match="scheduler.warmup_factor must be >= 1"):
+        make_module(classifier, tiny_spec, scheduler={"warmup_epochs": 2, "warmup_factor": 0.5}).configure_optimizers()
+    # The shared schedule (cefam_lightning/optim.py): a warm-up from lr to 2 x lr, as for CE-FAM.
+    (opt,), (warmup,) = make_module(
+        classifier, tiny_spec, optimizer={"lr": 0.01}, scheduler={"name": "none", "warmup_epochs": 2}
+    ).configure_optimizers()
+    assert isinstance(warmup, torch.optim.lr_scheduler.LinearLR) and opt.param_groups[0]["lr"] == pytest.approx(0.01)
 
 
 def test_templates_stay_nonnegative_after_optimizer_steps(classifier, tiny_spec, tiny_world):
