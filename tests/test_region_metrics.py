@@ -1,4 +1,5 @@
 import math
+import sys
 from datetime import timedelta
 
 import pytest
@@ -7,7 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from cefam_lightning.metrics import RegionMetrics
-from cefam_lightning.metrics.functional import auc_high, auc_low, epg, iou_auc, nra
+from cefam_lightning.metrics.functional import auc_high, auc_low, epg, iou_auc, nra, region
 from cefam_lightning.metrics.functional.region import _auc_rows, _by_chunks
 
 TYPES = ["color", "shape", "color", "texture"]  # concept id -> type
@@ -110,35 +111,124 @@ def test_ties_do_not_depend_on_pixel_position():
     assert iou_auc(torch.zeros(16, 16), masks[0]).item() == pytest.approx(sum(curve) / n, rel=1e-12)
 
 
-def _tie_patterns(gen: torch.Generator) -> dict[str, torch.Tensor]:
-    n, side = 40, 12
+def _tie_patterns(gen: torch.Generator, n: int = 40, h: int = 12, w: int = 12) -> dict[str, torch.Tensor]:
+    shape = (n, h, w)
     patterns = {
-        "distinct": torch.rand(n, side, side, generator=gen),
-        "relu_rounded": torch.randn(n, side, side, generator=gen).relu().round(decimals=1),
-        "mixed_sign": torch.randn(n, side, side, generator=gen).round(decimals=1),
-        "non_positive": -torch.rand(n, side, side, generator=gen).round(decimals=2),
-        "constant": torch.zeros(n, side, side),
-        "signed_zeros": (torch.rand(n, side, side, generator=gen) * 3).floor() - 1,
-        "float16": torch.rand(n, side, side, generator=gen).half(),
+        "distinct": torch.rand(shape, generator=gen),
+        "relu_rounded": torch.randn(shape, generator=gen).relu().round(decimals=1),
+        "relu": torch.randn(shape, generator=gen).relu(),  # about half exact zeros, the rest distinct
+        "quantized": (torch.rand(shape, generator=gen) * 4).floor() / 4,  # 4 values: groups mixing mask and not
+        "mixed_sign": torch.randn(shape, generator=gen).round(decimals=1),
+        "non_positive": -torch.rand(shape, generator=gen).round(decimals=2),
+        "negative_distinct": torch.randn(shape, generator=gen) * 1e3,
+        "constant": torch.zeros(shape),
+        "signed_zeros": (torch.rand(shape, generator=gen) * 3).floor() - 1,
+        "float16": torch.rand(shape, generator=gen).half(),
+        "bfloat16": torch.randn(shape, generator=gen).bfloat16(),
     }
     patterns["signed_zeros"][patterns["signed_zeros"] == 0] = -0.0
     return patterns
 
 
-@pytest.mark.parametrize(
-    "pattern", ["distinct", "relu_rounded", "mixed_sign", "non_positive", "constant", "signed_zeros", "float16"]
-)
-def test_cpu_sorted_key_path_equals_the_general_path(pattern):
-    # float32-exact CPU maps take a path of its own (packed sort keys, sums per tie group); it must give the
-    # general path's tie-interpolated curve, which the tests above pin to the definition.
+PATTERNS = list(_tie_patterns(torch.Generator().manual_seed(0), 1, 1, 1))
+
+
+@pytest.fixture(params=["numba", "numpy"])
+def cpu_backend(request, monkeypatch):
+    """Runs a test on the numba kernel, then on the numpy fallback, with numba made unimportable."""
+    if request.param == "numba":
+        pytest.importorskip("numba")
+    else:
+        monkeypatch.setitem(sys.modules, "numba", None)  # `import numba` now raises ImportError
+    region._numba_kernel.cache_clear()
+    assert (region._numba_kernel() is None) == (request.param == "numpy")
+    yield request.param
+    region._numba_kernel.cache_clear()
+
+
+def _general(maps: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """AUC by the general torch path, the definition of the tie rule, with NaN for empty masks."""
+    maps, masks = maps.flatten(1), masks.flatten(1)
+    expected = _by_chunks(_auc_rows, maps.double(), masks)
+    return torch.where(masks.any(1), expected, torch.nan)
+
+
+def _assert_same(got: torch.Tensor, want: torch.Tensor) -> None:
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS)
+def test_cpu_sorted_key_path_equals_the_general_path(pattern, cpu_backend):
+    # float32-exact CPU maps take a path of their own (numba: radix-sorted packed keys and one pass per map;
+    # without numba, numpy sorts and sums per tie group); it must give the general path's tie-interpolated curve,
+    # which the tests above pin to the definition.
     gen = torch.Generator().manual_seed(6)
     maps = _tie_patterns(gen)[pattern]
     masks = torch.rand(maps.shape, generator=gen) < torch.rand(len(maps), 1, 1, generator=gen)
-    masks[0], masks[1, 0, 0] = False, True  # an empty mask, and one mask of a single pixel
-    expected = _by_chunks(_auc_rows, maps.double().flatten(1), masks.flatten(1))
-    expected[0] = torch.nan
-    torch.testing.assert_close(iou_auc(maps, masks), expected, rtol=0, atol=1e-12, equal_nan=True)
-    torch.testing.assert_close(nra(maps, masks), nra(maps.double(), masks), rtol=0, atol=1e-12, equal_nan=True)
+    masks[0], masks[1, 0, 0], masks[2] = False, True, True  # an empty mask, one of a single pixel, a full one
+    _assert_same(iou_auc(maps, masks), _general(maps, masks))
+    _assert_same(nra(maps, masks), nra(maps.double(), masks))
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_cpu_paths_equal_the_general_path_on_random_shapes(seed, cpu_backend):
+    gen = torch.Generator().manual_seed(100 + seed)
+    for _ in range(4):
+        n, h, w = torch.randint(1, 30, (3,), generator=gen).tolist()
+        for pattern, maps in _tie_patterns(gen, n, h, w).items():
+            fraction = torch.rand(n, 1, 1, generator=gen) ** 2  # small masks as well as large ones
+            masks = torch.rand(maps.shape, generator=gen) < fraction
+            torch.testing.assert_close(
+                iou_auc(maps, masks), _general(maps, masks), rtol=1e-12, atol=0, equal_nan=True, msg=pattern
+            )
+
+
+def test_cpu_paths_equal_the_general_path_on_full_size_maps(cpu_backend):
+    # 224x224 maps: long runs between mask pixels and large tie groups, where summation order matters most.
+    gen = torch.Generator().manual_seed(7)
+    masks = _rect_masks(6, 224, gen)
+    masks[5] = torch.rand(224, 224, generator=gen) < 0.9
+    maps = {
+        "benchmark": torch.rand(6, 224, 224, generator=gen) + masks * torch.rand(6, 1, 1, generator=gen),
+        "relu": (torch.randn(6, 224, 224, generator=gen) + masks).relu(),
+        "quantized": ((torch.rand(6, 224, 224, generator=gen) + masks) * 8).floor(),
+        "signed": torch.randn(6, 224, 224, generator=gen) - masks.float(),
+    }
+    for pattern, values in maps.items():
+        torch.testing.assert_close(iou_auc(values, masks), _general(values, masks), rtol=1e-12, atol=0, msg=pattern)
+
+
+def test_cpu_path_edge_cases(cpu_backend):
+    # Single-pixel maps: a mask pixel ranks first, so AUC = 1; NRA is NaN since the mask is empty or full.
+    maps, masks = torch.rand(3, 1, 1), torch.tensor([True, False, True]).view(3, 1, 1)
+    _assert_same(iou_auc(maps, masks), torch.tensor([1.0, math.nan, 1.0], dtype=torch.float64))
+    assert nra(maps, masks).isnan().all()
+    # No rows at all.
+    assert iou_auc(torch.rand(0, 5, 5), torch.ones(0, 5, 5, dtype=torch.bool)).shape == (0,)
+    assert nra(torch.rand(0, 5, 5), torch.ones(0, 5, 5, dtype=torch.bool)).dtype == torch.float64
+    # -0.0 and +0.0 tie: the result is the very same as with +0.0 only.
+    gen = torch.Generator().manual_seed(8)
+    values = (torch.rand(4, 9, 9, generator=gen) * 3).floor() - 1
+    masks = torch.rand(4, 9, 9, generator=gen) < 0.3
+    negative_zeros = torch.where((values == 0) & (torch.rand(4, 9, 9, generator=gen) < 0.5), -0.0, values)
+    assert (negative_zeros == 0).logical_and(negative_zeros.signbit()).any() and not values.signbit()[values == 0].any()
+    assert torch.equal(iou_auc(negative_zeros, masks), iou_auc(values, masks))
+    # Non-contiguous input and maps that require grad.
+    maps = torch.rand(5, 12, 10, generator=gen, requires_grad=True)
+    masks = torch.rand(5, 10, 12, generator=gen) < 0.4
+    _assert_same(iou_auc(maps.transpose(1, 2), masks), _general(maps.detach().transpose(1, 2), masks))
+
+
+def test_cpu_path_does_not_depend_on_the_number_of_threads():
+    gen = torch.Generator().manual_seed(9)
+    maps, masks = torch.rand(37, 30, 30, generator=gen).round(decimals=2), torch.rand(37, 30, 30, generator=gen) < 0.2
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = iou_auc(maps, masks)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(iou_auc(maps, masks), one)
 
 
 def test_epg_normalizes_and_handles_constant_and_empty():

@@ -7,6 +7,7 @@ mask gives NaN. Maps must be finite.
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -152,8 +153,8 @@ def _auc_sum_of_row(values: np.ndarray, mask: np.ndarray, harmonic: np.ndarray) 
     return float(total)
 
 
-def _auc_rows_cpu(maps: Tensor, masks: Tensor) -> Tensor:
-    """``_auc_rows`` for float32-exact CPU maps: one value-only sort per map, then work per tie group only.
+def _auc_rows_numpy(maps: Tensor, masks: Tensor) -> Tensor:
+    """``_auc_rows`` for float32-exact CPU maps without numba: one value-only sort per map, then work per tie group.
 
     Maps are sorted by numpy (a sort of plain keys, several times faster here than ``torch.sort``, which also
     returns indices), one thread per core; numpy releases the GIL while sorting.
@@ -166,6 +167,136 @@ def _auc_rows_cpu(maps: Tensor, masks: Tensor) -> Tensor:
     with ThreadPoolExecutor(workers) as pool:
         sums = list(pool.map(_auc_sum_of_row, values, bits, [harmonic] * n))
     return torch.tensor(sums, dtype=torch.float64) / num_pixels
+
+
+def _auc_sums_kernel(bits, masks, start, stop, out):  # compiled by numba: see _numba_kernel
+    """``out[i] = (1/N) Σ_k TP_k / (k + |M| - TP_k)`` for rows ``start <= i < stop``, numba-compiled.
+
+    ``bits`` are the ``(n, N)`` uint32 bit patterns of float32 maps, ``masks`` the ``(n, N)`` 0/1 uint8 masks.
+    Per row: 33-bit keys that order pixels as their values (``_sorted_keys``' keys: the mask bit packed low,
+    -0.0 made +0.0, negatives flipped), an LSD radix sort of 3 passes of 11 bits (a pass whose digit is the
+    same for every key is skipped), then one pass in descending order that adds the terms of ``_auc_rows``:
+    ``TP = a`` (the mask pixels so far) over a run of other pixels, and within a tie group holding mask pixels
+    TP rising linearly from ``a`` to ``a + c``. Every term is the general path's own; only the order of the
+    additions differs.
+    """
+    num_pixels = bits.shape[1]
+    keys = np.empty(num_pixels, np.uint64)
+    scratch = np.empty(num_pixels, np.uint64)
+    counts = np.zeros((3, 2048), np.int64)
+    one, digit, sign, low32 = np.uint64(1), np.uint64(2047), np.uint64(1 << 31), np.uint64(0xFFFFFFFF)
+    for row in range(start, stop):
+        size = 0
+        for i in range(num_pixels):
+            b = np.uint64(bits[row, i])
+            if b == sign:  # -0.0: equal to +0.0 as a float, so it must tie with it as a key
+                b = np.uint64(0)
+            b = (~b & low32) if b & sign else (b | sign)  # unsigned order of these 32 bits is float order
+            keys[i] = (b << one) | np.uint64(masks[row, i])
+            size += masks[row, i]
+        if size == 0:
+            out[row] = 0.0
+            continue
+
+        counts[:] = 0
+        for i in range(num_pixels):
+            k = keys[i]
+            counts[0, k & digit] += 1
+            counts[1, (k >> np.uint64(11)) & digit] += 1
+            counts[2, (k >> np.uint64(22)) & digit] += 1
+        src, dst = keys, scratch
+        for p in range(3):
+            shift = np.uint64(11 * p)
+            count = counts[p]
+            if count[(src[0] >> shift) & digit] == num_pixels:
+                continue
+            offset = 0
+            for d in range(2048):
+                offset, count[d] = offset + count[d], offset
+            for i in range(num_pixels):
+                k = src[i]
+                d = (k >> shift) & digit
+                dst[count[d]] = k
+                count[d] += 1
+            src, dst = dst, src
+
+        # Descending order: r pixels are above the current one. A value's mask pixels have the larger keys, so
+        # a tie group holding mask pixels starts with them; a group without any is part of a run (TP constant).
+        total = 0.0
+        a = 0  # TP before the current pixel
+        r = 0
+        last = num_pixels - 1
+        while r < num_pixels:
+            k = src[last - r]
+            if not k & one:
+                total += a / (r + 1 + size - a)
+                r += 1
+                continue
+            value = k >> one
+            first = r
+            while r < num_pixels and src[last - r] == k:
+                r += 1
+            c = r - first  # the group's mask pixels
+            while r < num_pixels and src[last - r] >> one == value:
+                r += 1
+            length = r - first
+            if c == length:  # TP_k = a + u and k = first + u: the denominator is constant
+                total += (length * a + length * (length + 1) / 2) / (first + size - a)
+            else:
+                for u in range(1, length + 1):
+                    tp = a + u * c / length
+                    total += tp / (first + u + size - tp)
+            a += c
+        out[row] = total / num_pixels
+
+
+@functools.cache
+def _numba_kernel() -> Callable | None:
+    """``_auc_sums_kernel`` compiled by numba (nogil, cached on disk), or None where numba is not importable.
+
+    Compiling takes a second or two the first time; later processes load it from numba's cache.
+    """
+    try:
+        import numba
+    except ImportError:
+        return None
+    try:
+        return numba.njit(nogil=True, cache=True)(_auc_sums_kernel)
+    except RuntimeError:  # no writable cache location: compile once per process instead
+        return numba.njit(nogil=True)(_auc_sums_kernel)
+
+
+def _auc_rows_numba(maps: Tensor, masks: Tensor, kernel: Callable) -> Tensor:
+    """``_auc_rows`` for float32-exact CPU maps by the compiled kernel, on ``torch.get_num_threads()`` threads.
+
+    The kernel releases the GIL, so a plain thread pool runs it on row chunks in parallel. (numba's own
+    ``parallel=True`` would tie this to its threading layer: the default one aborts when two Python threads call
+    in at once, the OpenMP one does not survive a fork.)
+    """
+    n = maps.shape[0]
+    bits = maps.detach().to(torch.float32).contiguous().numpy().view(np.uint32)
+    flags = masks.contiguous().numpy().view(np.uint8)
+    out = np.empty(n, dtype=np.float64)
+    workers = max(1, min(torch.get_num_threads(), os.cpu_count() or 1, n))
+    if workers == 1:
+        kernel(bits, flags, 0, n, out)
+    else:
+        step = -(-n // (4 * workers))  # a few chunks per thread, so that a slow one does not hold the rest
+
+        def run(start: int) -> None:
+            kernel(bits, flags, start, min(start + step, n), out)
+
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(run, range(0, n, step)))
+    return torch.from_numpy(out)
+
+
+def _auc_rows_cpu(maps: Tensor, masks: Tensor) -> Tensor:
+    """``_auc_rows`` for float32-exact CPU maps: the numba kernel, or the numpy path where numba is missing."""
+    kernel = _numba_kernel()
+    if kernel is None:
+        return _auc_rows_numpy(maps, masks)
+    return _auc_rows_numba(maps, masks, kernel)
 
 
 def _auc(maps: Tensor, masks: Tensor) -> Tensor:
