@@ -41,6 +41,13 @@ def _by_chunks(fn: Callable[[Tensor, Tensor], Tensor], maps: Tensor, masks: Tens
     return torch.cat(out) if out else maps.new_empty(0, dtype=torch.float64)
 
 
+def _mask_sizes(masks: Tensor) -> Tensor:
+    """``|M|`` of ``(n, N)`` boolean masks as int64; on CPU by numpy, several times faster than torch's bool sum."""
+    if masks.device.type == "cpu":
+        return torch.from_numpy(np.count_nonzero(masks.contiguous().numpy(), axis=1).astype(np.int64))
+    return masks.sum(1)
+
+
 def _epg_rows(maps: Tensor, masks: Tensor) -> Tensor:
     maps = maps.to(torch.float64)
     low = maps.amin(1, keepdim=True)
@@ -404,7 +411,7 @@ def nra(maps: Tensor, masks: Tensor) -> Tensor:
     """
     maps, masks = _flatten_inputs(maps, masks)
     num_pixels = maps.shape[1]
-    sizes = masks.sum(1)
+    sizes = _mask_sizes(masks)
     auc = _auc(maps, masks)
     low, high = auc_low(sizes, num_pixels), auc_high(sizes, num_pixels)
     score = (auc - low).clamp_min(0) / (high - low)
