@@ -1,4 +1,4 @@
-"""Evaluate a trained CE-FAM checkpoint against ground-truth masks, beside three baselines.
+"""Evaluate a trained checkpoint (CE-FAM, L-CAM or SIAM) against ground-truth masks, beside baselines.
 
 Usage::
 
@@ -6,8 +6,18 @@ Usage::
     python evaluate.py --checkpoint CKPT --data ROOT [--format auto|folder|broden|imagenet-s] [--split SPLIT]
                        [--store STORE_DIR] [--fit-split SPLIT|none] [--max-images N] [--max-fit-images N]
 
-Without ``--data`` it evaluates on the shapes world the checkpoint was trained on (rebuilt from the run's config),
-on the held-out split. With ``--data`` it evaluates on a mask dataset (:mod:`cefam_lightning.mask_datasets`: the
+The checkpoint's kind is read from it (:func:`cefam_lightning.checkpoints.checkpoint_kind`). Without ``--data`` it
+evaluates on the shapes world the checkpoint was trained on (rebuilt from the run's config), on the held-out split:
+
+- **CE-FAM**: region metrics per concept type and layer beside Grad-CAM, the single-channel baseline and a random
+  map, the contribution accuracy, and the faithfulness (Average Drop / Increase in Confidence) of the class map
+  fused from the top concepts by contribution beside Grad-CAM's (:mod:`cefam_lightning.evaluation`);
+- **L-CAM-Fm / L-CAM-Img**: the class map's NRA, hit rate and EPG against the key object's mask and its AD/IC,
+  beside Grad-CAM at the same layer and a random map (:mod:`cefam_lightning.lcam_evaluation`);
+- **SIAM**: attribute-presence AUROC, class accuracy beside the frozen classifier's, how often the top
+  contribution is a key-object concept, and the attribute maps' region metrics (:mod:`cefam_lightning.siam_evaluation`).
+
+ With ``--data`` (CE-FAM checkpoints) it evaluates on a mask dataset (:mod:`cefam_lightning.mask_datasets`: the
 documented folder format, Broden's or ImageNet-S's released layout), on ``--split`` (default ``val`` /
 ``validation`` where the dataset has it, else every image). The dataset's concepts the checkpoint knows by name are
 evaluated; others take their text embeddings from ``--store`` (an embedding store made with the checkpoint's VLM)
@@ -36,10 +46,12 @@ from omegaconf import OmegaConf
 from torch import Tensor
 
 from cefam_lightning.baselines import SingleChannelBaseline
+from cefam_lightning.checkpoints import KIND_ARTICLES, method_name, module_kind
 from cefam_lightning.config import world_spec
 from cefam_lightning.contributions import FILLS
 from cefam_lightning.evaluation import ExplanationEvaluation, format_table
 from cefam_lightning.io_utils import atomic_write_bytes, atomic_write_json
+from cefam_lightning.lcam_evaluation import evaluate_lcam_on_world, format_lcam_table
 from cefam_lightning.mask_datasets import (
     FORMATS,
     MaskBatch,
@@ -50,6 +62,7 @@ from cefam_lightning.mask_datasets import (
     open_mask_dataset,
 )
 from cefam_lightning.shapes_world import ShapesWorld, WorldSplit, key_object_concepts
+from cefam_lightning.siam_evaluation import evaluate_siam_on_world, format_siam_table
 from cefam_lightning.transforms import InputSpec
 
 WORLD_SPLITS = ("train", "val", "test")
@@ -83,11 +96,14 @@ def evaluate_on_world(
     max_images: int | None = None,
     seed: int = 0,
     per_layer_contributions: bool = False,
+    faithfulness_top_n: int | None = 8,
 ) -> dict[str, Any]:
     """Evaluate ``module`` (a trained CEFAMModule) on a shapes-world split; returns the results dict.
 
     The single-channel baseline is fitted on the world's training split first. This process evaluates the
     whole split by itself (under DDP, call it on one rank), so the metrics do not sync across ranks.
+    ``faithfulness_top_n``: the class map whose Average Drop / Increase in Confidence is scored fuses this many
+    top concepts (``explain``'s default 8); ``None`` leaves the faithfulness out.
     """
     if fill not in FILLS:
         raise EvaluateError(f"fill must be one of {FILLS}, got {fill!r}")
@@ -114,6 +130,7 @@ def evaluate_on_world(
         seed=seed,
         sync_on_compute=False,
         per_layer_contributions=per_layer_contributions,
+        faithfulness_top_n=faithfulness_top_n,
     ).to(device)
     data = world.split(split)
     for images, masks, labels in _batches(data, batch_size, max_images, True, device):
@@ -368,18 +385,68 @@ def open_evaluation_data(
     return dataset, open_mask_dataset(root, input_spec, fmt, split=fit_split, **options)
 
 
-def write_results(results: dict[str, Any], out_dir: str | Path) -> str:
-    """Write ``evaluation.json`` and ``evaluation.md`` to ``out_dir``; return the table."""
+def evaluate_explainer_on_world(
+    module,
+    world: ShapesWorld,
+    split: str = "test",
+    *,
+    k: int = 20,
+    fill: str = "spatial_mean",
+    batch_size: int = 64,
+    max_images: int | None = None,
+    seed: int = 0,
+    per_layer_contributions: bool = False,
+) -> tuple[dict[str, Any], str]:
+    """Evaluate any trained explainer (CE-FAM, L-CAM, SIAM) on a shapes-world split: its results and table.
+
+    ``k``, ``fill`` and ``per_layer_contributions`` are CE-FAM's; ``seed`` seeds the random-map baselines. The
+    results carry ``method`` (``cefam``, ``lcam_fm``, ``lcam_img``, ``siam``).
+    """
+    kind = module_kind(module)
+    if kind == "cefam":
+        results = evaluate_on_world(
+            module,
+            world,
+            split=split,
+            k=k,
+            fill=fill,
+            batch_size=batch_size,
+            max_images=max_images,
+            seed=seed,
+            per_layer_contributions=per_layer_contributions,
+        )
+        table = format_table(results)
+    elif kind == "siam":
+        try:
+            results = evaluate_siam_on_world(module, world, split, batch_size=batch_size, max_images=max_images)
+        except ValueError as e:
+            raise EvaluateError(f"SIAM evaluation: {e}") from None
+        table = format_siam_table(results)
+    else:
+        try:
+            results = evaluate_lcam_on_world(
+                module, world, split, batch_size=batch_size, max_images=max_images, seed=seed
+            )
+        except ValueError as e:
+            raise EvaluateError(f"L-CAM evaluation: {e}") from None
+        table = format_lcam_table(results)
+    return {"method": method_name(module), **results}, table
+
+
+def write_results(results: dict[str, Any], out_dir: str | Path, table: str | None = None) -> str:
+    """Write ``evaluation.json`` and ``evaluation.md`` (``table``, default CE-FAM's :func:`format_table` of the
+    results) to ``out_dir``; return the table."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    table = format_table(results)
+    table = format_table(results) if table is None else table
     atomic_write_json(out / "evaluation.json", results)
     atomic_write_bytes(out / "evaluation.md", table.encode())
     return table
 
 
 def load_checkpoint(path: str | Path, device: str = "cpu"):
-    """The CE-FAM module of a checkpoint, with a clear error for a missing file or another kind of checkpoint."""
+    """The explainer (CE-FAM, L-CAM or SIAM module) of a checkpoint, with a clear error for a missing file or a
+    checkpoint of no known kind."""
     from cefam_lightning.explain import ExplainError
     from cefam_lightning.explain import load_checkpoint as load
 
@@ -394,7 +461,7 @@ DATA_OPTIONS = ("format", "store", "fit_split", "max_fit_images", "categories", 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, help="a CE-FAM checkpoint written by train.py")
+    p.add_argument("--checkpoint", required=True, help="a CE-FAM, L-CAM or SIAM checkpoint written by train.py")
     p.add_argument(
         "--split",
         default=None,
@@ -497,32 +564,51 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         except ExplainError as e:
             raise EvaluateError(str(e)) from None
         module = load_checkpoint(args.checkpoint, device)
+        kind = module_kind(module)
+        if kind != "cefam":
+            given = [flag for flag, on in _cefam_only_options(args) if on]
+            if given:
+                raise EvaluateError(
+                    f"{', '.join(given)}: CE-FAM options, but {args.checkpoint} is {KIND_ARTICLES[kind]} checkpoint "
+                    "(evaluated on its shapes world)"
+                )
         if args.data is not None:
             results, default_out = _evaluate_data(args, module)
+            table = None
         else:
-            results = _evaluate_world(args, module)
+            results, table = _evaluate_world(args, module)
             default_out = Path(args.checkpoint).resolve().parent.parent / "evaluation"
     except (EvaluateError, MaskDatasetError) as e:
         print(f"error: {_original_message(e)}", file=sys.stderr)
         raise SystemExit(2) from None
     results["checkpoint"] = str(args.checkpoint)
     out = Path(args.out) if args.out else default_out
-    print(write_results(results, out))
+    print(write_results(results, out, table))
     print(f"written: {out / 'evaluation.json'}, {out / 'evaluation.md'}")
     return results
 
 
-def _evaluate_world(args: argparse.Namespace, module) -> dict[str, Any]:
+def _cefam_only_options(args: argparse.Namespace) -> list[tuple[str, bool]]:
+    """The CE-FAM-only options and whether each was given."""
+    return [
+        ("--data", args.data is not None),
+        ("--k", args.k is not None),
+        ("--fill", args.fill is not None),
+        ("--per-layer-contributions", bool(args.per_layer_contributions)),
+    ]
+
+
+def _evaluate_world(args: argparse.Namespace, module) -> tuple[dict[str, Any], str]:
     config = module.hparams.get("config") or {}
     if "world" not in config:
         raise EvaluateError(f"{args.checkpoint}: the checkpoint records no shapes-world config to evaluate on")
     cfg = OmegaConf.create(config)
     evaluation = config.get("evaluation", {})
     world = ShapesWorld.build(world_spec(cfg), args.cache_dir or cfg.cache_dir)
-    return evaluate_on_world(
+    return evaluate_explainer_on_world(
         module,
         world,
-        split=args.split,
+        args.split,
         k=args.k or evaluation.get("k", 20),
         fill=args.fill or evaluation.get("fill", "spatial_mean"),
         batch_size=args.batch_size,

@@ -14,6 +14,13 @@ often the top contributor among the present concepts is one of the key object's 
 concept (``contribution/all_key_first``). These are reported with each concept masked at its top-1 layer
 (the spec's contribution) and, for comparison, with every concept masked at one and the same layer.
 
+Optionally (``faithfulness_top_n``) the faithfulness of a CE-FAM class map (SPEC §4): for the predicted class,
+the top-N concepts by score (what ``explain`` reports), each region at its selected layer, min-max normalized and
+weighted by the concept's positive contribution (:func:`~cefam_lightning.explainer.fused_class_map`), beside
+Grad-CAM at the layer that carries most of that weight, scored with Average Drop and Increase in Confidence at
+100/50/15 % of the pixels kept. The top-N concepts share the present concepts' relevance and contribution
+passes (one padded batch of concepts), so only the predicted concepts that are not present cost extra.
+
 All states are torchmetrics sums, so the numbers are the same whatever the batching.
 """
 
@@ -36,8 +43,10 @@ from cefam_lightning.concept_regions import (
     upsample_regions,
 )
 from cefam_lightning.contributions import concept_contributions
+from cefam_lightning.explainer import fused_class_map
 from cefam_lightning.layer_relevance import layer_relevance
-from cefam_lightning.metrics import RegionMetrics
+from cefam_lightning.metrics import Faithfulness, RegionMetrics
+from cefam_lightning.metrics.functional.faithfulness import DEFAULT_KEEPS, faithfulness_probabilities, setting_name
 
 METHODS = ("cefam", "gradcam", "single_channel", "random")
 METHOD_TITLES = {
@@ -46,6 +55,8 @@ METHOD_TITLES = {
     "single_channel": "single channel",
     "random": "random map",
 }
+FAITHFULNESS_METHODS = ("cefam", "gradcam")
+FAITHFULNESS_TITLES = {"cefam": "CE-FAM class map", "gradcam": "Grad-CAM at that layer"}
 
 
 class ContributionAccuracy(Metric):
@@ -110,6 +121,28 @@ def _padded_concepts(present: Tensor) -> tuple[Tensor, Tensor]:
     return torch.where(valid, order, 0), valid
 
 
+def _with_concepts(concepts: Tensor, valid: Tensor, wanted: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Append to the ``(B, N)`` padded concepts the ``wanted`` ``(B, T)`` ones they lack.
+
+    Returns:
+        ``(union, union_valid, slot)``: ``(B, N + E)`` concept indices (the first ``N`` columns unchanged, then each
+        image's missing wanted concepts, padded with concept 0), their validity, and ``(B, T)`` the column of each
+        wanted concept in ``union``.
+    """
+    match = (wanted[:, :, None] == concepts[:, None, :]) & valid[:, None, :]  # (B, T, N)
+    found = match.any(dim=2)
+    missing = ~found
+    position = missing.long().cumsum(dim=1) - 1  # each missing concept's column among the extras
+    e = int(missing.sum(dim=1).max()) if missing.numel() else 0
+    extra = torch.zeros(len(wanted), e, dtype=concepts.dtype, device=concepts.device)
+    extra_valid = torch.zeros(len(wanted), e, dtype=torch.bool, device=concepts.device)
+    rows, cols = missing.nonzero(as_tuple=True)
+    extra[rows, position[rows, cols]] = wanted[rows, cols]
+    extra_valid[rows, position[rows, cols]] = True
+    slot = torch.where(found, match.to(torch.uint8).argmax(dim=2), concepts.shape[1] + position.clamp_min(0))
+    return torch.cat([concepts, extra], dim=1), torch.cat([valid, extra_valid], dim=1), slot
+
+
 class ExplanationEvaluation(nn.Module):
     """Accumulate region metrics (CE-FAM and baselines) and contribution accuracy over batches.
 
@@ -126,6 +159,9 @@ class ExplanationEvaluation(nn.Module):
             (a diagnostic; it runs the masked variants through every layer's tail, several times the cost).
         contributions: score the contribution accuracy at all; ``False`` for data without a key object (the
             results then have an empty ``contribution``).
+        faithfulness_top_n: score the faithfulness of CE-FAM's class map built from the top this many concepts
+            (and of Grad-CAM at its main layer); ``None`` leaves it out.
+        keeps: kept pixel fractions of the faithfulness metrics.
     """
 
     def __init__(
@@ -139,8 +175,12 @@ class ExplanationEvaluation(nn.Module):
         sync_on_compute: bool = True,
         per_layer_contributions: bool = False,
         contributions: bool = True,
+        faithfulness_top_n: int | None = None,
+        keeps: Sequence[float] = DEFAULT_KEEPS,
     ):
         super().__init__()
+        if faithfulness_top_n is not None and faithfulness_top_n < 1:
+            raise ValueError(f"faithfulness_top_n must be >= 1 or None, got {faithfulness_top_n}")
         self.layers = list(layers)
         self.settings = [*self.layers, "top1"]
         self.single_channel, self.k, self.fill = single_channel, k, fill
@@ -159,6 +199,15 @@ class ExplanationEvaluation(nn.Module):
             {s: ContributionAccuracy(sync_on_compute=sync_on_compute) for s in contribution_settings}
         )
         self.register_buffer("selected", torch.zeros(len(self.layers), dtype=torch.long), persistent=False)
+        self.faithfulness_top_n, self.keeps = faithfulness_top_n, list(keeps)
+        self.faithfulness = nn.ModuleDict(
+            {m: Faithfulness(self.keeps, sync_on_compute=sync_on_compute) for m in FAITHFULNESS_METHODS}
+            if faithfulness_top_n is not None
+            else {}
+        )
+        # Per image: the layer Grad-CAM is scored at, and whether any top concept contributed positively.
+        self.register_buffer("class_map_layer", torch.zeros(len(self.layers), dtype=torch.long), persistent=False)
+        self.register_buffer("class_map_empty", torch.zeros((), dtype=torch.long), persistent=False)
         self.generator = torch.Generator().manual_seed(seed)
 
     @torch.no_grad()
@@ -214,12 +263,27 @@ class ExplanationEvaluation(nn.Module):
         slices = layer_slices(out.activations, self.layers)
         rows = valid.nonzero(as_tuple=True)
         ids = concepts[rows]
-
-        jac_sel = jac.gather(1, concepts[:, :, None].expand(-1, -1, jac.shape[2]))
-        cefam_low = concept_regions(out.activations, self.layers, jac_sel)  # {layer: (B, N, h, w)}
+        n = concepts.shape[1]
+        faithfulness = bool(self.faithfulness)
         relevance = layer_relevance(z, jac, slices, translator, scorer, concepts, k=self.k)
         top = relevance.argmax(dim=-1)  # (B, N)
         self.selected += torch.bincount(top[rows], minlength=len(self.layers)).to(self.selected.device)
+        union, union_valid, union_top, slot = concepts, valid, top, None
+        if faithfulness:
+            # The class map's top-N predicted concepts join the present ones; only those not present cost extra
+            # (their relevance as sparse pairs, their contributions in the same pass as the present ones').
+            scores = scorer(translator(z)).float()
+            wanted = scores.topk(min(self.faithfulness_top_n, scores.shape[1]), dim=1).indices  # (B, T)
+            union, union_valid, slot = _with_concepts(concepts, valid, wanted)
+            extra = union_valid[:, n:].nonzero(as_tuple=True)
+            union_top = torch.cat([top, torch.zeros_like(union[:, n:])], dim=1)
+            if len(extra[0]):
+                pi, ids_extra = extra[0], union[:, n:][extra]
+                rel = layer_relevance(z[pi], jac[pi], slices, translator, scorer, ids_extra[:, None], k=self.k)
+                union_top[pi, n + extra[1]] = rel[:, 0].argmax(dim=-1)
+        jac_sel = jac.gather(1, union[:, :, None].expand(-1, -1, jac.shape[2]))
+        union_low = concept_regions(out.activations, self.layers, jac_sel)  # {layer: (B, N + E, h, w)}
+        cefam_low = {layer: maps[:, :n] for layer, maps in union_low.items()}  # the present concepts
         gradcam_low = gradcam_maps(classifier, out.activations, pred, self.layers)  # {layer: (B, h, w)}
 
         # Per method, the pair maps at every layer, stacked: (L, P, H, W).
@@ -244,26 +308,77 @@ class ExplanationEvaluation(nn.Module):
             self.region[f"{method}/top1"].update(maps[top_layer[method], pair], pair_masks, ids)
         self.region["random/top1"].update(random_maps(pair_masks.shape, self.generator, images.device), pair_masks, ids)
 
-        if key is not None and self.contribution:
+        def contributions_at(chosen: Tensor, which: Tensor, which_valid: Tensor) -> Tensor:
+            chosen = torch.where(which_valid, chosen, -1)  # padding slots select no layer: not computed (0)
+            return concept_contributions(
+                classifier, out.activations, logits, jac, z, slices, which, chosen, pred, k=self.k, fill=self.fill
+            )
+
+        scored = key is not None and bool(self.contribution)
+        union_contributions = None
+        if faithfulness or (scored and "top1" in self.contribution):
+            union_contributions = contributions_at(union_top, union, union_valid)
+        if scored:
             key_present = key.bool().gather(1, concepts) & valid
             correct = pred == labels
-            choices = {"top1": top, **{layer: torch.full_like(top, li) for li, layer in enumerate(self.layers)}}
             for setting in self.contribution:
-                concept_layers = choices[setting]
-                contributions = concept_contributions(
-                    classifier,
-                    out.activations,
-                    logits,
-                    jac,
-                    z,
-                    slices,
-                    concepts,
-                    concept_layers,
-                    pred,
-                    k=self.k,
-                    fill=self.fill,
-                )
+                if setting == "top1":
+                    contributions = union_contributions[:, :n]
+                else:
+                    contributions = contributions_at(torch.full_like(top, self.layers.index(setting)), concepts, valid)
                 self.contribution[setting].update(contributions, valid, key_present, correct)
+        if faithfulness:
+            self._update_faithfulness(
+                classifier,
+                images,
+                logits,
+                pred,
+                union_low,
+                gradcam_low,
+                union_top.gather(1, slot),
+                union_contributions.gather(1, slot),
+                slot,
+            )
+
+    def _update_faithfulness(
+        self,
+        classifier,
+        images: Tensor,
+        logits: Tensor,
+        pred: Tensor,
+        union_low: dict[str, Tensor],
+        gradcam_low: dict[str, Tensor],
+        chosen: Tensor,
+        contributions: Tensor,
+        slot: Tensor,
+    ) -> None:
+        """AD / IC of CE-FAM's class map of the top-N concepts (``slot``: their columns in ``union_low``, ``chosen``
+        their selected layers, ``contributions`` theirs) and of Grad-CAM at the layer carrying most of its weight."""
+        size = images.shape[-2:]
+        b, t = slot.shape
+        regions = images.new_zeros(b, t, *size, dtype=torch.float32)
+        for li, layer in enumerate(self.layers):
+            at_layer = chosen == li
+            if at_layer.any():
+                low = union_low[layer]
+                picked = low.gather(1, slot[:, :, None, None].expand(-1, -1, *low.shape[2:]))
+                regions = torch.where(at_layer[:, :, None, None], upsample_regions(picked, size), regions)
+        class_map = fused_class_map(regions, contributions)
+        weight = contributions.float().nan_to_num(0.0).clamp_min(0.0)
+        per_layer = weight.new_zeros(b, len(self.layers)).scatter_add_(1, chosen, weight)
+        empty = per_layer.sum(dim=1) <= 0
+        # Grad-CAM's layer: the one carrying most of the class map's weight (the top concept's when it is empty).
+        main = torch.where(empty, chosen[:, 0], per_layer.argmax(dim=1))
+        gradcam = images.new_zeros(b, *size, dtype=torch.float32)
+        for li, layer in enumerate(self.layers):
+            if (main == li).any():
+                up = upsample_regions(gradcam_low[layer][:, None], size)[:, 0]
+                gradcam = torch.where((main == li)[:, None, None], up, gradcam)
+        self.class_map_layer += torch.bincount(main, minlength=len(self.layers)).to(self.class_map_layer.device)
+        self.class_map_empty += empty.sum().to(self.class_map_empty.device)
+        for method, maps in (("cefam", class_map), ("gradcam", gradcam)):
+            y, o = faithfulness_probabilities(classifier, images, maps, pred, self.keeps, logits=logits)
+            self.faithfulness[method].update(y, o)
 
     def compute(self) -> dict[str, Any]:
         """Plain-number results: ``regions[method][setting]`` (metric dicts), ``contribution``, ``layer_selection``."""
@@ -280,11 +395,52 @@ class ExplanationEvaluation(nn.Module):
             },
             "layer_selection": {layer: int(n) / total for layer, n in zip(self.layers, self.selected, strict=True)},
             "settings": {"k": self.k, "fill": self.fill},
+            **({"faithfulness": self._faithfulness_results()} if self.faithfulness else {}),
+        }
+
+    def _faithfulness_results(self) -> dict[str, Any]:
+        images = int(self.faithfulness["cefam"].total)
+        return {
+            "top_n": self.faithfulness_top_n,
+            "keeps": self.keeps,
+            "images": images,
+            "methods": {
+                m: {k: float(v) for k, v in metric.compute().items()} for m, metric in self.faithfulness.items()
+            },
+            # Share of images whose Grad-CAM was taken at each layer (CE-FAM's main layer).
+            "gradcam_layer": {
+                layer: int(c) / max(images, 1) for layer, c in zip(self.layers, self.class_map_layer, strict=True)
+            },
+            # Images none of whose top concepts contributed positively: their class map is all zeros.
+            "images_without_positive_contribution": int(self.class_map_empty),
         }
 
 
 def _title(setting: str) -> str:
     return "top-1 layer" if setting == "top1" else setting
+
+
+def _faithfulness_lines(faith: dict[str, Any]) -> list[str]:
+    names = [setting_name(k) for k in faith["keeps"]]
+    head = [*[f"AD {n} ↓" for n in names], *[f"IC {n} ↑" for n in names]]
+    layers = ", ".join(f"{k} {v:.2f}" for k, v in faith["gradcam_layer"].items())
+    lines = [
+        f"Faithfulness of the class map (predicted class, {faith['images']} images): CE-FAM's top-{faith['top_n']} "
+        "concepts' regions weighted by their positive contributions, beside Grad-CAM at the layer carrying most of "
+        "that weight\n",
+        "| method | " + " | ".join(head) + " |",
+        "|---" * (len(head) + 1) + "|",
+    ]
+    for method, row in faith["methods"].items():
+        cells = [f"{row[f'ad/{n}']:.2f}" for n in names] + [f"{row[f'ic/{n}']:.1f}" for n in names]
+        lines.append(f"| {FAITHFULNESS_TITLES.get(method, method)} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(
+        f"Grad-CAM's layer (share of images): {layers}; images whose top concepts contribute nothing positive "
+        f"(an all-zero class map): {faith['images_without_positive_contribution']}"
+    )
+    lines.append("")
+    return lines
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -323,6 +479,9 @@ def format_table(results: dict[str, Any]) -> str:
             cells = " | ".join(f"{contribution[s][name]:.3f}" for s in masked_at)
             lines.append(f"| {title} | {cells} |")
         lines.append("")
+    faith = results.get("faithfulness")
+    if faith and faith.get("images"):
+        lines.extend(_faithfulness_lines(faith))
     sel = results.get("layer_selection", {})
     if sel:
         shares = ", ".join(f"{k} {v:.2f}" for k, v in sel.items())

@@ -1,4 +1,4 @@
-"""Explain images with a trained CE-FAM checkpoint: what the classifier saw, where, at which layer, how much.
+"""Explain images with a trained checkpoint: what the classifier saw, where, at which layer, how much.
 
 Usage::
 
@@ -6,29 +6,39 @@ Usage::
                       [--fill spatial_mean|zero] [--target CLASS] [--out DIR] [--batch-size 16]
                       [--device auto|cpu|cuda] [--no-figures] INPUT [INPUT ...]
 
-``INPUT`` is an image file or a folder (searched recursively for .jpg/.jpeg/.png/.bmp/.gif/.webp/.tif/.tiff,
-in sorted order). Each image goes through the classifier's own input transform (shorter side resized, center
-crop: ``classifier.input_spec``, recorded in the checkpoint) and is explained (SPEC §2.7). For each image
-``<out>/<name>/`` receives:
+The checkpoint is CE-FAM's, L-CAM's (Fm or Img) or SIAM's, whichever ``train.py method=...`` wrote; its kind is
+read from the checkpoint (:func:`cefam_lightning.checkpoints.checkpoint_kind`). ``INPUT`` is an image file or a
+folder (searched recursively for .jpg/.jpeg/.png/.bmp/.gif/.webp/.tif/.tiff, in sorted order). Each image goes
+through the classifier's own input transform (shorter side resized, center crop: ``classifier.input_spec``,
+recorded in the checkpoint) and is explained. For each image ``<out>/<name>/`` receives ``report.json``,
+``regions.npz`` (float16 maps at the classifier's input resolution: the resized, center-cropped image) and
+``figure.png``:
 
-- ``report.json``: the predicted class and its probability, the explained class (``--target`` or the
+- **CE-FAM** (SPEC §2.7): the predicted class and its probability, the explained class (``--target`` or the
   predicted one), and for each reported concept (decreasing score) its score ``S``, probability, selected
   layer, relevance at every layer, contribution to the explained class (signed) and the key of its region map;
-- ``regions.npz``: one float16 region map per reported concept, at the classifier's input resolution (the
-  resized, center-cropped image);
-- ``figure.png``: the image, each concept's region overlaid, and a bar chart of the contributions.
+  the figure shows the image, each concept's region overlaid, and a bar chart of the contributions.
+- **L-CAM** (SPEC §5): the predicted and explained class, the class map of the explained class (one forward
+  pass) and how much it holds: the explained class's probability on the image kept where the map is high (the
+  whole map, its top 50 % and top 15 % of pixels, SPEC §4) and the relative drop from the whole image; the
+  figure shows the map and those probabilities.
+- **SIAM** (SPEC §6): the predicted and explained class, every attribute (decreasing absolute contribution)
+  with its presence probability, score and contribution ``weight x score`` (with the ``bias`` they sum to the
+  class logit), the ``--top-n`` attributes' maps and the class map; the figure shows those maps and a bar chart
+  of the contributions.
 
 ``<out>/summary.json`` lists the explained images (with their folders), the images that could not be read
 (with the reason) and the settings. An unreadable image is reported and skipped; the others are explained.
 
-Concepts: by default the checkpoint's own concept set, top ``--top-n`` by score. ``--concepts`` gives a set
-instead, either comma-separated names (``red,circle``) or a text file with one concept per line, ``name`` or
+CE-FAM concepts: by default the checkpoint's own concept set, top ``--top-n`` by score. ``--concepts`` gives a
+set instead, either comma-separated names (``red,circle``) or a text file with one concept per line, ``name`` or
 ``name,type`` (or tab-separated; blank lines and ``#`` comments are ignored). Every given concept is scored and
 ranked; ``--top-n`` limits how many are reported. Names in the checkpoint's concept set use its text
 embeddings; other names need the VLM's text encoder, i.e. an embedding store that holds them (``--store``),
 made with the same VLM. With CLIP-style scoring, concept probabilities (and so layer relevance) are a softmax
 over the concept set being explained: they change when the set changes. SigLIP-style probabilities are
-per-concept sigmoids and do not.
+per-concept sigmoids and do not. ``--concepts``, ``--store``, ``--k`` and ``--fill`` are CE-FAM's; L-CAM and
+SIAM explain their own class map and attributes (``--concepts``/``--store`` with them is an error).
 
 Exit status: 0 when at least one image was explained, 1 when none could be read, 2 for a bad argument
 (missing or foreign checkpoint, unknown concept or class, missing input), reported on one ``error:`` line.
@@ -44,7 +54,7 @@ import os
 import re
 import sys
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -55,12 +65,16 @@ from torch import Tensor, nn
 
 from cefam_lightning import devices
 from cefam_lightning.cefam_module import CEFAMModule
+from cefam_lightning.checkpoints import KIND_ARTICLES, CheckpointError, load_explainer, method_name, module_kind
 from cefam_lightning.components import ConceptScorer
 from cefam_lightning.concepts import ConceptFileError, read_concept_file
 from cefam_lightning.contributions import FILLS
 from cefam_lightning.embedding_store import EmbeddingStore, EmbeddingStoreError
 from cefam_lightning.explainer import BatchExplanation, explain_batch
 from cefam_lightning.io_utils import atomic_write_bytes, atomic_write_json
+from cefam_lightning.lcam_module import LCAMModule, normalize_maps, select_class
+from cefam_lightning.metrics.functional.faithfulness import DEFAULT_KEEPS, faithfulness_probabilities, setting_name
+from cefam_lightning.siam_module import SIAMModule
 from cefam_lightning.transforms import load_image
 
 log = logging.getLogger("cefam_lightning")
@@ -69,6 +83,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 CONCEPT_FILE_SUFFIXES = (".txt", ".csv", ".tsv", ".lst")
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 _MAX_LISTED = 40  # names listed at most in an error message
+EXPLAINERS = (CEFAMModule, LCAMModule, SIAMModule)
+Explainer = CEFAMModule | LCAMModule | SIAMModule
 
 
 class ExplainError(ValueError):
@@ -97,22 +113,17 @@ class _Parts:
 # ---------------------------------------------------------------------- checkpoint
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> CEFAMModule:
-    """Load a CE-FAM module; a missing file or a checkpoint of another kind raises :class:`ExplainError`."""
-    path = Path(path)
-    if not path.is_file():
-        raise ExplainError(f"checkpoint not found: {path}")
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> Explainer:
+    """Load the explainer of a checkpoint: a CE-FAM, L-CAM or SIAM module, told apart by
+    :func:`~cefam_lightning.checkpoints.checkpoint_kind`. A missing file or a checkpoint of another kind raises
+    :class:`ExplainError`."""
     try:
-        return CEFAMModule.from_checkpoint(path, map_location=map_location)
-    except ValueError as e:
-        if "not a CE-FAM checkpoint" in str(e):
-            raise ExplainError(_one_line(e)) from e
-        raise ExplainError(f"{path}: not a CE-FAM checkpoint, or one this version cannot load ({_reason(e)})") from e
-    except Exception as e:  # unpickling, a foreign layout, a state dict that does not fit: all "not ours"
-        raise ExplainError(f"{path}: not a CE-FAM checkpoint, or one this version cannot load ({_reason(e)})") from e
+        return load_explainer(path, map_location=map_location)
+    except CheckpointError as e:
+        raise ExplainError(_one_line(e)) from e
 
 
-def input_size(module: CEFAMModule) -> int:
+def input_size(module: Explainer) -> int:
     """The classifier's input crop size (``classifier.input_spec.crop``)."""
     return module.classifier.input_spec.crop
 
@@ -289,7 +300,7 @@ def output_names(paths: Sequence[Path]) -> list[str]:
 
 
 def explain_images(
-    module_or_ckpt: CEFAMModule | str | os.PathLike,
+    module_or_ckpt: Explainer | str | os.PathLike,
     paths: Sequence[str | os.PathLike],
     *,
     concepts: str | os.PathLike | Sequence[str | tuple[str, str | None]] | None = None,
@@ -303,16 +314,21 @@ def explain_images(
     device: str | torch.device | None = None,
     figures: bool = True,
 ) -> dict[str, Any]:
-    """Explain image files (or folders of them) and write reports, region maps and figures under ``out_dir``.
+    """Explain image files (or folders of them) and write reports, maps and figures under ``out_dir``.
+
+    The explainer is CE-FAM, L-CAM or SIAM, whichever wrote the checkpoint (or the module given); see the
+    module docstring for what each writes.
 
     Args:
-        module_or_ckpt: a trained :class:`CEFAMModule`, or the path of its checkpoint.
+        module_or_ckpt: a trained :class:`CEFAMModule`, :class:`LCAMModule` or :class:`SIAMModule`, or the path of
+            its checkpoint.
         paths: image files and folders (see :func:`find_images`).
-        concepts: the concept set to explain (see :func:`read_concepts`); default the checkpoint's.
-        store: an embedding store (folder or opened) holding concepts the checkpoint does not know.
-        top_n: how many concepts to report per image, by decreasing score.
-        k: channels deleted / masked at most for relevance and contribution (SPEC's ``K``).
-        fill: how a masked channel is filled for contributions (``"spatial_mean"`` or ``"zero"``).
+        concepts: CE-FAM: the concept set to explain (see :func:`read_concepts`); default the checkpoint's.
+        store: CE-FAM: an embedding store (folder or opened) holding concepts the checkpoint does not know.
+        top_n: CE-FAM: how many concepts to report per image, by decreasing score; SIAM: how many attributes'
+            maps to keep and draw, by decreasing absolute contribution.
+        k: CE-FAM: channels deleted / masked at most for relevance and contribution (SPEC's ``K``).
+        fill: CE-FAM: how a masked channel is filled for contributions (``"spatial_mean"`` or ``"zero"``).
         target: the class to explain, by name; default each image's predicted class.
         out_dir: where ``<name>/report.json``, ``regions.npz``, ``figure.png`` and ``summary.json`` go.
         batch_size: images explained together.
@@ -322,7 +338,8 @@ def explain_images(
 
     Returns:
         The summary also written to ``out_dir/summary.json``: ``checkpoint``, ``settings``, ``explained``
-        (``[{"image", "folder"}]``) and ``failed`` (``[{"image", "error"}]``, unreadable images).
+        (``[{"image", "folder"}]``) and ``failed`` (``[{"image", "error"}]``, unreadable images); for L-CAM and
+        SIAM also ``method``.
 
     Raises:
         ExplainError: a missing or foreign checkpoint, unknown concept or class, missing input, bad setting.
@@ -333,13 +350,14 @@ def explain_images(
         raise ExplainError(f"fill must be one of {', '.join(FILLS)}, got {fill!r}")
     images = find_images(paths)  # first: a mistyped path is reported before any model is loaded
     names = output_names(images)
-    if isinstance(module_or_ckpt, CEFAMModule):
+    if isinstance(module_or_ckpt, EXPLAINERS):
         module, checkpoint = module_or_ckpt, None
         dev = select_device(device) if device is not None else module.device
     else:
         dev = select_device(device if device is not None else "auto")
         module, checkpoint = load_checkpoint(module_or_ckpt), str(module_or_ckpt)
     module = module.to(dev)
+    kind = module_kind(module)
     spec = module.classifier.input_spec
     class_names = [str(c) for c in module.hparams["class_names"]]
     target_index = None
@@ -348,35 +366,36 @@ def explain_images(
             raise ExplainError(f"unknown class {target!r}; the checkpoint's classes are: {_listing(class_names)}")
         target_index = class_names.index(target)
 
-    opened_store = None
-    if store is not None:
-        opened_store = open_store(store, module.translator.out_dim)
-        if concepts is None:
-            log.warning("warning: --store is only used with --concepts; explaining the checkpoint's concepts")
-    cset = resolve_concepts(module, read_concepts(concepts) if concepts is not None else None, opened_store)
-    if cset.source == "checkpoint":
-        scorer = module.scorer
+    if kind == "cefam":
+        explain, render, settings = _cefam_explainer(
+            module, concepts, store, top_n, k, fill, target, class_names, checkpoint, batch_size, dev
+        )
     else:
-        s = module.scorer
-        scorer = ConceptScorer(cset.text, s.kind, s.logit_scale, s.logit_bias).to(dev)
-    parts = _Parts(module.classifier, module.translator, scorer)
+        if concepts is not None or store is not None:
+            raise ExplainError(
+                f"--concepts and --store choose CE-FAM's concepts; {checkpoint or 'the module'} is "
+                f"{KIND_ARTICLES[kind]} checkpoint, which explains its own "
+                f"{'class map' if kind == 'lcam' else 'attributes'}"
+            )
+        if kind == "siam" and module.hparams.task != "classification":
+            raise ExplainError(f"explain supports classification SIAM checkpoints, not task={module.hparams.task!r}")
+        settings = {
+            "method": method_name(module),
+            "target": target,
+            **({"top_n": top_n} if kind == "siam" else {}),
+            "image_size": spec.crop,
+            "input_spec": spec.to_dict(),
+            "batch_size": batch_size,
+            "device": str(dev),
+        }
+        reports = _lcam_reports if kind == "lcam" else _siam_reports
+        render = render_lcam_figure if kind == "lcam" else render_siam_figure
+
+        def explain(batch: Tensor, tgt: Tensor | None, chunk_paths: list[Path]) -> list[tuple[dict, dict]]:
+            return reports(module, batch, tgt, class_names, [str(p) for p in chunk_paths], checkpoint, settings)
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    n_report = min(top_n, len(cset.names))
-    settings = {
-        "top_n": top_n,
-        "k": k,
-        "fill": fill,
-        "target": target,
-        "concept_set": cset.source,
-        "concepts": cset.names,
-        "store": str(opened_store.path) if opened_store is not None else None,
-        "image_size": spec.crop,
-        "input_spec": spec.to_dict(),
-        "batch_size": batch_size,
-        "device": str(dev),
-    }
     explained: list[dict[str, str]] = []
     failed: list[dict[str, str]] = []
     for start in range(0, len(images), batch_size):
@@ -395,27 +414,84 @@ def explain_images(
         batch = torch.stack(tensors).to(dev)
         tgt = None if target_index is None else torch.full((len(chunk),), target_index, dtype=torch.long, device=dev)
         with torch.no_grad():
-            expl = explain_batch(parts, batch, top_n=n_report, k=k, target=tgt, fill=fill)
-        expl = _to_cpu(expl)  # one transfer per batch, not one per reported number
-        for i, (path, name) in enumerate(chunk):
+            results = explain(batch, tgt, [path for path, _ in chunk])
+        for i, ((path, name), (report, maps)) in enumerate(zip(chunk, results, strict=True)):
             folder = out / name
-            report, maps = _image_report(expl, i, cset, class_names, str(path), checkpoint, settings)
-            _write_outputs(folder, report, maps, batch[i].cpu() if figures else None)
+            _write_outputs(folder, report, maps, batch[i].cpu() if figures else None, render)
             explained.append({"image": str(path), "folder": str(folder)})
             log.info(f"{path} -> {folder}  predicted {report['predicted_class']}")
     summary = {"checkpoint": checkpoint, "settings": settings, "explained": explained, "failed": failed}
+    if kind != "cefam":
+        summary = {"method": settings["method"], **summary}
     atomic_write_json(out / "summary.json", summary)
     return summary
 
 
-def _write_outputs(folder: Path, report: dict[str, Any], maps: dict[str, np.ndarray], image: Tensor | None) -> None:
-    """``report.json``, ``regions.npz`` and (with ``image``) ``figure.png``, each written atomically."""
+def _cefam_explainer(
+    module: CEFAMModule,
+    concepts: str | os.PathLike | Sequence[str | tuple[str, str | None]] | None,
+    store: str | os.PathLike | EmbeddingStore | None,
+    top_n: int,
+    k: int,
+    fill: str,
+    target: str | None,
+    class_names: list[str],
+    checkpoint: str | None,
+    batch_size: int,
+    dev: torch.device,
+):
+    """CE-FAM's explanation of a batch (concepts, regions, layers, contributions), its figure and settings."""
+    opened_store = None
+    if store is not None:
+        opened_store = open_store(store, module.translator.out_dim)
+        if concepts is None:
+            log.warning("warning: --store is only used with --concepts; explaining the checkpoint's concepts")
+    cset = resolve_concepts(module, read_concepts(concepts) if concepts is not None else None, opened_store)
+    if cset.source == "checkpoint":
+        scorer = module.scorer
+    else:
+        s = module.scorer
+        scorer = ConceptScorer(cset.text, s.kind, s.logit_scale, s.logit_bias).to(dev)
+    parts = _Parts(module.classifier, module.translator, scorer)
+    spec = module.classifier.input_spec
+    n_report = min(top_n, len(cset.names))
+    settings = {
+        "top_n": top_n,
+        "k": k,
+        "fill": fill,
+        "target": target,
+        "concept_set": cset.source,
+        "concepts": cset.names,
+        "store": str(opened_store.path) if opened_store is not None else None,
+        "image_size": spec.crop,
+        "input_spec": spec.to_dict(),
+        "batch_size": batch_size,
+        "device": str(dev),
+    }
+
+    def explain(batch: Tensor, tgt: Tensor | None, paths: list[Path]) -> list[tuple[dict, dict]]:
+        expl = explain_batch(parts, batch, top_n=n_report, k=k, target=tgt, fill=fill)
+        expl = _to_cpu(expl)  # one transfer per batch, not one per reported number
+        return [_image_report(expl, i, cset, class_names, str(p), checkpoint, settings) for i, p in enumerate(paths)]
+
+    return explain, render_figure, settings
+
+
+def _write_outputs(
+    folder: Path,
+    report: dict[str, Any],
+    maps: dict[str, np.ndarray],
+    image: Tensor | None,
+    render: Callable[[Tensor, dict[str, Any], dict[str, np.ndarray]], bytes] | None = None,
+) -> None:
+    """``report.json``, ``regions.npz`` and (with ``image``) ``figure.png`` (drawn by ``render``, default CE-FAM's
+    :func:`render_figure`), each written atomically."""
     atomic_write_json(folder / "report.json", report)
     buf = io.BytesIO()
     np.savez_compressed(buf, **maps)
     atomic_write_bytes(folder / "regions.npz", buf.getvalue())
     if image is not None:
-        atomic_write_bytes(folder / "figure.png", render_figure(image, report, maps))
+        atomic_write_bytes(folder / "figure.png", (render or render_figure)(image, report, maps))
 
 
 def _image_report(
@@ -472,6 +548,116 @@ def _image_report(
     return report, maps
 
 
+def _class_entry(probs: Tensor, i: int, class_names: list[str], target: int) -> dict[str, Any]:
+    predicted = int(probs[i].argmax())
+    return {
+        "predicted_class": class_names[predicted],
+        "predicted_probability": _num(probs[i, predicted]),
+        "explained_class": class_names[target],
+        "explained_probability": _num(probs[i, target]),
+    }
+
+
+def _lcam_reports(
+    module: LCAMModule,
+    images: Tensor,
+    target: Tensor | None,
+    class_names: list[str],
+    paths: list[str],
+    checkpoint: str | None,
+    settings: dict[str, Any],
+) -> list[tuple[dict[str, Any], dict[str, np.ndarray]]]:
+    """L-CAM's explanation of a batch: per image its report and its class map (``regions.npz:class_map``).
+
+    The class map of the explained class comes from one forward pass (SPEC §5). "How much" is the explained
+    class's probability on the image kept where the map is high (the faithfulness settings of SPEC §4: the whole
+    map, its top 50 % and top 15 % of pixels), beside the probability on the whole image.
+    """
+    out, c = module.attend(images)
+    logits = out.logits.float()
+    tgt = logits.argmax(dim=1) if target is None else target
+    maps = normalize_maps(select_class(c, tgt), images.shape[-2:])
+    y, o = faithfulness_probabilities(module.classifier, images, maps, tgt, DEFAULT_KEEPS, logits=out.logits)
+    probs = logits.softmax(dim=1)
+    maps, y, o, probs, tgt = maps.cpu(), y.cpu(), o.cpu(), probs.cpu(), tgt.cpu()
+    title = f"L-CAM-{module.variant.capitalize()}"
+    results = []
+    for i, image in enumerate(paths):
+        kept = {setting_name(k): _num(o[i, s]) for s, k in enumerate(DEFAULT_KEEPS)}
+        report = {
+            "image": image,
+            "checkpoint": checkpoint,
+            "method": settings["method"],
+            **_class_entry(probs, i, class_names, int(tgt[i])),
+            "layer": module.layer,
+            "class_map": {
+                "region": "regions.npz:class_map",
+                "title": f"{title} class map at {module.layer}",
+                "probability_kept": kept,
+                "drop_kept": {
+                    n: None if v is None or not y[i] else _num(max(0.0, float(y[i]) - v) / float(y[i]))
+                    for n, v in kept.items()
+                },
+            },
+        }
+        results.append((report, {"class_map": maps[i].numpy().astype(np.float16)}))
+    return results
+
+
+def _siam_reports(
+    module: SIAMModule,
+    images: Tensor,
+    target: Tensor | None,
+    class_names: list[str],
+    paths: list[str],
+    checkpoint: str | None,
+    settings: dict[str, Any],
+) -> list[tuple[dict[str, Any], dict[str, np.ndarray]]]:
+    """SIAM's explanation of a batch (SPEC §6): per image its report and its maps by npz key.
+
+    Every attribute is reported with its presence probability and its contribution to the explained output
+    (``weight x score``; with the bias they sum to that output's logit); the ``top_n`` attributes by absolute
+    contribution also get their attribute map (``regions.npz``), as does the class map (their contribution maps
+    summed).
+    """
+    ex = module.explain(images, target)
+    ex = {k: v.cpu() for k, v in ex.items()}
+    names = [str(a) for a in module.hparams["attribute_names"]]
+    probs = ex["logits"].float().softmax(dim=1)
+    n_maps = min(settings["top_n"], len(names))
+    results = []
+    for i, image in enumerate(paths):
+        contributions = ex["contributions"][i].float()
+        order = contributions.abs().argsort(descending=True).tolist()
+        drawn = set(order[:n_maps])
+        maps: dict[str, np.ndarray] = {"class_map": ex["class_map"][i].float().numpy().astype(np.float16)}
+        entries = []
+        for a in order:
+            entry = {
+                "name": names[a],
+                "presence_probability": _num(ex["presence_probs"][i, a]),
+                "score": _num(ex["scores"][i, a]),
+                "contribution": _num(contributions[a]),
+            }
+            if a in drawn:
+                key = _npz_key(names[a], maps)
+                maps[key] = ex["maps"][i, a].float().nan_to_num(0.0).clamp(-_FLOAT16_MAX, _FLOAT16_MAX).numpy()
+                maps[key] = maps[key].astype(np.float16)
+                entry["region"] = f"regions.npz:{key}"
+            entries.append(entry)
+        report = {
+            "image": image,
+            "checkpoint": checkpoint,
+            "method": "siam",
+            **_class_entry(probs, i, class_names, int(ex["target"][i])),
+            "bias": _num(ex["bias"][i]),
+            "class_map": {"region": "regions.npz:class_map", "title": "SIAM class map (contribution maps summed)"},
+            "attributes": entries,
+        }
+        results.append((report, maps))
+    return results
+
+
 def _to_cpu(expl: BatchExplanation) -> BatchExplanation:
     return replace(expl, **{f.name: getattr(expl, f.name).cpu() for f in fields(expl) if f.name != "layers"})
 
@@ -494,64 +680,134 @@ def _num(x: Tensor | float) -> float | None:
 # ---------------------------------------------------------------------- figure
 
 
-def render_figure(image: Tensor, report: dict[str, Any], maps: dict[str, np.ndarray], dpi: int = 110) -> bytes:
-    """PNG bytes: the image with its prediction, one overlay per reported concept, and the contributions.
-
-    Region maps are shown on the image (``jet``, each normalized to its own maximum) titled
-    ``name (layer, S=score)``; the bar chart shows each concept's contribution to the explained class, negative
-    bars in red beside a zero line. Drawn on a standalone Agg figure (no pyplot state, no display).
-    """
+def _figure(panels: int):
+    """A standalone Agg figure (no pyplot state, no display) with ``panels`` axes, at most 5 per row."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
 
-    concepts = report["concepts"]
-    panels = len(concepts) + 2
     ncols = min(panels, 5)
     nrows = math.ceil(panels / ncols)
     fig = Figure(figsize=(2.8 * ncols, 2.9 * nrows), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
-    img = image.permute(1, 2, 0).clamp(0, 1).numpy()
+    for ax in axes[panels:]:
+        ax.set_visible(False)
+    return fig, axes
 
+
+def _image_panel(ax, img: np.ndarray, report: dict[str, Any]) -> None:
     title = f"predicted: {report['predicted_class']} (p={report['predicted_probability'] or 0:.2f})"
     if report["explained_class"] != report["predicted_class"]:
         title += f"\nexplaining: {report['explained_class']} (p={report['explained_probability'] or 0:.2f})"
-    axes[0].imshow(img)
-    axes[0].set_title(title, fontsize=8)
-    for ax, c in zip(axes[1:], concepts, strict=False):
-        region = maps[c["region"].split(":", 1)[1]].astype(np.float32)
-        peak = float(region.max())
-        ax.imshow(img)
-        ax.imshow(region / peak if peak > 0 else region, cmap="jet", alpha=0.5, vmin=0.0, vmax=1.0)
-        score = "nan" if c["score"] is None else f"{c['score']:.2f}"
-        ax.set_title(f"{c['name']} ({c['layer']}, S={score})", fontsize=8)
-    for ax in axes[: len(concepts) + 1]:
-        ax.set_xticks([])
-        ax.set_yticks([])
+    ax.imshow(img)
+    ax.set_title(title, fontsize=8)
+    ax.set_xticks([])
+    ax.set_yticks([])
 
-    bar = axes[len(concepts) + 1]
-    values = [c["contribution"] if c["contribution"] is not None else 0.0 for c in concepts]
+
+def _overlay(ax, img: np.ndarray, region: np.ndarray, title: str) -> None:
+    """``region`` over the image (``jet``), normalized to its own maximum (negative values shown as 0)."""
+    region = np.clip(region.astype(np.float32), 0.0, None)
+    peak = float(region.max())
+    ax.imshow(img)
+    ax.imshow(region / peak if peak > 0 else region, cmap="jet", alpha=0.5, vmin=0.0, vmax=1.0)
+    ax.set_title(title, fontsize=8)
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _bars(ax, labels: list[str], values: list[float | None], title: str, fmt: str = "%.3g") -> None:
+    """Horizontal bars, top to bottom, negative ones in red beside a zero line."""
+    from matplotlib.ticker import MaxNLocator
+
+    values = [v if v is not None else 0.0 for v in values]
     ypos = np.arange(len(values))
-    colors = ["tab:red" if v < 0 else "tab:blue" for v in values]
-    bars = bar.barh(ypos, values, color=colors)
-    bar.bar_label(bars, fmt="%.3g", fontsize=6, padding=2)
-    bar.axvline(0.0, color="black", linewidth=0.8)
-    bar.set_yticks(ypos, [c["name"] for c in concepts], fontsize=7)
-    bar.invert_yaxis()
+    bars = ax.barh(ypos, values, color=["tab:red" if v < 0 else "tab:blue" for v in values])
+    ax.bar_label(bars, fmt=fmt, fontsize=6, padding=2)
+    ax.axvline(0.0, color="black", linewidth=0.8)
+    ax.set_yticks(ypos, labels, fontsize=7)
+    ax.invert_yaxis()
     lo, hi = min(0.0, *values), max(0.0, *values)
     pad = 0.25 * (hi - lo) if hi > lo else 0.05  # room for the value labels
-    bar.set_xlim(lo - pad, hi + pad)
-    bar.xaxis.set_major_locator(MaxNLocator(nbins=3))
-    bar.tick_params(axis="x", labelsize=7)
-    bar.set_title(f"contribution to {report['explained_class']}", fontsize=8)
-    for ax in axes[len(concepts) + 2 :]:
-        ax.set_visible(False)
+    ax.set_xlim(lo - pad, hi + pad)
+    ax.xaxis.set_major_locator(MaxNLocator(nbins=3))
+    ax.tick_params(axis="x", labelsize=7)
+    ax.set_title(title, fontsize=8)
 
+
+def _png(fig, dpi: int) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=dpi)
     fig.clear()
     return buf.getvalue()
+
+
+def _region(maps: dict[str, np.ndarray], ref: str) -> np.ndarray:
+    return maps[ref.split(":", 1)[1]]
+
+
+def render_figure(image: Tensor, report: dict[str, Any], maps: dict[str, np.ndarray], dpi: int = 110) -> bytes:
+    """CE-FAM's figure, PNG bytes: the image with its prediction, one overlay per reported concept, and the
+    contributions.
+
+    Region maps are shown on the image (``jet``, each normalized to its own maximum) titled
+    ``name (layer, S=score)``; the bar chart shows each concept's contribution to the explained class, negative
+    bars in red beside a zero line.
+    """
+    concepts = report["concepts"]
+    fig, axes = _figure(len(concepts) + 2)
+    img = image.permute(1, 2, 0).clamp(0, 1).numpy()
+    _image_panel(axes[0], img, report)
+    for ax, c in zip(axes[1:], concepts, strict=False):
+        score = "nan" if c["score"] is None else f"{c['score']:.2f}"
+        _overlay(ax, img, _region(maps, c["region"]), f"{c['name']} ({c['layer']}, S={score})")
+    _bars(
+        axes[len(concepts) + 1],
+        [c["name"] for c in concepts],
+        [c["contribution"] for c in concepts],
+        f"contribution to {report['explained_class']}",
+    )
+    return _png(fig, dpi)
+
+
+def render_lcam_figure(image: Tensor, report: dict[str, Any], maps: dict[str, np.ndarray], dpi: int = 110) -> bytes:
+    """L-CAM's figure, PNG bytes: the image with its prediction, the class map overlaid, and the explained
+    class's probability on the whole image and on the image kept where the map is high (100/50/15 %)."""
+    cm = report["class_map"]
+    fig, axes = _figure(3)
+    img = image.permute(1, 2, 0).clamp(0, 1).numpy()
+    _image_panel(axes[0], img, report)
+    _overlay(axes[1], img, _region(maps, cm["region"]), cm["title"].replace(" at ", "\nat "))
+    kept = cm["probability_kept"]
+    _bars(
+        axes[2],
+        ["whole image", *[f"map x image, top {n}" for n in kept]],
+        [report["explained_probability"], *kept.values()],
+        f"p({report['explained_class']})",
+        fmt="%.2f",
+    )
+    return _png(fig, dpi)
+
+
+def render_siam_figure(image: Tensor, report: dict[str, Any], maps: dict[str, np.ndarray], dpi: int = 110) -> bytes:
+    """SIAM's figure, PNG bytes: the image with its prediction, the class map, the maps of the attributes that
+    contribute most (by absolute value), and a bar chart of those attributes' contributions (negative in red)."""
+    drawn = [a for a in report["attributes"] if "region" in a]
+    barred = report["attributes"][: max(len(drawn), min(12, len(report["attributes"])))]
+    fig, axes = _figure(len(drawn) + 3)
+    img = image.permute(1, 2, 0).clamp(0, 1).numpy()
+    _image_panel(axes[0], img, report)
+    _overlay(axes[1], img, _region(maps, report["class_map"]["region"]), "SIAM class map")
+    for ax, a in zip(axes[2:], drawn, strict=False):
+        p = a["presence_probability"]
+        _overlay(ax, img, _region(maps, a["region"]), f"{a['name']} (p={p or 0:.2f}, c={a['contribution'] or 0:.2f})")
+    _bars(
+        axes[len(drawn) + 2],
+        [a["name"] for a in barred],
+        [a["contribution"] for a in barred],
+        f"contribution to {report['explained_class']}",
+    )
+    return _png(fig, dpi)
 
 
 # ---------------------------------------------------------------------- command line
@@ -569,7 +825,9 @@ def _one_line(e: BaseException | str) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True, metavar="CKPT", help="a CE-FAM checkpoint written by train.py")
+    p.add_argument(
+        "--checkpoint", required=True, metavar="CKPT", help="a CE-FAM, L-CAM or SIAM checkpoint written by train.py"
+    )
     p.add_argument(
         "--concepts",
         default=None,
@@ -583,7 +841,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="embedding store folder holding concepts the checkpoint lacks",
     )
     p.add_argument(
-        "--top-n", type=int, metavar="N", default=8, help="concepts reported per image, by score (default 8)"
+        "--top-n",
+        type=int,
+        metavar="N",
+        default=8,
+        help="CE-FAM: concepts reported per image, by score; SIAM: attribute maps drawn (default 8)",
     )
     p.add_argument("--k", type=int, default=20, help="channels deleted/masked for relevance/contribution (default 20)")
     p.add_argument("--fill", choices=FILLS, default="spatial_mean", help="masked-channel fill for contributions")

@@ -113,3 +113,37 @@ def explain_batch(
         contributions=contributions,
         regions=regions,
     )
+
+
+def fused_class_map(regions: Tensor, contributions: Tensor) -> Tensor:
+    """CE-FAM's class map: the explained concepts' regions weighted by their positive contributions.
+
+    ``M = Σ_n max(contribution_n, 0) · R̂_n``, with ``R̂_n`` concept ``n``'s region at its selected layer min-max
+    normalized to ``[0, 1]`` (a constant region counts as 0). Concepts that push against the class, or do not move
+    it (every concept at a layer right before global average pooling, with the spatial-mean fill), add nothing;
+    when no concept contributes positively the map is all zeros. This is the map the faithfulness metrics
+    (SPEC §4) score beside L-CAM's and Grad-CAM's.
+
+    Args:
+        regions: ``(B, N, H, W)`` region maps (:attr:`BatchExplanation.regions`).
+        contributions: ``(B, N)`` their contributions to the explained class (NaN counts as 0).
+
+    Returns:
+        ``(B, H, W)`` float32 maps.
+
+    Example:
+        >>> regions = torch.tensor([[[[0.0, 2.0]], [[1.0, 3.0]], [[4.0, 0.0]]]])  # 3 concepts of a 1x2 image
+        >>> fused_class_map(regions, torch.tensor([[0.5, 0.25, -1.0]]))
+        tensor([[[0.0000, 0.7500]]])
+    """
+    if regions.ndim != 4 or contributions.shape != regions.shape[:2]:
+        raise ValueError(
+            f"expected regions (B, N, H, W) and contributions (B, N), got {tuple(regions.shape)} and "
+            f"{tuple(contributions.shape)}"
+        )
+    flat = regions.float().flatten(2)
+    low = flat.amin(2, keepdim=True)
+    span = flat.amax(2, keepdim=True) - low
+    normalized = ((flat - low) / torch.where(span > 0, span, torch.ones_like(span))).view_as(regions)
+    weights = contributions.float().nan_to_num(0.0).clamp_min(0.0)
+    return (weights[:, :, None, None] * normalized).sum(1)

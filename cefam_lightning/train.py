@@ -40,15 +40,13 @@ from cefam_lightning.classifier_fit import FitSettings, fit_shapes_classifier
 from cefam_lightning.components import ConceptScorer, Translator
 from cefam_lightning.config import ConfigError, load_config, to_dict, world_spec
 from cefam_lightning.datamodule import ShapesWorldDataModule
-from cefam_lightning.evaluate import evaluate_on_world, write_results
+from cefam_lightning.evaluate import evaluate_explainer_on_world, write_results
 from cefam_lightning.feature_cache import PooledFeatureCache, pooled_identity
 from cefam_lightning.image_datamodule import ImageDataModule
 from cefam_lightning.image_sources import open_source
-from cefam_lightning.io_utils import atomic_write_bytes, atomic_write_json
-from cefam_lightning.lcam_evaluation import evaluate_lcam_on_world, format_lcam_table
+from cefam_lightning.io_utils import atomic_write_json
 from cefam_lightning.lcam_module import build_lcam_module
 from cefam_lightning.loggers import build_loggers, code_version, finish_loggers, run_links
-from cefam_lightning.siam_evaluation import evaluate_siam_on_world, format_siam_table
 from cefam_lightning.siam_module import build_siam_module
 from cefam_lightning.transforms import InputSpec
 
@@ -291,35 +289,20 @@ def _evaluate(
     cfg: DictConfig, module: Any, world: Any, max_images: int | None, checkpoint: str | None
 ) -> tuple[dict[str, Any], str]:
     """The method's evaluation on the world's test split (of ``checkpoint``'s weights, which ``module`` holds),
-    written to ``<run>/evaluation/``: results and table."""
-    ecfg, method = cfg.evaluation, cfg.method
-    folder = Path(module.trainer.default_root_dir) / "evaluation"
-    if method == "cefam":
-        results = evaluate_on_world(
-            module,
-            world,
-            "test",
-            k=ecfg.k,
-            fill=ecfg.fill,
-            batch_size=ecfg.batch_size,
-            max_images=max_images,
-            seed=ecfg.seed,
-        )
-        results["checkpoint"] = checkpoint
-        return results, write_results(results, folder)
-    if method == "siam":
-        results = evaluate_siam_on_world(module, world, "test", batch_size=ecfg.batch_size, max_images=max_images)
-        table = format_siam_table(results)
-    else:
-        results = evaluate_lcam_on_world(
-            module, world, "test", batch_size=ecfg.batch_size, max_images=max_images, seed=ecfg.seed
-        )
-        table = format_lcam_table(results)
+    written to ``<run>/evaluation/``: results and table (what ``evaluate.py --checkpoint`` computes)."""
+    ecfg = cfg.evaluation
+    results, table = evaluate_explainer_on_world(
+        module,
+        world,
+        "test",
+        k=ecfg.k,
+        fill=ecfg.fill,
+        batch_size=ecfg.batch_size,
+        max_images=max_images,
+        seed=ecfg.seed,
+    )
     results["checkpoint"] = checkpoint
-    folder.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(folder / "evaluation.json", results)
-    atomic_write_bytes(folder / "evaluation.md", table.encode())
-    return results, table
+    return results, write_results(results, Path(module.trainer.default_root_dir) / "evaluation", table)
 
 
 def _run_record(run_dir: Path, loggers: Sequence[Any], callbacks: Sequence[L.Callback], metrics: dict) -> dict:

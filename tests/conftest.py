@@ -68,6 +68,24 @@ def tiny_checkpoint(tiny_run) -> str:
     return tiny_run["best_checkpoint"]
 
 
+@pytest.fixture(scope="session")
+def tiny_method_run(cache_dir, tmp_path_factory):
+    """``tiny_method_run(method)``: a tiny 1-epoch ``train.py method=...`` run (region maps rendered every
+    epoch), trained once per session and shared: its metrics.json dict."""
+    from cefam_lightning.train import main
+
+    runs: dict[str, dict] = {}
+    out = tmp_path_factory.mktemp("method_runs")
+
+    def get(method: str) -> dict:
+        if method not in runs:
+            cb = "callbacks.region_maps.every_n_epochs=1"
+            runs[method] = main([*tiny_overrides(cache_dir, out, method), f"method={method}", cb])
+        return runs[method]
+
+    return get
+
+
 def closed_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

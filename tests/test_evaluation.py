@@ -106,8 +106,46 @@ def test_evaluation_on_the_tiny_world_is_complete_and_independent_of_batching(ti
     for setting, values in a["contribution"].items():
         assert values == pytest.approx(b["contribution"][setting], nan_ok=True), setting
     assert sum(a["layer_selection"].values()) == pytest.approx(1.0)
+    faith = a["faithfulness"]
+    assert faith["images"] == len(presence) and set(faith["methods"]) == {"cefam", "gradcam"}
+    for method, row in faith["methods"].items():
+        assert row == pytest.approx(b["faithfulness"]["methods"][method], abs=1e-4), method
+        assert all(0 <= row[f"ic/{n}"] <= 100 for n in ("100%", "50%", "15%"))
+    assert sum(faith["gradcam_layer"].values()) == pytest.approx(1.0)
     table = format_table(a)
+    assert "Faithfulness of the class map" in table and "| Grad-CAM at that layer |" in table
     assert "CE-FAM" in table and "single channel" in table and "top-1 layer" in table
+
+
+def test_cefam_faithfulness_scores_the_class_map_explain_would_draw(tiny_checkpoint, tiny_world):
+    """The evaluation's CE-FAM class map is explain's: the top-8 concepts' regions at their selected layers,
+    fused by positive contribution; its AD/IC are those of that map, computed here by hand."""
+    from cefam_lightning.evaluation import ExplanationEvaluation
+    from cefam_lightning.explainer import explain_batch, fused_class_map
+    from cefam_lightning.metrics.functional.faithfulness import (
+        average_drop,
+        faithfulness_probabilities,
+        increase_in_confidence,
+    )
+
+    module = load_checkpoint(tiny_checkpoint)
+    split = tiny_world.split("test")
+    images = torch.from_numpy(np.array(split.images[:12])).permute(0, 3, 1, 2).float() / 255
+    masks = torch.from_numpy(np.array(split.masks[:12]))
+    labels = torch.from_numpy(np.asarray(split.labels[:12]))
+    types = [c.type for c in tiny_world.concepts]
+    evaluation = ExplanationEvaluation(
+        module.classifier.layers, types, None, k=20, sync_on_compute=False, contributions=False, faithfulness_top_n=8
+    )
+    evaluation.update(module, images, masks, labels)
+    got = evaluation.compute()["faithfulness"]["methods"]["cefam"]
+
+    expl = explain_batch(module, images, top_n=8, k=20)
+    class_map = fused_class_map(expl.regions, expl.contributions)
+    y, o = faithfulness_probabilities(module.classifier, images, class_map, expl.target)
+    for s, name in enumerate(("100%", "50%", "15%")):
+        assert got[f"ad/{name}"] == pytest.approx(float(average_drop(y, o[:, s])), abs=1e-3), name
+        assert got[f"ic/{name}"] == pytest.approx(float(increase_in_confidence(y, o[:, s])), abs=1e-6), name
 
 
 def test_evaluation_rejects_a_checkpoint_of_another_world(tiny_checkpoint, cache_dir):

@@ -194,13 +194,12 @@ def test_ddp_metrics_equal_one_process_on_the_same_data_and_rank_zero_writes(cac
 
 
 @pytest.mark.parametrize("method", ["lcam_img", "lcam_fm", "siam"])
-def test_train_py_trains_and_evaluates_every_method(method, cache_dir, tmp_path):
+def test_train_py_trains_and_evaluates_every_method(method, tiny_method_run):
     from cefam_lightning.lcam_module import LCAMModule
     from cefam_lightning.siam_module import SIAMModule
 
-    cb = "callbacks.region_maps.every_n_epochs=1"
-    metrics = main([*tiny_overrides(cache_dir, tmp_path, method), f"method={method}", cb])
-    run = tmp_path / method
+    metrics = tiny_method_run(method)
+    run = Path(metrics["run_dir"])
     # The region-map callback renders each method's own maps: L-CAM's class map, SIAM's top attributes' maps.
     figures = sorted((run / "images" / "val" / "region_maps").glob("epoch_000_*.png"))
     assert len(figures) == 4
