@@ -685,8 +685,8 @@ def _figure(panels: int):
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    ncols = min(panels, 5)
-    nrows = math.ceil(panels / ncols)
+    nrows = math.ceil(panels / 5)
+    ncols = math.ceil(panels / nrows)  # rows as even as they can be
     fig = Figure(figsize=(2.8 * ncols, 2.9 * nrows), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
@@ -781,7 +781,7 @@ def render_lcam_figure(image: Tensor, report: dict[str, Any], maps: dict[str, np
     kept = cm["probability_kept"]
     _bars(
         axes[2],
-        ["whole image", *[f"map x image, top {n}" for n in kept]],
+        ["image", *[("image x map" if n == "100%" else f"top {n} of map") for n in kept]],
         [report["explained_probability"], *kept.values()],
         f"p({report['explained_class']})",
         fmt="%.2f",
