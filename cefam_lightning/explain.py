@@ -784,7 +784,7 @@ def render_lcam_figure(image: Tensor, report: dict[str, Any], maps: dict[str, np
         ["image", *[("image x map" if n == "100%" else f"top {n} of map") for n in kept]],
         [report["explained_probability"], *kept.values()],
         f"p({report['explained_class']})",
-        fmt="%.2f",
+        fmt="%.3f",
     )
     return _png(fig, dpi)
 
