@@ -260,3 +260,32 @@ def test_evaluation_on_the_world_reports_every_method(tiny_spec, tiny_world, tin
     assert "| L-CAM |" in table and "| Grad-CAM |" in table and "| random map |" in table and "AD 15%" in table
     with pytest.raises(ValueError, match="split"):
         evaluate_lcam_on_world(module, tiny_world, "holdout")
+
+
+# ---------------------------------------------------------------------- ResNet-50 and VGG-16 layouts (SPEC §5)
+
+
+@pytest.mark.parametrize(
+    ("name", "layer", "channels", "side"),
+    [("resnet50", "layer4", 2048, 2), ("vgg16", "features.29", 512, 4)],
+)
+@pytest.mark.parametrize("variant", ["img", "fm"])
+def test_resnet50_and_vgg16_layouts_with_random_weights(name, layer, channels, side, variant):
+    """The attention reads ResNet-50's layer4 (2048 channels) or VGG-16's features[:30] (512): the spec's layouts.
+    At 64 px their maps are 2x2 and 4x4; L-CAM-Fm runs the rest of the network from there (ResNet: avgpool, fc;
+    VGG: the last max-pool, avgpool, the classifier)."""
+    torch.manual_seed(0)
+    clf = build_classifier(name, 5, [layer], image_size=64)  # weights=None: random initialization
+    module = build_lcam_module(clf, 5, list("abcde"), variant).train()
+    assert module.layer == layer and module.attention.in_channels == channels and module.attention.out_channels == 5
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    out, c = module.attend(images)
+    assert c.shape == (2, 5, side, side)
+    ones = torch.ones(2, side, side)
+    torch.testing.assert_close(module.masked_logits(images, out, ones), out.logits, rtol=1e-4, atol=1e-4)
+    step = module.model_step({"image": images})
+    step.loss.backward()
+    assert module.attention.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in clf.parameters())
+    maps = module.class_maps(images)
+    assert maps.shape == (2, 64, 64) and float(maps.min()) >= 0 and float(maps.max()) <= 1
