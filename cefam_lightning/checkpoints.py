@@ -41,7 +41,8 @@ def kind_of_hparams(hparams: Any) -> str | None:
     return None
 
 
-def _one_line(e: BaseException) -> str:
+def error_summary(e: BaseException) -> str:
+    """``Type: message`` of an exception on one line (at most 400 characters), for error messages."""
     text = " ".join(str(e).split())
     text = text if len(text) <= 400 else text[:397] + "..."
     return f"{type(e).__name__}: {text}" if text else type(e).__name__
@@ -68,7 +69,7 @@ def checkpoint_kind(path: str | os.PathLike) -> str:
     except Exception as e:  # unpickling errors of many kinds: all "not a checkpoint of ours"
         raise CheckpointError(
             f"{path}: not a CE-FAM checkpoint (nor an L-CAM or SIAM one), or one this version cannot load "
-            f"({_one_line(e)})"
+            f"({error_summary(e)})"
         ) from e
     kind = kind_of_hparams(ckpt.get("hyper_parameters") if isinstance(ckpt, Mapping) else None)
     if kind is None:
@@ -122,5 +123,5 @@ def load_explainer(path: str | os.PathLike, map_location: str | torch.device = "
         return cls.from_checkpoint(path, map_location=map_location)
     except Exception as e:
         raise CheckpointError(
-            f"{path}: {KIND_ARTICLES[kind]} checkpoint this version cannot load ({_one_line(e)})"
+            f"{path}: {KIND_ARTICLES[kind]} checkpoint this version cannot load ({error_summary(e)})"
         ) from e

@@ -65,7 +65,14 @@ from torch import Tensor, nn
 
 from cefam_lightning import devices
 from cefam_lightning.cefam_module import CEFAMModule
-from cefam_lightning.checkpoints import KIND_ARTICLES, CheckpointError, load_explainer, method_name, module_kind
+from cefam_lightning.checkpoints import (
+    KIND_ARTICLES,
+    CheckpointError,
+    error_summary,
+    load_explainer,
+    method_name,
+    module_kind,
+)
 from cefam_lightning.components import ConceptScorer
 from cefam_lightning.concepts import ConceptFileError, read_concept_file
 from cefam_lightning.contributions import FILLS
@@ -404,7 +411,7 @@ def explain_images(
             try:
                 tensors.append(load_image(path, spec))
             except Exception as e:  # PIL raises many kinds for corrupt files; each is reported, the rest go on
-                reason = _reason(e)
+                reason = error_summary(e)
                 log.warning(f"skipped {path}: cannot read the image ({reason})")
                 failed.append({"image": str(path), "error": reason})
                 continue
@@ -811,11 +818,6 @@ def render_siam_figure(image: Tensor, report: dict[str, Any], maps: dict[str, np
 
 
 # ---------------------------------------------------------------------- command line
-
-
-def _reason(e: BaseException) -> str:
-    text = _one_line(e)
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def _one_line(e: BaseException | str) -> str:
