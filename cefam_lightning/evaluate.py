@@ -17,7 +17,7 @@ evaluates on the shapes world the checkpoint was trained on (rebuilt from the ru
 - **SIAM**: attribute-presence AUROC, class accuracy beside the frozen classifier's, how often the top
   contribution is a key-object concept, and the attribute maps' region metrics (:mod:`cefam_lightning.siam_evaluation`).
 
- With ``--data`` (CE-FAM checkpoints) it evaluates on a mask dataset (:mod:`cefam_lightning.mask_datasets`: the
+With ``--data`` (CE-FAM checkpoints) it evaluates on a mask dataset (:mod:`cefam_lightning.mask_datasets`: the
 documented folder format, Broden's or ImageNet-S's released layout), on ``--split`` (default ``val`` /
 ``validation`` where the dataset has it, else every image). The dataset's concepts the checkpoint knows by name are
 evaluated; others take their text embeddings from ``--store`` (an embedding store made with the checkpoint's VLM)

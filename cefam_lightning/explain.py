@@ -489,16 +489,16 @@ def _write_outputs(
     report: dict[str, Any],
     maps: dict[str, np.ndarray],
     image: Tensor | None,
-    render: Callable[[Tensor, dict[str, Any], dict[str, np.ndarray]], bytes] | None = None,
+    render: Callable[[Tensor, dict[str, Any], dict[str, np.ndarray]], bytes],
 ) -> None:
-    """``report.json``, ``regions.npz`` and (with ``image``) ``figure.png`` (drawn by ``render``, default CE-FAM's
-    :func:`render_figure`), each written atomically."""
+    """``report.json``, ``regions.npz`` and (with ``image``) ``figure.png`` (drawn by the method's ``render``), each
+    written atomically."""
     atomic_write_json(folder / "report.json", report)
     buf = io.BytesIO()
     np.savez_compressed(buf, **maps)
     atomic_write_bytes(folder / "regions.npz", buf.getvalue())
     if image is not None:
-        atomic_write_bytes(folder / "figure.png", (render or render_figure)(image, report, maps))
+        atomic_write_bytes(folder / "figure.png", render(image, report, maps))
 
 
 def _image_report(
