@@ -92,6 +92,9 @@ class ConceptRegionMaps(L.Callback):
         top_k: concepts per image (by score).
         out_dir: root folder of the PNG files (default ``trainer.default_root_dir``).
         k: channels deleted (relevance) and masked (contribution) at most, SPEC's ``K``.
+        select_layers: the layers a concept's top-1 layer is chosen from: ``"auto"`` (not one read only through
+            global average pooling), ``"all"`` or a list of names
+            (:func:`~cefam_lightning.layer_relevance.selectable_layers`).
         key: the images' logging key.
         panel_size: pixels per panel of a figure.
     """
@@ -105,11 +108,12 @@ class ConceptRegionMaps(L.Callback):
         k: int = 20,
         key: str = "val/region_maps",
         panel_size: int = 160,
+        select_layers: str | Sequence[str] = "auto",
     ):
         super().__init__()
         check_positive(every_n_epochs=every_n_epochs, num_images=num_images, top_k=top_k, k=k, panel_size=panel_size)
         self.every_n_epochs, self.num_images, self.top_k, self.k = every_n_epochs, num_images, top_k, k
-        self.out_dir, self.key, self.panel_size = out_dir, key, panel_size
+        self.out_dir, self.key, self.panel_size, self.select_layers = out_dir, key, panel_size, select_layers
         self._data: dict | None = None
         self.sample_ids: list[str] = []  # the fixed images, once chosen
         self.written: list[str] = []  # what log_images wrote, over all epochs
@@ -126,7 +130,7 @@ class ConceptRegionMaps(L.Callback):
                     self._data = stack_items(fixed_validation_items(trainer, self.num_images))
                     self.sample_ids = self._data["id"]
                 images = self._data["image"].to(pl_module.device)
-                panels = method_panels(pl_module, images, self.top_k, self.k)
+                panels = method_panels(pl_module, images, self.top_k, self.k, self.select_layers)
         finally:
             pl_module.train(was_training)
         arrays, captions = self._render(pl_module, panels)
@@ -165,7 +169,13 @@ class MethodPanels:
     prob: Tensor  # (B,) its probability
 
 
-def method_panels(pl_module: L.LightningModule, images: Tensor, top_k: int, k: int = 20) -> MethodPanels:
+def method_panels(
+    pl_module: L.LightningModule,
+    images: Tensor,
+    top_k: int,
+    k: int = 20,
+    select_layers: str | Sequence[str] = "auto",
+) -> MethodPanels:
     """The maps each method explains with, on ``images``: CE-FAM the ``top_k`` concepts' regions at their top-1
     layer; L-CAM the class map of the predicted class; SIAM the ``top_k`` attributes' maps by contribution."""
     from cefam_lightning.lcam_module import LCAMModule
@@ -199,7 +209,7 @@ def method_panels(pl_module: L.LightningModule, images: Tensor, top_k: int, k: i
         target = ex["target"]
         prob = probs.gather(1, target[:, None])[:, 0]
         return MethodPanels(regions.cpu().numpy(), titles, captions, top.cpu(), target.cpu(), prob.cpu())
-    expl = explain_batch(pl_module, images, top_n=top_k, k=k)
+    expl = explain_batch(pl_module, images, top_n=top_k, k=k, select_layers=select_layers)
     concept_names = list(pl_module.hparams["concept_names"])
     concepts, scores = expl.concepts.cpu(), expl.scores.gather(1, expl.concepts).cpu()
     titles, captions = [], []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
@@ -74,6 +75,9 @@ class ContributionLogger(L.Callback):
         top: concepts listed per class and sign.
         batch_size: images explained at once (bounds memory: the Jacobian is ``batch x concepts x dim(z)``).
         fill: how a masked channel is filled (``"spatial_mean"`` per SPEC, or ``"zero"``).
+        select_layers: the layers a concept's top-1 layer is chosen from: ``"auto"`` (not one read only through
+            global average pooling), ``"all"`` or a list of names
+            (:func:`~cefam_lightning.layer_relevance.selectable_layers`).
         key: the table's logging key (the chart's is ``<key>_chart``).
         chart_classes: classes drawn in the bar chart at most (0: no chart).
         out_dir: root folder of the CSV/PNG files (default ``trainer.default_root_dir``).
@@ -91,6 +95,7 @@ class ContributionLogger(L.Callback):
         key: str = "val/contributions",
         chart_classes: int = 12,
         out_dir: str | Path | None = None,
+        select_layers: str | Sequence[str] = "auto",
     ):
         super().__init__()
         check_positive(
@@ -102,7 +107,7 @@ class ContributionLogger(L.Callback):
             raise ValueError(f"chart_classes must be >= 0, got {chart_classes!r}")
         self.every_n_epochs, self.num_images, self.top_n, self.k, self.top = every_n_epochs, num_images, top_n, k, top
         self.batch_size, self.fill, self.key, self.chart_classes = batch_size, fill, key, chart_classes
-        self.out_dir = out_dir
+        self.out_dir, self.select_layers = out_dir, select_layers
         self._images: Tensor | None = None
         self.sample_ids: list[str] = []  # the fixed images, once chosen
         self.columns: list[str] = ["class", "images"]
@@ -139,7 +144,9 @@ class ContributionLogger(L.Callback):
                     self._images, self.sample_ids = data["image"], data["id"]
                 for start in range(0, self._images.shape[0], self.batch_size):
                     images = self._images[start : start + self.batch_size].to(pl_module.device)
-                    expl = explain_batch(pl_module, images, top_n=self.top_n, k=self.k, fill=self.fill)
+                    expl = explain_batch(
+                        pl_module, images, top_n=self.top_n, k=self.k, fill=self.fill, select_layers=self.select_layers
+                    )
                     targets.append(expl.target)
                     concepts.append(expl.concepts)
                     contributions.append(expl.contributions)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import lightning as L
 import torch
@@ -19,12 +20,14 @@ from cefam_lightning.concept_regions import (
 )
 from cefam_lightning.evaluation import _padded_concepts
 from cefam_lightning.feature_cache import IMAGE_INDEX
-from cefam_lightning.layer_relevance import layer_relevance
+from cefam_lightning.layer_relevance import layer_relevance, selectable_layers, top_layer
 from cefam_lightning.metrics import RegionMetrics
 
 
 @torch.no_grad()
-def top1_region_maps(module, images: Tensor, concepts: Tensor, k: int = 20) -> Tensor:
+def top1_region_maps(
+    module, images: Tensor, concepts: Tensor, k: int = 20, select_layers: str | Sequence[str] = "auto"
+) -> Tensor:
     """Region maps of the given concepts at each one's top-1 layer (highest relevance, SPEC §2.4-2.5).
 
     The same maps as ``explain_batch(...).regions``, without the contributions it also computes.
@@ -44,7 +47,7 @@ def top1_region_maps(module, images: Tensor, concepts: Tensor, k: int = 20) -> T
     z = pool_activations(out.activations, layers)
     jac = score_jacobian(translator, scorer, z)
     relevance = layer_relevance(z, jac, layer_slices(out.activations, layers), translator, scorer, concepts, k=k)
-    top = relevance.argmax(dim=-1)  # (B, N)
+    top = top_layer(relevance, layers, selectable_layers(classifier, select_layers))  # (B, N)
     jac_sel = jac.gather(1, concepts[:, :, None].expand(-1, -1, jac.shape[2]))
     per_layer = concept_regions(out.activations, layers, jac_sel)
     size = images.shape[-2:]
@@ -76,6 +79,9 @@ class RegionMetricsCallback(L.Callback):
         max_images: score at most this many validation images per epoch over all ranks (``ceil(max/world)`` per
             rank, the first ones of each shard); ``None``: all.
         k: channels deleted at most for the layer relevance (SPEC's ``K``).
+        select_layers: the layers a concept's top-1 layer is chosen from: ``"auto"`` (not one read only through
+            global average pooling), ``"all"`` or a list of names
+            (:func:`~cefam_lightning.layer_relevance.selectable_layers`).
         hit_threshold: a pair is a hit when its NRA is above this.
         prefix: prefix of the logged keys.
     """
@@ -87,13 +93,14 @@ class RegionMetricsCallback(L.Callback):
         k: int = 20,
         hit_threshold: float = 0.5,
         prefix: str = "val/",
+        select_layers: str | Sequence[str] = "auto",
     ):
         super().__init__()
         check_positive(every_n_epochs=every_n_epochs, max_images=max_images, k=k)
         if not 0.0 <= hit_threshold <= 1.0:
             raise ValueError(f"hit_threshold must lie in [0, 1], got {hit_threshold!r}")
         self.every_n_epochs, self.max_images, self.k = every_n_epochs, max_images, k
-        self.hit_threshold, self.prefix = hit_threshold, prefix
+        self.hit_threshold, self.prefix, self.select_layers = hit_threshold, prefix, select_layers
         self.metric: RegionMetrics | None = None
         self._lookup: ValidationLookup | None = None
         self._has_masks: bool | None = None  # decided once, from the dataset (the same on every rank)
@@ -150,7 +157,7 @@ class RegionMetricsCallback(L.Callback):
             concepts, valid = _padded_concepts(masks.flatten(2).any(dim=2))
             if not valid.any():
                 return
-            maps = top1_region_maps(pl_module, images, concepts, k=self.k)
+            maps = top1_region_maps(pl_module, images, concepts, k=self.k, select_layers=self.select_layers)
             rows = valid.nonzero(as_tuple=True)
             ids = concepts[rows]
             self.metric.update(maps[rows], masks[rows[0], ids], ids)

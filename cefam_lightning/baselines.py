@@ -84,6 +84,12 @@ class SingleChannelBaseline:
             start += sizes[layer]
         return cls(layers, channels, scores)
 
+    def best_layer_among(self, layers: Sequence[str]) -> Tensor:
+        """``(C,)`` index into :attr:`layers` of each concept's best layer among ``layers`` (a non-empty subset)."""
+        allowed = torch.tensor([layer in layers for layer in self.layers])
+        scores = torch.stack([self.scores[layer] for layer in self.layers])  # (L, C)
+        return scores.masked_fill(~allowed[:, None], -torch.inf).argmax(dim=0)
+
     def maps(self, activations: Mapping[str, Tensor], concepts: Tensor, layer: str) -> Tensor:
         """``(B, N)`` concept indices -> ``(B, N, h, w)``: each concept's channel map at ``layer``."""
         a = activations[layer].float()

@@ -182,6 +182,7 @@ class FrozenClassifier(nn.Module):
         self._tails: dict[str, LayerTail] = {}
         # {layer: (form, prefix tokens)}, form "nchw" | "nhwc" | "tokens", learnt from the first forward pass.
         self._forms: dict[str, tuple[str, int]] = {}
+        self._mean_invariant: list[str] | None = None  # see mean_invariant_layers()
         self.register_buffer("mean", torch.tensor(spec.mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(spec.std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.train(False)
@@ -258,6 +259,34 @@ class FrozenClassifier(nn.Module):
         """One pass on a blank image of the input size, to learn each layer's output form."""
         crop = self.input_spec.crop
         self(torch.zeros(1, 3, crop, crop, device=self.mean.device))
+
+    @torch.no_grad()
+    def mean_invariant_layers(self) -> list[str]:
+        """The wrapped layers where replacing every channel map by its spatial mean leaves the logits unchanged.
+
+        That is a layer the rest of the network reads only through global average pooling (a ResNet's or the shapes
+        CNN's ``layer4``, a ViT's last tokens when its head reads the class token): SPEC §2.6's contribution, which
+        masks channels with their spatial means, is 0 there for every concept. Found once, on a seeded random image
+        of the input size, by running each layer's :meth:`tail` on its own maps and on their spatial means.
+        """
+        if self._mean_invariant is None:
+            crop = self.input_spec.crop
+            g = torch.Generator().manual_seed(0)
+            images = torch.rand(2, 3, crop, crop, generator=g).to(device=self.mean.device)
+            acts = self(images).activations
+            invariant = []
+            for layer in self.layers:
+                a, prefix = acts[layer], acts.prefix_tokens.get(layer)
+                try:
+                    tail = self.tail(layer)
+                except ValueError:  # no tail to run (a skip connection across the cut): contributions fail anyway
+                    continue
+                same = tail(a, prefix).float()
+                meaned = tail(a.mean(dim=(2, 3), keepdim=True).expand_as(a).contiguous(), prefix).float()
+                if (meaned - same).abs().max() <= 1e-3 * (same.abs().max() + 1e-6):
+                    invariant.append(layer)
+            self._mean_invariant = invariant
+        return list(self._mean_invariant)
 
     @torch.no_grad()
     def layer_shapes(self, image_size: int | None = None) -> dict[str, tuple[int, int, int]]:

@@ -130,6 +130,7 @@ class EvaluationSchema:
     enabled: bool = MISSING
     k: int = MISSING
     fill: str = MISSING
+    select_layers: Any = MISSING  # "auto" | "all" | a list of layer names
     batch_size: int = MISSING
     max_images: int | None = MISSING
     seed: int = MISSING

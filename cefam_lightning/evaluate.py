@@ -36,6 +36,7 @@ import argparse
 import re
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -51,6 +52,7 @@ from cefam_lightning.config import world_spec
 from cefam_lightning.contributions import FILLS
 from cefam_lightning.evaluation import ExplanationEvaluation, format_table
 from cefam_lightning.io_utils import atomic_write_bytes, atomic_write_json
+from cefam_lightning.layer_relevance import parse_select_layers, selectable_layers
 from cefam_lightning.lcam_evaluation import evaluate_lcam_on_world, format_lcam_table
 from cefam_lightning.mask_datasets import (
     FORMATS,
@@ -75,6 +77,14 @@ class EvaluateError(ValueError):
     """A bad input to ``evaluate``: the message names the file or value at fault."""
 
 
+def _selectable(module, select_layers: str | Sequence[str]) -> list[str]:
+    """The layers a top-1 layer may be chosen from, or an error naming the setting."""
+    try:
+        return selectable_layers(module.classifier, select_layers)
+    except ValueError as e:
+        raise EvaluateError(f"select_layers: {e}") from None
+
+
 def _batches(split: WorldSplit, batch_size: int, limit: int | None, with_masks: bool, device: torch.device):
     n = len(split) if limit is None else min(limit, len(split))
     for start in range(0, n, batch_size):
@@ -97,13 +107,15 @@ def evaluate_on_world(
     seed: int = 0,
     per_layer_contributions: bool = False,
     faithfulness_top_n: int | None = 8,
+    select_layers: str | Sequence[str] = "auto",
 ) -> dict[str, Any]:
     """Evaluate ``module`` (a trained CEFAMModule) on a shapes-world split; returns the results dict.
 
     The single-channel baseline is fitted on the world's training split first. This process evaluates the
     whole split by itself (under DDP, call it on one rank), so the metrics do not sync across ranks.
     ``faithfulness_top_n``: the class map whose Average Drop / Increase in Confidence is scored fuses this many
-    top concepts (``explain``'s default 8); ``None`` leaves the faithfulness out.
+    top concepts (``explain``'s default 8); ``None`` leaves the faithfulness out. ``select_layers``: the layers
+    a top-1 layer is chosen from (:func:`~cefam_lightning.layer_relevance.selectable_layers`).
     """
     if fill not in FILLS:
         raise EvaluateError(f"fill must be one of {FILLS}, got {fill!r}")
@@ -131,6 +143,7 @@ def evaluate_on_world(
         sync_on_compute=False,
         per_layer_contributions=per_layer_contributions,
         faithfulness_top_n=faithfulness_top_n,
+        select_layers=_selectable(module, select_layers),
     ).to(device)
     data = world.split(split)
     for images, masks, labels in _batches(data, batch_size, max_images, True, device):
@@ -231,6 +244,7 @@ def evaluate_on_masks(
     max_fit_images: int | None = None,
     seed: int = 0,
     num_workers: int = 0,
+    select_layers: str | Sequence[str] = "auto",
 ) -> dict[str, Any]:
     """Evaluate ``module`` (a trained CEFAMModule) on a mask dataset; returns the results dict.
 
@@ -242,6 +256,8 @@ def evaluate_on_masks(
         k: channels deleted at most for layer relevance; fill: recorded for reference (no contributions here).
         batch_size, num_workers: of the DataLoader; max_images, max_fit_images: use only the first N images.
         seed: seed of the random maps.
+        select_layers: the layers a top-1 layer is chosen from
+            (:func:`~cefam_lightning.layer_relevance.selectable_layers`).
     """
     from cefam_lightning.components import ConceptScorer
 
@@ -281,6 +297,7 @@ def evaluate_on_masks(
         seed=seed,
         sync_on_compute=False,
         contributions=False,
+        select_layers=_selectable(module, select_layers),
     ).to(device)
     skipped_pairs = torch.zeros(len(dataset.concepts), dtype=torch.long)
     n_images = 0
@@ -396,11 +413,12 @@ def evaluate_explainer_on_world(
     max_images: int | None = None,
     seed: int = 0,
     per_layer_contributions: bool = False,
+    select_layers: str | Sequence[str] = "auto",
 ) -> tuple[dict[str, Any], str]:
     """Evaluate any trained explainer (CE-FAM, L-CAM, SIAM) on a shapes-world split: its results and table.
 
-    ``k``, ``fill`` and ``per_layer_contributions`` are CE-FAM's; ``seed`` seeds the random-map baselines. The
-    results carry ``method`` (``cefam``, ``lcam_fm``, ``lcam_img``, ``siam``).
+    ``k``, ``fill``, ``per_layer_contributions`` and ``select_layers`` are CE-FAM's; ``seed`` seeds the random-map
+    baselines. The results carry ``method`` (``cefam``, ``lcam_fm``, ``lcam_img``, ``siam``).
     """
     kind = module_kind(module)
     if kind == "cefam":
@@ -414,6 +432,7 @@ def evaluate_explainer_on_world(
             max_images=max_images,
             seed=seed,
             per_layer_contributions=per_layer_contributions,
+            select_layers=select_layers,
         )
         table = format_table(results)
     elif kind == "siam":
@@ -484,6 +503,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--k", type=int, default=None, help="channels deleted/masked at most (default: the run's)")
     p.add_argument("--fill", choices=FILLS, default=None, help="masked-channel fill (default: the run's)")
     p.add_argument(
+        "--select-layers",
+        default=None,
+        metavar="auto|all|L1,L2",
+        help="layers a concept's top-1 layer is chosen from: auto (not a layer read only through global pooling), "
+        "all, or comma-separated names (default: the run's evaluation.select_layers, else auto)",
+    )
+    p.add_argument(
         "--per-layer-contributions",
         action="store_true",
         help="also score contributions with every concept masked at each single layer (slower)",
@@ -548,6 +574,7 @@ def _evaluate_data(args: argparse.Namespace, module) -> tuple[dict[str, Any], Pa
         max_fit_images=args.max_fit_images,
         seed=evaluation.get("seed", 0),
         num_workers=args.num_workers,
+        select_layers=_run_select_layers(args, evaluation),
     )
     name = re.sub(r"[^\w.\-]+", "_", Path(args.data).resolve().name) or "data"
     default_out = Path(args.checkpoint).resolve().parent.parent / f"evaluation-{name}-{dataset.split or 'all'}"
@@ -594,6 +621,7 @@ def _cefam_only_options(args: argparse.Namespace) -> list[tuple[str, bool]]:
         ("--data", args.data is not None),
         ("--k", args.k is not None),
         ("--fill", args.fill is not None),
+        ("--select-layers", args.select_layers is not None),
         ("--per-layer-contributions", bool(args.per_layer_contributions)),
     ]
 
@@ -615,7 +643,14 @@ def _evaluate_world(args: argparse.Namespace, module) -> tuple[dict[str, Any], s
         max_images=args.max_images,
         seed=evaluation.get("seed", 0),
         per_layer_contributions=args.per_layer_contributions,
+        select_layers=_run_select_layers(args, evaluation),
     )
+
+
+def _run_select_layers(args: argparse.Namespace, evaluation: dict[str, Any]) -> str | list[str]:
+    """``--select-layers``, else the run's ``evaluation.select_layers`` (``auto`` for runs that predate it)."""
+    given = parse_select_layers(args.select_layers)
+    return given if given is not None else evaluation.get("select_layers", "auto")
 
 
 if __name__ == "__main__":

@@ -2,9 +2,11 @@
 
 For every (image, present concept) pair, region maps from:
 
-- ``cefam``: the concept's region at each explained layer, and at its top-1 layer (highest relevance, §2.5);
+- ``cefam``: the concept's region at each explained layer, and at its top-1 layer (highest relevance, §2.5, among
+  the selectable layers: see :func:`~cefam_lightning.layer_relevance.selectable_layers`);
 - ``gradcam``: Grad-CAM of the predicted class at the same layer (at CE-FAM's selected layer for ``top1``);
-- ``single_channel``: the concept's best-tracking channel at that layer (at its own best layer for ``top1``);
+- ``single_channel``: the concept's best-tracking channel at that layer (at its own best selectable layer for
+  ``top1``);
 - ``random``: uniform noise (layer-independent, reported once under ``top1``);
 
 scored with EPG, NRA and hit rate per concept type and macro-averaged over types. Also the contribution
@@ -44,7 +46,7 @@ from cefam_lightning.concept_regions import (
 )
 from cefam_lightning.contributions import concept_contributions
 from cefam_lightning.explainer import fused_class_map
-from cefam_lightning.layer_relevance import layer_relevance
+from cefam_lightning.layer_relevance import layer_relevance, selectable_layers, top_layer
 from cefam_lightning.metrics import Faithfulness, RegionMetrics
 from cefam_lightning.metrics.functional.faithfulness import DEFAULT_KEEPS, faithfulness_probabilities, setting_name
 
@@ -162,6 +164,9 @@ class ExplanationEvaluation(nn.Module):
         faithfulness_top_n: score the faithfulness of CE-FAM's class map built from the top this many concepts
             (and of Grad-CAM at its main layer); ``None`` leaves it out.
         keeps: kept pixel fractions of the faithfulness metrics.
+        select_layers: the layers a top-1 layer is chosen from, CE-FAM's and the single-channel baseline's
+            (``"auto"``, ``"all"`` or names; :func:`~cefam_lightning.layer_relevance.selectable_layers`), resolved
+            against the classifier at the first batch.
     """
 
     def __init__(
@@ -177,11 +182,14 @@ class ExplanationEvaluation(nn.Module):
         contributions: bool = True,
         faithfulness_top_n: int | None = None,
         keeps: Sequence[float] = DEFAULT_KEEPS,
+        select_layers: str | Sequence[str] = "auto",
     ):
         super().__init__()
         if faithfulness_top_n is not None and faithfulness_top_n < 1:
             raise ValueError(f"faithfulness_top_n must be >= 1 or None, got {faithfulness_top_n}")
         self.layers = list(layers)
+        self.select_layers = select_layers if isinstance(select_layers, str) else list(select_layers)
+        self.selectable: list[str] | None = None  # resolved against the classifier at the first batch
         self.settings = [*self.layers, "top1"]
         self.single_channel, self.k, self.fill = single_channel, k, fill
         self.methods = [m for m in METHODS if m != "single_channel" or single_channel is not None]
@@ -265,8 +273,10 @@ class ExplanationEvaluation(nn.Module):
         ids = concepts[rows]
         n = concepts.shape[1]
         faithfulness = bool(self.faithfulness)
+        if self.selectable is None:
+            self.selectable = selectable_layers(classifier, self.select_layers)
         relevance = layer_relevance(z, jac, slices, translator, scorer, concepts, k=self.k)
-        top = relevance.argmax(dim=-1)  # (B, N)
+        top = top_layer(relevance, self.layers, self.selectable)  # (B, N)
         self.selected += torch.bincount(top[rows], minlength=len(self.layers)).to(self.selected.device)
         union, union_valid, union_top, slot = concepts, valid, top, None
         if faithfulness:
@@ -280,7 +290,7 @@ class ExplanationEvaluation(nn.Module):
             if len(extra[0]):
                 pi, ids_extra = extra[0], union[:, n:][extra]
                 rel = layer_relevance(z[pi], jac[pi], slices, translator, scorer, ids_extra[:, None], k=self.k)
-                union_top[pi, n + extra[1]] = rel[:, 0].argmax(dim=-1)
+                union_top[pi, n + extra[1]] = top_layer(rel[:, 0], self.layers, self.selectable)
         jac_sel = jac.gather(1, union[:, :, None].expand(-1, -1, jac.shape[2]))
         union_low = concept_regions(out.activations, self.layers, jac_sel)  # {layer: (B, N + E, h, w)}
         cefam_low = {layer: maps[:, :n] for layer, maps in union_low.items()}  # the present concepts
@@ -294,18 +304,18 @@ class ExplanationEvaluation(nn.Module):
             ),
         }
         # The top-1 layer: CE-FAM's selection for CE-FAM and Grad-CAM, the baseline's own best layer for it.
-        top_layer = {"cefam": top[rows], "gradcam": top[rows]}
+        top_layer_of = {"cefam": top[rows], "gradcam": top[rows]}
         if self.single_channel is not None:
             sc = self.single_channel
             per_layer["single_channel"] = torch.stack(
                 [upsample_regions(sc.maps(out.activations, concepts, layer), size)[rows] for layer in self.layers]
             )
-            top_layer["single_channel"] = sc.best_layer.to(ids.device)[ids]
+            top_layer_of["single_channel"] = sc.best_layer_among(self.selectable).to(ids.device)[ids]
         pair = torch.arange(len(ids), device=ids.device)
         for method, maps in per_layer.items():
             for li, layer in enumerate(self.layers):
                 self.region[f"{method}/{layer}"].update(maps[li], pair_masks, ids)
-            self.region[f"{method}/top1"].update(maps[top_layer[method], pair], pair_masks, ids)
+            self.region[f"{method}/top1"].update(maps[top_layer_of[method], pair], pair_masks, ids)
         self.region["random/top1"].update(random_maps(pair_masks.shape, self.generator, images.device), pair_masks, ids)
 
         def contributions_at(chosen: Tensor, which: Tensor, which_valid: Tensor) -> Tensor:
@@ -394,7 +404,7 @@ class ExplanationEvaluation(nn.Module):
                 for setting, metric in self.contribution.items()
             },
             "layer_selection": {layer: int(n) / total for layer, n in zip(self.layers, self.selected, strict=True)},
-            "settings": {"k": self.k, "fill": self.fill},
+            "settings": {"k": self.k, "fill": self.fill, "select_layers": self.selectable or []},
             **({"faithfulness": self._faithfulness_results()} if self.faithfulness else {}),
         }
 
@@ -485,7 +495,11 @@ def format_table(results: dict[str, Any]) -> str:
     sel = results.get("layer_selection", {})
     if sel:
         shares = ", ".join(f"{k} {v:.2f}" for k, v in sel.items())
-        lines.append(f"Top-1 layer chosen by CE-FAM (share of present concepts): {shares}")
+        chosen_from = results.get("settings", {}).get("select_layers") or list(sel)
+        lines.append(
+            f"Top-1 layer chosen by CE-FAM (share of present concepts): {shares}; chosen among "
+            + ", ".join(chosen_from)
+        )
     notes = results.get("notes", [])
     if notes:
         lines.append("")

@@ -3,7 +3,8 @@
 Usage::
 
     python explain.py --checkpoint CKPT [--concepts NAMES|FILE] [--store STORE_DIR] [--top-n 8] [--k 20]
-                      [--fill spatial_mean|zero] [--target CLASS] [--out DIR] [--batch-size 16]
+                      [--fill spatial_mean|zero] [--select-layers auto|all|L1,L2] [--target CLASS] [--out DIR]
+                      [--batch-size 16]
                       [--device auto|cpu|cuda] [--no-figures] INPUT [INPUT ...]
 
 The checkpoint is CE-FAM's, L-CAM's (Fm or Img) or SIAM's, whichever ``train.py method=...`` wrote; its kind is
@@ -37,8 +38,11 @@ ranked; ``--top-n`` limits how many are reported. Names in the checkpoint's conc
 embeddings; other names need the VLM's text encoder, i.e. an embedding store that holds them (``--store``),
 made with the same VLM. With CLIP-style scoring, concept probabilities (and so layer relevance) are a softmax
 over the concept set being explained: they change when the set changes. SigLIP-style probabilities are
-per-concept sigmoids and do not. ``--concepts``, ``--store``, ``--k`` and ``--fill`` are CE-FAM's; L-CAM and
-SIAM explain their own class map and attributes (``--concepts``/``--store`` with them is an error).
+per-concept sigmoids and do not. A concept's selected layer is its most relevant one among ``--select-layers``
+(default ``auto``: every explained layer but one read only through global average pooling, where masking a
+channel with its spatial mean cannot move the class score, so every contribution there would be 0).
+``--concepts``, ``--store``, ``--k``, ``--fill`` and ``--select-layers`` are CE-FAM's; L-CAM and SIAM explain their
+own class map and attributes (``--concepts``/``--store`` with them is an error).
 
 Exit status: 0 when at least one image was explained, 1 when none could be read, 2 for a bad argument
 (missing or foreign checkpoint, unknown concept or class, missing input), reported on one ``error:`` line.
@@ -79,6 +83,7 @@ from cefam_lightning.contributions import FILLS
 from cefam_lightning.embedding_store import EmbeddingStore, EmbeddingStoreError
 from cefam_lightning.explainer import BatchExplanation, explain_batch
 from cefam_lightning.io_utils import atomic_write_bytes, atomic_write_json
+from cefam_lightning.layer_relevance import parse_select_layers, selectable_layers
 from cefam_lightning.lcam_module import LCAMModule, normalize_maps, select_class
 from cefam_lightning.metrics.functional.faithfulness import DEFAULT_KEEPS, faithfulness_probabilities, setting_name
 from cefam_lightning.siam_module import SIAMModule
@@ -315,6 +320,7 @@ def explain_images(
     top_n: int = 8,
     k: int = 20,
     fill: str = "spatial_mean",
+    select_layers: str | Sequence[str] = "auto",
     target: str | None = None,
     out_dir: str | os.PathLike = "explanations",
     batch_size: int = 16,
@@ -375,7 +381,7 @@ def explain_images(
 
     if kind == "cefam":
         explain, render, settings = _cefam_explainer(
-            module, concepts, store, top_n, k, fill, target, class_names, checkpoint, batch_size, dev
+            module, concepts, store, top_n, k, fill, select_layers, target, class_names, checkpoint, batch_size, dev
         )
     else:
         if concepts is not None or store is not None:
@@ -441,6 +447,7 @@ def _cefam_explainer(
     top_n: int,
     k: int,
     fill: str,
+    select_layers: str | Sequence[str],
     target: str | None,
     class_names: list[str],
     checkpoint: str | None,
@@ -462,10 +469,15 @@ def _cefam_explainer(
     parts = _Parts(module.classifier, module.translator, scorer)
     spec = module.classifier.input_spec
     n_report = min(top_n, len(cset.names))
+    try:
+        selectable = selectable_layers(module.classifier, select_layers)
+    except ValueError as e:
+        raise ExplainError(f"--select-layers: {e}") from None
     settings = {
         "top_n": top_n,
         "k": k,
         "fill": fill,
+        "select_layers": selectable,
         "target": target,
         "concept_set": cset.source,
         "concepts": cset.names,
@@ -477,7 +489,7 @@ def _cefam_explainer(
     }
 
     def explain(batch: Tensor, tgt: Tensor | None, paths: list[Path]) -> list[tuple[dict, dict]]:
-        expl = explain_batch(parts, batch, top_n=n_report, k=k, target=tgt, fill=fill)
+        expl = explain_batch(parts, batch, top_n=n_report, k=k, target=tgt, fill=fill, select_layers=selectable)
         expl = _to_cpu(expl)  # one transfer per batch, not one per reported number
         return [_image_report(expl, i, cset, class_names, str(p), checkpoint, settings) for i, p in enumerate(paths)]
 
@@ -548,6 +560,7 @@ def _image_report(
             "top_n": settings["top_n"],
             "k": settings["k"],
             "fill": settings["fill"],
+            "select_layers": settings["select_layers"],
             "concept_set": settings["concept_set"],
         },
         "concepts": entries,
@@ -666,7 +679,9 @@ def _siam_reports(
 
 
 def _to_cpu(expl: BatchExplanation) -> BatchExplanation:
-    return replace(expl, **{f.name: getattr(expl, f.name).cpu() for f in fields(expl) if f.name != "layers"})
+    return replace(
+        expl, **{f.name: getattr(expl, f.name).cpu() for f in fields(expl) if f.name not in ("layers", "selectable")}
+    )
 
 
 def _npz_key(name: str, taken: dict[str, Any]) -> str:
@@ -851,6 +866,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--k", type=int, default=20, help="channels deleted/masked for relevance/contribution (default 20)")
     p.add_argument("--fill", choices=FILLS, default="spatial_mean", help="masked-channel fill for contributions")
+    p.add_argument(
+        "--select-layers",
+        default="auto",
+        metavar="auto|all|L1,L2",
+        help="layers a concept's selected layer is chosen from: auto (default; not a layer read only through global "
+        "pooling, where every contribution is 0), all, or comma-separated names",
+    )
     p.add_argument("--target", default=None, metavar="CLASS", help="class to explain (default: the predicted one)")
     p.add_argument("--out", default="explanations", metavar="DIR", help="output folder (default: explanations)")
     p.add_argument("--batch-size", type=int, metavar="N", default=16, help="images explained together (default 16)")
@@ -873,6 +895,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             top_n=args.top_n,
             k=args.k,
             fill=args.fill,
+            select_layers=parse_select_layers(args.select_layers),
             target=args.target,
             out_dir=args.out,
             batch_size=args.batch_size,

@@ -9,6 +9,7 @@ deletion step, one pass through the classifier's tail per layer for every masked
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -22,7 +23,7 @@ from cefam_lightning.concept_regions import (
     upsample_regions,
 )
 from cefam_lightning.contributions import concept_contributions
-from cefam_lightning.layer_relevance import layer_relevance
+from cefam_lightning.layer_relevance import layer_relevance, selectable_layers, top_layer
 
 
 @dataclass
@@ -30,6 +31,7 @@ class BatchExplanation:
     """Explanations of ``B`` images, ``N`` concepts each, over the explained layers ``layers``."""
 
     layers: list[str]
+    selectable: list[str]  # the layers the top-1 choice could pick (see :func:`selectable_layers`)
     logits: Tensor  # (B, num_classes)
     target: Tensor  # (B,) the explained class (the predicted one unless given)
     class_prob: Tensor  # (B,) its softmax probability
@@ -37,7 +39,7 @@ class BatchExplanation:
     concept_probs: Tensor  # (B, C) softmax (CLIP-style) or sigmoid (SigLIP-style) of S
     concepts: Tensor  # (B, N) explained concept indices, by decreasing score when chosen here
     relevance: Tensor  # (B, N, L) layer relevance
-    layer_index: Tensor  # (B, N) index into ``layers`` of the selected (most relevant) layer
+    layer_index: Tensor  # (B, N) index into ``layers`` of the selected layer (the most relevant selectable one)
     contributions: Tensor  # (B, N) contribution to the explained class at the selected layer (signed)
     regions: Tensor  # (B, N, H, W) region map at the selected layer, at the image size
 
@@ -51,6 +53,7 @@ def explain_batch(
     k: int = 20,
     target: Tensor | None = None,
     fill: str = "spatial_mean",
+    select_layers: str | Sequence[str] = "auto",
 ) -> BatchExplanation:
     """Explain ``images`` (``B x 3 x H x W`` in ``[0, 1]``) with a trained CE-FAM module.
 
@@ -62,9 +65,13 @@ def explain_batch(
         k: channels deleted (relevance) and masked (contribution) at most, SPEC's ``K``.
         target: ``(B,)`` class to explain; default the predicted class.
         fill: how a masked channel is filled for contributions (see :func:`concept_contributions`).
+        select_layers: the layers a concept's top-1 layer is chosen from (see :func:`selectable_layers`):
+            ``"auto"`` (default) leaves out a layer read only through global average pooling, where every
+            contribution is 0; ``"all"``; or a list of layer names.
     """
     classifier, translator, scorer = module.classifier, module.translator, module.scorer
     layers = list(classifier.layers)
+    selectable = selectable_layers(classifier, select_layers)
     was_training = translator.training
     translator.eval()
     try:
@@ -85,7 +92,7 @@ def explain_batch(
         jac = score_jacobian(translator, scorer, z)  # (B, C, D), float32
         slices = layer_slices(out.activations, layers)
         relevance = layer_relevance(z, jac, slices, translator, scorer, concepts, k=k)
-        layer_index = relevance.argmax(dim=-1)
+        layer_index = top_layer(relevance, layers, selectable)
         contributions = concept_contributions(
             classifier, out.activations, logits, jac, z, slices, concepts, layer_index, target, k=k, fill=fill
         )
@@ -102,6 +109,7 @@ def explain_batch(
         translator.train(was_training)
     return BatchExplanation(
         layers=layers,
+        selectable=selectable,
         logits=logits,
         target=target,
         class_prob=logits.softmax(dim=1).gather(1, target[:, None])[:, 0],

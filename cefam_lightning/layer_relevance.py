@@ -8,12 +8,62 @@ deletion step of every layer and concept goes through the translator as one batc
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from cefam_lightning.components import ConceptScorer
+
+SELECT_MODES = ("auto", "all")
+
+
+def selectable_layers(classifier, select: str | Sequence[str] = "auto") -> list[str]:
+    """The explained layers a concept's top-1 layer (SPEC §2.5) may be chosen from.
+
+    Args:
+        classifier: the :class:`~cefam_lightning.classifier.FrozenClassifier` (its ``layers``, in ``z``'s order).
+        select: ``"auto"``: every layer but those the classifier reads only through global average pooling
+            (:meth:`~cefam_lightning.classifier.FrozenClassifier.mean_invariant_layers`), where SPEC §2.6's
+            spatial-mean masking cannot move the logits, so every concept's contribution would be 0 (all layers if
+            that leaves none); ``"all"``: every layer; or a list of layer names (SPEC §2.4: regions for any subset
+            of the layers), a subset of ``classifier.layers``.
+
+    Returns:
+        The layer names, in ``classifier.layers`` order.
+
+    Raises:
+        ValueError: an unknown mode, a name that is not an explained layer, or an empty list.
+    """
+    layers = list(classifier.layers)
+    if isinstance(select, str):
+        if select == "all":
+            return layers
+        if select != "auto":
+            raise ValueError(f"select_layers must be 'auto', 'all' or a list of layer names, got {select!r}")
+        invariant = set(classifier.mean_invariant_layers())
+        return [layer for layer in layers if layer not in invariant] or layers
+    names = [str(x) for x in select]
+    unknown = [x for x in names if x not in layers]
+    if unknown or not names:
+        raise ValueError(
+            f"select_layers {names} must be a non-empty subset of the explained layers {layers}"
+            + (f" ({', '.join(map(repr, unknown))} is not one)" if unknown else "")
+        )
+    return [layer for layer in layers if layer in names]
+
+
+def parse_select_layers(value: str | None) -> str | list[str] | None:
+    """``--select-layers`` as given: ``auto``, ``all`` or comma-separated layer names (``None``: the run's)."""
+    if value is None or value in ("auto", "all"):
+        return value
+    return [name.strip() for name in value.split(",") if name.strip()]
+
+
+def top_layer(relevance: Tensor, layers: Sequence[str], selectable: Sequence[str]) -> Tensor:
+    """``(..., L)`` relevance over ``layers`` -> ``(...)`` index of the most relevant layer among ``selectable``."""
+    allowed = torch.tensor([layer in selectable for layer in layers], device=relevance.device)
+    return relevance.masked_fill(~allowed, -torch.inf).argmax(dim=-1)
 
 
 def top_channels(jacobian: Tensor, z: Tensor, sl: slice, concepts: Tensor, k: int) -> Tensor:

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import lightning as L
@@ -45,6 +46,7 @@ from cefam_lightning.feature_cache import PooledFeatureCache, pooled_identity
 from cefam_lightning.image_datamodule import ImageDataModule
 from cefam_lightning.image_sources import open_source
 from cefam_lightning.io_utils import atomic_write_json
+from cefam_lightning.layer_relevance import selectable_layers
 from cefam_lightning.lcam_module import build_lcam_module
 from cefam_lightning.loggers import build_loggers, code_version, finish_loggers, run_links
 from cefam_lightning.siam_module import build_siam_module
@@ -88,6 +90,7 @@ def run(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str
     """
     t0 = time.time()
     method = cfg.method
+    _check_select_layers(cfg)
     run_dir = make_run_dir(cfg)
     if rank_zero_only.rank == 0:
         (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
@@ -245,28 +248,54 @@ def _build_module(
     return module, sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
+def select_layers_setting(value: Any) -> str | list[str]:
+    """``evaluation.select_layers`` as :func:`~cefam_lightning.layer_relevance.selectable_layers` takes it."""
+    if isinstance(value, str):
+        return value
+    return [str(x) for x in OmegaConf.to_container(value)] if OmegaConf.is_config(value) else list(value)
+
+
+def _check_select_layers(cfg: DictConfig) -> None:
+    """``evaluation.select_layers`` against ``classifier.layers``, before anything is written."""
+    layers = SimpleNamespace(layers=list(cfg.classifier.layers), mean_invariant_layers=list)
+    try:
+        selectable_layers(layers, select_layers_setting(cfg.evaluation.select_layers))
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"evaluation.select_layers: {e}") from None
+
+
 def _training_callbacks(cfg: DictConfig, run_dir: Path, masks: bool) -> list[L.Callback]:
     """The ``callbacks`` section: the method's maps (every method), and for CE-FAM contribution tables and region
     metrics where the data have masks.
 
     Their images and tables go to the run's W&B / TensorBoard loggers, else to files under the run folder.
     """
-    c, k = cfg.callbacks, cfg.evaluation.k
+    c, k, sel = cfg.callbacks, cfg.evaluation.k, select_layers_setting(cfg.evaluation.select_layers)
     out: list[L.Callback] = []
     if c.region_maps.enabled:
         rm = c.region_maps
-        out.append(ConceptRegionMaps(rm.every_n_epochs, rm.num_images, rm.top_k, out_dir=run_dir, k=k))
+        out.append(
+            ConceptRegionMaps(rm.every_n_epochs, rm.num_images, rm.top_k, out_dir=run_dir, k=k, select_layers=sel)
+        )
     if cfg.method != "cefam":  # the contribution and region-metric callbacks explain CE-FAM's concepts
         return out
     if c.contributions.enabled:
         cc = c.contributions
         out.append(
             ContributionLogger(
-                cc.every_n_epochs, cc.num_images, cc.top_n, k=k, top=cc.top, fill=cfg.evaluation.fill, out_dir=run_dir
+                cc.every_n_epochs,
+                cc.num_images,
+                cc.top_n,
+                k=k,
+                top=cc.top,
+                fill=cfg.evaluation.fill,
+                out_dir=run_dir,
+                select_layers=sel,
             )
         )
     if c.region_metrics.enabled and masks:
-        out.append(RegionMetricsCallback(c.region_metrics.every_n_epochs, c.region_metrics.max_images, k=k))
+        rmc = c.region_metrics
+        out.append(RegionMetricsCallback(rmc.every_n_epochs, rmc.max_images, k=k, select_layers=sel))
     return out
 
 
@@ -297,6 +326,7 @@ def _evaluate(
         "test",
         k=ecfg.k,
         fill=ecfg.fill,
+        select_layers=select_layers_setting(ecfg.select_layers),
         batch_size=ecfg.batch_size,
         max_images=max_images,
         seed=ecfg.seed,

@@ -93,7 +93,13 @@ def test_folder_reports_match_explain_batch(module, test_images, tiny_checkpoint
         report = json.loads((folder / "report.json").read_text())
         assert set(report) == REPORT_KEYS
         assert report["image"] == str(paths[i])
-        assert report["settings"] == {"top_n": 3, "k": 5, "fill": "spatial_mean", "concept_set": "checkpoint"}
+        assert report["settings"] == {
+            "top_n": 3,
+            "k": 5,
+            "fill": "spatial_mean",
+            "select_layers": ["layer1", "layer2", "layer3"],  # auto: layer4 feeds global pooling
+            "concept_set": "checkpoint",
+        }
         assert report["layers"] == ref.layers
         assert report["predicted_class"] == classes[int(ref.logits[i].argmax())]
         assert report["explained_class"] == report["predicted_class"]
