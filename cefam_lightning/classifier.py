@@ -273,20 +273,26 @@ class FrozenClassifier(nn.Module):
             crop = self.input_spec.crop
             g = torch.Generator().manual_seed(0)
             images = torch.rand(2, 3, crop, crop, generator=g).to(device=self.mean.device)
-            acts = self(images).activations
-            invariant = []
-            for layer in self.layers:
-                a, prefix = acts[layer], acts.prefix_tokens.get(layer)
-                try:
-                    tail = self.tail(layer)
-                except ValueError:  # no tail to run (a skip connection across the cut): contributions fail anyway
-                    continue
-                same = tail(a, prefix).float()
-                meaned = tail(a.mean(dim=(2, 3), keepdim=True).expand_as(a).contiguous(), prefix).float()
-                if (meaned - same).abs().max() <= 1e-3 * (same.abs().max() + 1e-6):
-                    invariant.append(layer)
-            self._mean_invariant = invariant
+            # In full precision even when called under bf16/fp16 autocast (a callback in mixed-precision training):
+            # half-precision rounding would hide an exact invariance.
+            with torch.autocast(device_type=images.device.type, enabled=False):
+                self._mean_invariant = self._find_mean_invariant(images)
         return list(self._mean_invariant)
+
+    def _find_mean_invariant(self, images: Tensor) -> list[str]:
+        acts = self(images).activations
+        invariant = []
+        for layer in self.layers:
+            a, prefix = acts[layer], acts.prefix_tokens.get(layer)
+            try:
+                tail = self.tail(layer)
+            except ValueError:  # no tail to run (a skip connection across the cut): contributions fail anyway
+                continue
+            same = tail(a, prefix).float()
+            meaned = tail(a.mean(dim=(2, 3), keepdim=True).expand_as(a).contiguous(), prefix).float()
+            if (meaned - same).abs().max() <= 1e-3 * (same.abs().max() + 1e-6):
+                invariant.append(layer)
+        return invariant
 
     @torch.no_grad()
     def layer_shapes(self, image_size: int | None = None) -> dict[str, tuple[int, int, int]]:

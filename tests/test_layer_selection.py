@@ -36,6 +36,9 @@ def test_the_last_block_before_global_pooling_is_found_and_left_out_by_auto():
         assert selectable_layers(classifier) == ["layer1", "layer2", "layer3"]
         assert selectable_layers(classifier, "all") == LAYERS
         assert selectable_layers(classifier, ["layer3", "layer1"]) == ["layer1", "layer3"]  # classifier order
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a callback in bf16-mixed training asks under autocast
+        fresh = FrozenClassifier(ShapesCNN(6), LAYERS, input_spec=InputSpec(crop=32, resize=32))
+        assert fresh.mean_invariant_layers() == ["layer4"]
     only_last = FrozenClassifier(ShapesCNN(6), ["layer4"], input_spec=InputSpec(crop=32, resize=32))
     assert selectable_layers(only_last) == ["layer4"]  # nothing else to choose: auto keeps it
 
