@@ -25,6 +25,7 @@ from torchmetrics.classification import MulticlassAccuracy, MultilabelAUROC
 from cefam_lightning.classifier import FrozenClassifier, build_classifier
 from cefam_lightning.components import ConceptScorer, Translator
 from cefam_lightning.concept_regions import concept_regions, pool_activations, score_jacobian, upsample_regions
+from cefam_lightning.errors import CefamError
 from cefam_lightning.feature_cache import IMAGE_INDEX, POOLED_INDEX, POOLED_KEY, PooledFeatureCache, state_dict_digest
 from cefam_lightning.optim import configure_optimization
 
@@ -32,7 +33,7 @@ STAGES = ("train", "val", "test")
 IDENTITY_KEY = "cefam_identity"
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointMismatchError(CefamError):
     """A checkpoint does not fit the classifier, layers, VLM or concept set it is loaded with."""
 
 

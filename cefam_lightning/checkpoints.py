@@ -16,11 +16,13 @@ from typing import Any
 
 import torch
 
+from cefam_lightning.errors import CefamError, error_summary
+
 KINDS = ("cefam", "lcam", "siam")
 KIND_ARTICLES = {"cefam": "a CE-FAM", "lcam": "an L-CAM", "siam": "a SIAM"}  # for messages
 
 
-class CheckpointError(ValueError):
+class CheckpointError(CefamError):
     """A checkpoint that is missing, unreadable or of no known explainer kind; the message names the file."""
 
 
@@ -39,13 +41,6 @@ def kind_of_hparams(hparams: Any) -> str | None:
     if arch.get("method") == "siam":
         return "siam"
     return None
-
-
-def error_summary(e: BaseException) -> str:
-    """``Type: message`` of an exception on one line (at most 400 characters), for error messages."""
-    text = " ".join(str(e).split())
-    text = text if len(text) <= 400 else text[:397] + "..."
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def _read(path: Path) -> Any:

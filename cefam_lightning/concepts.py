@@ -8,6 +8,8 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from cefam_lightning.errors import CefamError
+
 # The CE-FAM authors' prompt templates, chosen by concept type.
 DEFAULT_PROMPTS: dict[str, str] = {
     "color": "a photo of a {} object",
@@ -52,7 +54,7 @@ def make_concepts(names_and_types: list[tuple[str, str]], templates: Mapping[str
     return out
 
 
-class ConceptFileError(ValueError):
+class ConceptFileError(CefamError):
     """A concept file that is missing or malformed; the message names the file (and line) at fault."""
 
 

@@ -14,13 +14,14 @@ from typing import Any
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from cefam_lightning.errors import CefamError
 from cefam_lightning.shapes_world import WorldSpec
 
 CONFIG_DIR = Path(__file__).resolve().parents[1] / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
 
 
-class ConfigError(ValueError):
+class ConfigError(CefamError):
     """A configuration file or override is invalid."""
 
 

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from cefam_lightning.concepts import Concept
+from cefam_lightning.errors import CefamError
 from cefam_lightning.io_utils import atomic_dir
 
 FORMAT_VERSION = 1
@@ -35,7 +36,7 @@ VLM_KINDS = ("clip", "siglip")
 _ALLOWED_DTYPES = ("float16", "float32")
 
 
-class EmbeddingStoreError(ValueError):
+class EmbeddingStoreError(CefamError):
     """A store on disk is missing, malformed or inconsistent."""
 
 

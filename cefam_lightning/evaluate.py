@@ -50,6 +50,7 @@ from cefam_lightning.baselines import SingleChannelBaseline
 from cefam_lightning.checkpoints import KIND_ARTICLES, method_name, module_kind
 from cefam_lightning.config import world_spec
 from cefam_lightning.contributions import FILLS
+from cefam_lightning.errors import CefamError, cli_errors, one_line
 from cefam_lightning.evaluation import ExplanationEvaluation, format_table
 from cefam_lightning.io_utils import atomic_write_bytes, atomic_write_json
 from cefam_lightning.layer_relevance import parse_select_layers, selectable_layers
@@ -73,7 +74,7 @@ FIT_SPLITS = ("train", "train-semi")  # the split the single-channel baseline is
 _MAX_NOTED = 20
 
 
-class EvaluateError(ValueError):
+class EvaluateError(CefamError):
     """A bad input to ``evaluate``: the message names the file or value at fault."""
 
 
@@ -213,15 +214,7 @@ def _mask_batches(dataset: MaskDataset, limit: int | None, batch_size: int, num_
     try:
         yield from loader
     except MaskDatasetError as e:  # re-raised from a worker with its traceback: keep the original message
-        raise MaskDatasetError(_original_message(e)) from None
-
-
-def _original_message(e: BaseException) -> str:
-    text = str(e)
-    if "Original Traceback" not in text:
-        return text
-    last = [line for line in text.strip().splitlines() if line.strip()][-1]
-    return last.split("MaskDatasetError: ", 1)[-1]
+        raise MaskDatasetError(one_line(e)) from None
 
 
 def _mapped_pairs(batch: MaskBatch, mapping: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -518,6 +511,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cache-dir", default=None, help="where the shapes world is cached (default: the run's)")
     p.add_argument("--out", default=None, help="output folder (default: <run folder>/evaluation[-<data>-<split>])")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
+    p.add_argument("--debug", action="store_true", help="show a traceback instead of a one-line error")
     args = p.parse_args(argv)
     if args.data is None:
         given = [f"--{o.replace('_', '-')}" for o in DATA_OPTIONS if getattr(args, o) is not None]
@@ -585,7 +579,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     from cefam_lightning.explain import ExplainError, select_device
 
-    try:
+    with cli_errors(args.debug):
         try:
             device = select_device(args.device)
         except ExplainError as e:
@@ -605,13 +599,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         else:
             results, table = _evaluate_world(args, module)
             default_out = Path(args.checkpoint).resolve().parent.parent / "evaluation"
-    except (EvaluateError, MaskDatasetError) as e:
-        print(f"error: {_original_message(e)}", file=sys.stderr)
-        raise SystemExit(2) from None
-    results["checkpoint"] = str(args.checkpoint)
-    out = Path(args.out) if args.out else default_out
-    print(write_results(results, out, table))
-    print(f"written: {out / 'evaluation.json'}, {out / 'evaluation.md'}")
+        results["checkpoint"] = str(args.checkpoint)
+        out = Path(args.out) if args.out else default_out
+        print(write_results(results, out, table))
+        print(f"written: {out / 'evaluation.json'}, {out / 'evaluation.md'}")
     return results
 
 

@@ -72,7 +72,6 @@ from cefam_lightning.cefam_module import CEFAMModule
 from cefam_lightning.checkpoints import (
     KIND_ARTICLES,
     CheckpointError,
-    error_summary,
     load_explainer,
     method_name,
     module_kind,
@@ -81,6 +80,7 @@ from cefam_lightning.components import ConceptScorer
 from cefam_lightning.concepts import ConceptFileError, read_concept_file
 from cefam_lightning.contributions import FILLS
 from cefam_lightning.embedding_store import EmbeddingStore, EmbeddingStoreError
+from cefam_lightning.errors import CefamError, cli_errors, error_summary, one_line
 from cefam_lightning.explainer import BatchExplanation, explain_batch
 from cefam_lightning.io_utils import atomic_write_bytes, atomic_write_json
 from cefam_lightning.layer_relevance import parse_select_layers, selectable_layers
@@ -99,7 +99,7 @@ EXPLAINERS = (CEFAMModule, LCAMModule, SIAMModule)
 Explainer = CEFAMModule | LCAMModule | SIAMModule
 
 
-class ExplainError(ValueError):
+class ExplainError(CefamError):
     """A bad input to the explainer (checkpoint, concept, class, path, device), with a message for the user."""
 
 
@@ -132,7 +132,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     try:
         return load_explainer(path, map_location=map_location)
     except CheckpointError as e:
-        raise ExplainError(_one_line(e)) from e
+        raise ExplainError(one_line(e)) from e
 
 
 def input_size(module: Explainer) -> int:
@@ -191,7 +191,7 @@ def open_store(path: str | os.PathLike | EmbeddingStore, embed_dim: int) -> Embe
         try:
             store = EmbeddingStore.open(path)
         except EmbeddingStoreError as e:
-            raise ExplainError(f"cannot use the embedding store: {_one_line(e)}") from e
+            raise ExplainError(f"cannot use the embedding store: {one_line(e)}") from e
     if store.embed_dim != embed_dim:
         raise ExplainError(
             f"embedding store {store.path}: text embedding size {store.embed_dim} differs from the checkpoint's "
@@ -835,11 +835,6 @@ def render_siam_figure(image: Tensor, report: dict[str, Any], maps: dict[str, np
 # ---------------------------------------------------------------------- command line
 
 
-def _one_line(e: BaseException | str) -> str:
-    text = " ".join(str(e).split())
-    return text if len(text) <= 500 else text[:497] + "..."
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument(
@@ -879,6 +874,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", metavar="DEVICE", help="auto (default), cpu or cuda")
     p.add_argument("--no-figures", action="store_true", help="skip figure.png (the slowest output)")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders (searched recursively)")
+    p.add_argument("--debug", action="store_true", help="show a traceback instead of a one-line error")
     return p.parse_args(argv)
 
 
@@ -886,7 +882,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     """Command line: explain the inputs; returns the summary. Exits 2 on a bad argument, 1 if nothing was read."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
+    with cli_errors(args.debug):
         summary = explain_images(
             args.checkpoint,
             args.inputs,
@@ -902,9 +898,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             device=args.device,
             figures=not args.no_figures,
         )
-    except ExplainError as e:
-        print(f"error: {_one_line(e)}", file=sys.stderr)
-        raise SystemExit(2) from None
     n_ok, n_bad = len(summary["explained"]), len(summary["failed"])
     if n_ok == 0:
         print(f"error: none of the {n_bad} input images could be read (see {args.out}/summary.json)", file=sys.stderr)

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, default_collate
 
+from cefam_lightning.errors import CefamError
 from cefam_lightning.io_utils import atomic_dir, stable_hash
 
 POOLED_KEY = "pooled"  # a batch's cached z, (b, dim(z)), for the rows listed under POOLED_INDEX
@@ -38,7 +39,7 @@ POOLED_INDEX = "pooled_index"
 IMAGE_INDEX = "image_index"  # positions of the batch's samples that carry an image instead
 
 
-class FeatureCacheError(ValueError):
+class FeatureCacheError(CefamError):
     """A cache folder on disk is inconsistent with what it should hold."""
 
 

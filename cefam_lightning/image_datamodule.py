@@ -42,6 +42,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
 
 from cefam_lightning.embedding_store import EmbeddingStore
+from cefam_lightning.errors import CefamError
 from cefam_lightning.feature_cache import CachedFeatureDataset, PooledFeatureCache, collate_cached
 from cefam_lightning.image_sources import (
     ImageRecord,
@@ -58,7 +59,7 @@ log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 
 
-class EmbeddingJoinError(ValueError):
+class EmbeddingJoinError(CefamError):
     """Images of a source have no embedding in the store (or the store's list of skipped images is malformed)."""
 
 

@@ -34,13 +34,15 @@ from typing import Any, Protocol, runtime_checkable
 
 from PIL import Image, ImageOps
 
+from cefam_lightning.errors import CefamError
+
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # WebDataset member suffixes read as the image, in this order
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 _GLOB_CHARS = re.compile(r"[*?\[]")
 _BRACES = re.compile(r"\{[^{}]*\}")
 
 
-class ImageSourceError(ValueError):
+class ImageSourceError(CefamError):
     """A source of images is missing, malformed or has an unreadable image; the message names what is at fault."""
 
 

@@ -18,12 +18,13 @@ import torch
 from torch import Tensor
 
 from cefam_lightning.components import Translator
+from cefam_lightning.errors import CefamError
 
 OFFICIAL_LAYER_ORDER = ("layer4", "layer3", "layer2", "layer1")
 _FC_KEY = re.compile(r"^fc(\d+)\.(weight|bias)$")
 
 
-class InteropError(ValueError):
+class InteropError(CefamError):
     """A checkpoint that does not have the expected layout; the message names the file and what is wrong."""
 
 

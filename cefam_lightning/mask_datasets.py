@@ -80,6 +80,7 @@ from PIL import Image, ImageOps
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from cefam_lightning.errors import CefamError
 from cefam_lightning.transforms import InputSpec, image_transform
 
 FORMATS = ("folder", "broden", "imagenet-s")
@@ -92,7 +93,7 @@ IMAGENET_S_OTHER, IMAGENET_S_IGNORE = 0, 1000
 _MAX_LISTED = 20
 
 
-class MaskDatasetError(ValueError):
+class MaskDatasetError(CefamError):
     """A missing or malformed file of a mask dataset; the message names the file (and line) at fault."""
 
 

@@ -51,7 +51,8 @@ import numpy as np
 import torch
 
 from cefam_lightning.concepts import Concept, ConceptFileError, make_concepts, read_concept_file
-from cefam_lightning.embedding_store import EmbeddingStore, EmbeddingStoreError
+from cefam_lightning.embedding_store import EmbeddingStore
+from cefam_lightning.errors import CefamError, cli_errors
 from cefam_lightning.image_sources import ImageRecord, ImageSourceError, open_image, open_source
 from cefam_lightning.io_utils import atomic_write_bytes, atomic_write_json, stable_hash
 from cefam_lightning.vlm import OpenCLIPVLM, VLMError, register_model_config
@@ -64,7 +65,7 @@ WORK_FORMAT = 1  # bump when the chunk layout changes, so old partial folders ar
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
-class PrecomputeError(ValueError):
+class PrecomputeError(CefamError):
     """A bad input to precompute (source, concept file, template, output, settings), with a message for the user."""
 
 
@@ -526,6 +527,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--restart", action="store_true", help="discard an unfinished run's work instead of resuming")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--debug", action="store_true", help="show a traceback instead of a one-line error")
     return p.parse_args(argv)
 
 
@@ -583,10 +585,8 @@ def main(argv: list[str] | None = None) -> PrecomputeResult:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")  # open_clip logs every step at INFO
     log.setLevel(logging.INFO)
     try:
-        result = run(args)
-    except (PrecomputeError, EmbeddingStoreError) as e:
-        print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-        raise SystemExit(2) from None
+        with cli_errors(args.debug):
+            result = run(args)
     except KeyboardInterrupt:
         print(f"interrupted; rerun the same command to resume (finished work is in {partial_path(args.out)})")
         raise SystemExit(130) from None

@@ -24,6 +24,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
@@ -41,6 +42,7 @@ from cefam_lightning.classifier_fit import FitSettings, fit_shapes_classifier
 from cefam_lightning.components import ConceptScorer, Translator
 from cefam_lightning.config import ConfigError, load_config, to_dict, world_spec
 from cefam_lightning.datamodule import ShapesWorldDataModule
+from cefam_lightning.errors import cli_errors
 from cefam_lightning.evaluate import evaluate_explainer_on_world, write_results
 from cefam_lightning.feature_cache import PooledFeatureCache, pooled_identity
 from cefam_lightning.image_datamodule import ImageDataModule
@@ -59,6 +61,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="experiment YAML merged on top of configs/default.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.max_epochs=5")
+    p.add_argument("--debug", action="store_true", help="show a traceback instead of a one-line error")
     return p.parse_args(argv)
 
 
@@ -406,7 +409,7 @@ def _feature_caches(cfg: DictConfig, dm: Any, classifier: Any, images: bool) -> 
 def _check_random_init(ccfg: DictConfig, why: str) -> None:
     """A classifier without weights is an error unless ``classifier.allow_random_init`` says it is meant."""
     if not ccfg.allow_random_init:
-        raise ValueError(
+        raise ConfigError(
             f"classifier.weights is required for {ccfg.name!r} ({why}); set classifier.allow_random_init=true to "
             f"explain a randomly initialized classifier (smoke tests only)"
         )
@@ -511,10 +514,12 @@ def _summary(m: dict[str, Any], images: bool = False) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Command line: a bad config, file or setting ends with one ``error: ...`` line and exit status 2."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    cfg = load_config(args.config, args.overrides)
-    return run(cfg)
+    with cli_errors(args.debug, extra=(MisconfigurationException,)):
+        cfg = load_config(args.config, args.overrides)
+        return run(cfg)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 
 from cefam_lightning import devices
 from cefam_lightning.embedding_store import VLM_KINDS, VLMInfo
+from cefam_lightning.errors import CefamError
 
 log = logging.getLogger("cefam_lightning")
 
@@ -40,7 +41,7 @@ CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".npz", ".npy", ".
 _SCHEMAS = ("hf-hub:", "local-dir:")
 
 
-class VLMError(ValueError):
+class VLMError(CefamError):
     """A VLM that cannot be built as asked (unknown model, missing weights, missing tokenizer), for the user."""
 
 

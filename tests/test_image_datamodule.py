@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from cefam_lightning.feature_cache import PooledFeatureCache
 from cefam_lightning.image_datamodule import EmbeddingJoinError, ImageDataModule, _LazyStore, _SampleToItem
 from cefam_lightning.image_sources import ImageSourceError, iter_shard_samples, open_image, open_source
 from cefam_lightning.transforms import InputSpec, image_transform
+from tests.cli import cli_error
 from tests.test_image_sources import CLASSES, folder_id, make_images, write_folder, write_manifest, write_shards
 
 SPEC = InputSpec(crop=12, resize=14)
@@ -345,13 +347,15 @@ def test_train_py_from_tar_shards_on_two_ddp_processes(jpegs, tmp_path):
     assert sum(1 for row in steps[1:] if row[col]) == 6
 
 
-def test_train_with_images_needs_weights_or_an_explicit_random_init(jpegs, tmp_path):
+def test_train_with_images_needs_weights_or_an_explicit_random_init(jpegs, tmp_path, capsys):
     from cefam_lightning.config import ConfigError, load_config
     from cefam_lightning.train import main
 
     overrides = _train_overrides(tmp_path, jpegs["train_csv"], jpegs["val_jsonl"], jpegs["store"], "noweights")
-    with pytest.raises(ValueError, match=r"classifier.weights is required for 'resnet18'.*allow_random_init=true"):
-        main([o for o in overrides if not o.startswith("classifier.allow_random_init")])
+    line = cli_error(main, [o for o in overrides if not o.startswith("classifier.allow_random_init")], capsys)
+    assert re.search(r"classifier.weights is required for 'resnet18'.*allow_random_init=true", line)
+    with pytest.raises(ConfigError, match=r"classifier.weights is required for 'resnet18'"):  # --debug: the error
+        main(["--debug", *[o for o in overrides if not o.startswith("classifier.allow_random_init")]])
     with pytest.raises(ConfigError, match=r"data.source=images needs data.train, data.store"):
         load_config(None, ["data.source=images", "data.val=x"])
     with pytest.raises(ConfigError, match=r"data.source must be one of \('shapes', 'images'\), got 'pictures'"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from cefam_lightning.datamodule import ShapesWorldDataModule
 from cefam_lightning.loggers import read_offline_wandb_run
 from cefam_lightning.shapes_world import WorldSpec
 from cefam_lightning.train import main
+from tests.cli import cli_error
 from tests.conftest import TINY_WORLD, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -88,13 +90,15 @@ def test_a_run_killed_mid_epoch_resumes_from_its_last_checkpoint(two_epochs, cac
     _assert_same_weights(out / "full" / "checkpoints" / "last.ckpt", out / "killed" / "checkpoints" / "last.ckpt")
 
 
-def test_resuming_with_another_setup_says_what_differs(two_epochs, cache_dir, tiny_spec):
+def test_resuming_with_another_setup_says_what_differs(two_epochs, cache_dir, tiny_spec, capsys):
     _, out = two_epochs
     ckpt = out / "full" / "checkpoints" / "last.ckpt"
+    other = _overrides(cache_dir, out, "other", f"ckpt_path={ckpt}", "classifier.layers=[layer3,layer4]")
+    assert re.search(r"classifier\.layers: checkpoint \['layer1'", cli_error(main, other, capsys))
     with pytest.raises(CheckpointMismatchError, match=r"classifier\.layers: checkpoint \['layer1'"):
-        main(_overrides(cache_dir, out, "other", f"ckpt_path={ckpt}", "classifier.layers=[layer3,layer4]"))
-    with pytest.raises(FileNotFoundError, match="ckpt_path: no checkpoint at .*fresh.*last.ckpt"):
-        main(_overrides(cache_dir, out, "fresh", "ckpt_path=last"))
+        main(["--debug", *other])
+    fresh = _overrides(cache_dir, out, "fresh", "ckpt_path=last")
+    assert re.search("ckpt_path: no checkpoint at .*fresh.*last.ckpt", cli_error(main, fresh, capsys))
     identity = torch.load(ckpt, map_location="cpu", weights_only=False)["cefam_identity"]
     assert identity["classifier"]["layers"] == ["layer1", "layer2", "layer3", "layer4"]
     assert identity["vlm"]["name"] == "shapes-oracle" and identity["concepts"]["count"] == tiny_spec.num_concepts
@@ -126,8 +130,8 @@ def test_fine_tuning_starts_from_a_trained_branch(two_epochs, cache_dir, capsys)
     assert f"translator initialized from {source}: {len(trained)} tensor(s) loaded\n" in said
 
     # Another VLM's embedding space (here: the oracle's embedding size) is refused, naming what differs.
-    with pytest.raises(CheckpointMismatchError, match="vlm.embed_dim: checkpoint 32, this run 24"):
-        main(_overrides(cache_dir, out, "ft2", f"model.init_from={source}", "world.embed_dim=24"))
+    other_vlm = _overrides(cache_dir, out, "ft2", f"model.init_from={source}", "world.embed_dim=24")
+    assert "vlm.embed_dim: checkpoint 32, this run 24" in cli_error(main, other_vlm, capsys)
 
 
 @pytest.mark.usefixtures("wandb_sandbox")
