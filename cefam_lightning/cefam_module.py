@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy, MultilabelAUROC
 
+from cefam_lightning.checkpoints import CheckpointError, read_checkpoint
 from cefam_lightning.classifier import FrozenClassifier, build_classifier
 from cefam_lightning.components import ConceptScorer, Translator
 from cefam_lightning.concept_regions import concept_regions, pool_activations, score_jacobian, upsample_regions
@@ -309,7 +310,7 @@ class CEFAMModule(L.LightningModule):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"Checkpoint not found: {path}")
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        ckpt = read_checkpoint(path, map_location=map_location)
         hp = ckpt.get("hyper_parameters", {})
         if "arch" not in hp or "translator" not in hp.get("arch", {}):
             raise ValueError(f"{path}: not a CE-FAM checkpoint (no CE-FAM architecture in its hyper-parameters)")
@@ -369,7 +370,10 @@ def init_translator_from(module: CEFAMModule, path: str | Path) -> InitReport:
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"model.init_from: checkpoint not found: {path}")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        ckpt = read_checkpoint(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"model.init_from: {e}") from None
     hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
     if "translator" not in (hp.get("arch") or {}) or "state_dict" not in ckpt:
         raise ValueError(f"model.init_from: {path} is not a CE-FAM checkpoint (no CE-FAM translator in it)")

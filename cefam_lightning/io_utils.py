@@ -45,7 +45,7 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def atomic_write_bytes(target: str | os.PathLike, data: bytes) -> None:
+def atomic_write_bytes(target: str | os.PathLike, data: bytes | bytearray | memoryview) -> None:
     """Write ``data`` to a temporary file beside ``target``, fsync it, then rename it into place."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
+from cefam_lightning.checkpoints import read_checkpoint
 from cefam_lightning.classifier import ClassifierOutput, FrozenClassifier, build_classifier
 from cefam_lightning.optim import configure_optimization
 
@@ -299,7 +300,7 @@ class LCAMModule(L.LightningModule):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"Checkpoint not found: {path}")
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        ckpt = read_checkpoint(path, map_location=map_location)
         hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, Mapping) else {}
         arch = hp.get("arch") if isinstance(hp, Mapping) else None
         if not isinstance(arch, Mapping) or arch.get("kind") != ARCH_KIND:

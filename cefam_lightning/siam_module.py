@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanSquaredError
 from torchmetrics.classification import MulticlassAccuracy, MultilabelAUROC
 
+from cefam_lightning.checkpoints import read_checkpoint
 from cefam_lightning.classifier import FrozenClassifier, build_classifier
 from cefam_lightning.components.siam_head import AttributeMaps, SIAMHead, attribute_presence
 from cefam_lightning.optim import configure_optimization
@@ -336,7 +337,7 @@ class SIAMModule(L.LightningModule):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"Checkpoint not found: {path}")
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        ckpt = read_checkpoint(path, map_location=map_location)
         hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
         arch = hp.get("arch") if isinstance(hp.get("arch"), dict) else {}
         if arch.get("method") != "siam":
