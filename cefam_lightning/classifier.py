@@ -45,6 +45,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from cefam_lightning.errors import CefamError
 from cefam_lightning.transforms import INTERPOLATIONS, InputSpec
 
 log = logging.getLogger(__name__)
@@ -61,6 +62,10 @@ TORCHVISION_MODELS = (*TORCHVISION_RESNETS, *TORCHVISION_VGGS, *TORCHVISION_VITS
 CLASSIFIER_NAMES = ("shapes_cnn", *TORCHVISION_MODELS)
 TIMM_PREFIX = "timm:"
 TORCHVISION_DEFAULT_PRESET = "IMAGENET1K_V1"
+
+
+class ClassifierError(CefamError):
+    """A classifier that cannot be built or cut as asked: a bad name, layer or weights file (named)."""
 
 
 class Activations(dict):
@@ -101,18 +106,20 @@ class LayerTail(nn.Module):
         (from :attr:`Activations.prefix_tokens` of the same images), else ``None``."""
         if self.kind != "tokens":
             if prefix_tokens is not None:
-                raise ValueError(f"{self.classifier}: {self.layer!r} is not a token layer; it takes no prefix tokens")
+                raise ClassifierError(
+                    f"{self.classifier}: {self.layer!r} is not a token layer; it takes no prefix tokens"
+                )
             return self.graph(activation.permute(0, 2, 3, 1).contiguous() if self.kind == "nhwc" else activation)
         tokens = activation.flatten(2).transpose(1, 2)
         if self.num_prefix:
             if prefix_tokens is None:
-                raise ValueError(
+                raise ClassifierError(
                     f"{self.classifier}: {self.layer!r} is a token layer; the rest of the network also reads its "
                     f"{self.num_prefix} prefix (class/register) token(s), which the map leaves out. Pass them, "
                     f"indexed like the maps, from ClassifierOutput.activations.prefix_tokens[{self.layer!r}]"
                 )
             if prefix_tokens.shape[0] != tokens.shape[0] or prefix_tokens.shape[1] != self.num_prefix:
-                raise ValueError(
+                raise ClassifierError(
                     f"{self.classifier}: prefix tokens of shape {tuple(prefix_tokens.shape)} for {tokens.shape[0]} "
                     f"map(s) at {self.layer!r}; expected ({tokens.shape[0]}, {self.num_prefix}, {tokens.shape[2]})"
                 )
@@ -153,7 +160,7 @@ class FrozenClassifier(nn.Module):
         from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
         if not layers:
-            raise ValueError(f"{name}: at least one layer name is needed")
+            raise ClassifierError(f"{name}: at least one layer name is needed")
         model.eval()
         tracer_kwargs = _tracer_kwargs(model)
         _, nodes = get_graph_node_names(model, tracer_kwargs=tracer_kwargs, suppress_diff_warning=True)
@@ -161,11 +168,11 @@ class FrozenClassifier(nn.Module):
         valid = valid_layer_names(nodes)
         unknown = [layer for layer in layers if layer not in valid]
         if unknown:
-            raise ValueError(
+            raise ClassifierError(
                 f"Unknown layer name(s) {unknown} for classifier {name!r}. Valid names: {', '.join(valid)}"
             )
         if len(set(layers)) != len(layers):
-            raise ValueError(f"Duplicate layer names in {list(layers)}")
+            raise ClassifierError(f"Duplicate layer names in {list(layers)}")
         spec = input_spec or InputSpec(crop=224, resize=256)
         if mean is not None or std is not None:
             spec = replace(spec, mean=tuple(mean or spec.mean), std=tuple(std or spec.std))
@@ -204,7 +211,9 @@ class FrozenClassifier(nn.Module):
         logits = out.pop("__logits__")
         if not isinstance(logits, Tensor) or logits.ndim != 2:
             shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
-            raise ValueError(f"{self.name}: output node {self.output_node!r} gives {shape}, not (B, classes) logits")
+            raise ClassifierError(
+                f"{self.name}: output node {self.output_node!r} gives {shape}, not (B, classes) logits"
+            )
         acts = Activations()
         for layer in self.layers:
             acts[layer], prefix = self._to_map(layer, out[layer])
@@ -216,7 +225,7 @@ class FrozenClassifier(nn.Module):
         """A layer's raw output as ``(B, C, H, W)``, and the prefix tokens a token layer leaves out (or None)."""
         if not isinstance(raw, Tensor) or raw.ndim not in (3, 4):
             what = f"a {tuple(raw.shape)} tensor" if isinstance(raw, Tensor) else f"a {type(raw).__name__}"
-            raise ValueError(
+            raise ClassifierError(
                 f"Layer {layer!r} of classifier {self.name!r} gives {what}, not an activation map (B, C, H, W) "
                 "or tokens (B, N, D); choose another layer"
             )
@@ -230,7 +239,7 @@ class FrozenClassifier(nn.Module):
         self._forms[layer] = ("tokens", p)
         side = math.isqrt(max(n - p, 0))
         if not _is_square(n - p):
-            raise ValueError(
+            raise ClassifierError(
                 f"Layer {layer!r} of classifier {self.name!r} returns {n} tokens; without its {p} prefix "
                 f"(class/register) token(s) the {n - p} others do not form a square grid, so they cannot be "
                 "reshaped to a map (square inputs only; the prefix count is FrozenClassifier(prefix_tokens=...))"
@@ -246,7 +255,7 @@ class FrozenClassifier(nn.Module):
         the cut is an error). For a token layer it also takes the prefix tokens (see :class:`LayerTail`).
         """
         if layer not in self.layers:
-            raise ValueError(f"{layer!r} is not among the wrapped layers {self.layers}")
+            raise ClassifierError(f"{layer!r} is not among the wrapped layers {self.layers}")
         if layer not in self._tails:
             if layer not in self._forms:
                 self._probe()
@@ -347,7 +356,7 @@ def _cut_after(gm: torch.fx.GraphModule, layer: str) -> torch.fx.GraphModule:
         if node not in needed:
             continue
         if node is image:
-            raise ValueError(f"The classifier reads its input again after {layer!r}; it cannot be cut there")
+            raise ClassifierError(f"The classifier reads its input again after {layer!r}; it cannot be cut there")
         # Other inputs of the model's forward (timm ViT's attn_mask=None) keep their defaults.
         env[node] = graph.node_copy(node, lambda n: env[n])
     graph.output(env[logits])
@@ -378,12 +387,12 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, Tensor]:
         else:
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - torch and safetensors raise many kinds for a bad file
-        raise ValueError(f"{path}: could not be read as a PyTorch weights file ({e})") from e
+        raise ClassifierError(f"{path}: could not be read as a PyTorch weights file ({e})") from e
     for key in ("state_dict", "model"):
         if isinstance(obj, Mapping) and key in obj and isinstance(obj[key], Mapping):
             obj = obj[key]
     if not isinstance(obj, Mapping):
-        raise ValueError(f"{path}: expected a state dict, got {type(obj).__name__}")
+        raise ClassifierError(f"{path}: expected a state dict, got {type(obj).__name__}")
     return {k.removeprefix("module."): v for k, v in obj.items()}
 
 
@@ -421,9 +430,9 @@ def as_input_spec(value: InputSpec | Mapping[str, Any]) -> InputSpec:
     known = {"crop", "resize", "interpolation", "mean", "std"}
     unknown = sorted(set(value) - known)
     if unknown:
-        raise ValueError(f"input_spec: unknown key(s) {unknown}; valid keys: {sorted(known)}")
+        raise ClassifierError(f"input_spec: unknown key(s) {unknown}; valid keys: {sorted(known)}")
     if "crop" not in value:
-        raise ValueError("input_spec: 'crop' is required")
+        raise ClassifierError("input_spec: 'crop' is required")
     kwargs = dict(value)
     kwargs.setdefault("resize", kwargs["crop"])
     for key in ("mean", "std"):
@@ -460,7 +469,7 @@ def _torchvision_model(name: str, num_classes: int, crop: int | None) -> tuple[n
     try:
         weights = presets[tag]
     except KeyError:
-        raise ValueError(
+        raise ClassifierError(
             f"Unknown torchvision weights preset {tag!r} for {base}; choose from {', '.join(p.name for p in presets)}"
         ) from None
     t = weights.transforms()
@@ -489,14 +498,14 @@ def _timm_model(name: str, num_classes: int, crop: int | None) -> tuple[nn.Modul
 
     arch = name.removeprefix(TIMM_PREFIX)
     if ":" in arch:
-        raise ValueError(
+        raise ClassifierError(
             f"{name!r}: only timm architecture names are supported (no hub or URL sources; nothing is downloaded); "
             "give the weights as a local file instead"
         )
     base = arch.partition(".")[0]
     if not timm.is_model(base):
         close = difflib.get_close_matches(base, timm.list_models(), n=6, cutoff=0.6)
-        raise ValueError(
+        raise ClassifierError(
             f"Unknown timm model {base!r} (classifier {name!r}); close matches: {', '.join(close) or 'none'} "
             "(timm.list_models() lists them all)"
         )
@@ -504,11 +513,13 @@ def _timm_model(name: str, num_classes: int, crop: int | None) -> tuple[nn.Modul
         model = timm.create_model(arch, pretrained=False, num_classes=num_classes)
     except RuntimeError as e:
         tags = [n.partition(".")[2] for n in timm.list_pretrained(f"{base}.*")]
-        raise ValueError(f"{name!r}: {e} Tags of {base}: {', '.join(tags) or 'none'}") from e
+        raise ClassifierError(f"{name!r}: {e} Tags of {base}: {', '.join(tags) or 'none'}") from e
     cfg = timm.data.resolve_model_data_config(model)
     _, h, w = cfg["input_size"]
     if h != w:
-        raise ValueError(f"{name!r}: timm's input size is {h}x{w}; only square inputs are supported (pass input_spec)")
+        raise ClassifierError(
+            f"{name!r}: timm's input size is {h}x{w}; only square inputs are supported (pass input_spec)"
+        )
     interpolation = cfg["interpolation"]
     if interpolation not in INTERPOLATIONS:
         log.warning(f"{name}: timm's interpolation {interpolation!r} is not supported here; using bicubic")
@@ -560,10 +571,10 @@ def build_classifier(
     """
     override = as_input_spec(input_spec) if input_spec is not None else None
     if override is not None and image_size is not None and override.crop != image_size:
-        raise ValueError(f"image_size={image_size} disagrees with input_spec crop={override.crop}")
+        raise ClassifierError(f"image_size={image_size} disagrees with input_spec crop={override.crop}")
     crop = override.crop if override is not None else image_size
     if crop is not None and (not isinstance(crop, int) or crop <= 0):
-        raise ValueError(f"image_size must be a positive integer, got {crop!r}")
+        raise ClassifierError(f"image_size must be a positive integer, got {crop!r}")
     if name == "shapes_cnn":
         model, preset, default_layers = _shapes_model(num_classes, widths)
         preset = replace(preset, crop=crop or preset.crop, resize=crop or preset.resize)
@@ -572,7 +583,7 @@ def build_classifier(
     elif name.startswith(TIMM_PREFIX):
         model, preset, default_layers = _timm_model(name, num_classes, crop)
     else:
-        raise ValueError(
+        raise ClassifierError(
             f"Unknown classifier {name!r}; choose from {', '.join(CLASSIFIER_NAMES)}, or timm:<model name> for any "
             "timm model (e.g. timm:resnet18, timm:vit_tiny_patch16_224)"
         )
@@ -582,10 +593,10 @@ def build_classifier(
         try:
             model.load_state_dict(state)
         except RuntimeError as e:
-            raise ValueError(f"{weights}: weights do not fit {name} with {num_classes} classes: {e}") from e
+            raise ClassifierError(f"{weights}: weights do not fit {name} with {num_classes} classes: {e}") from e
     layers = list(layers) if layers else default_layers
     if not layers:
-        raise ValueError(f"{name}: no default layers are known for this model; pass layers=[...]")
+        raise ClassifierError(f"{name}: no default layers are known for this model; pass layers=[...]")
     wrapped = FrozenClassifier(model, layers, name=name, input_spec=spec)
     # What a checkpoint records to rebuild this classifier.
     wrapped.spec = {
