@@ -221,6 +221,7 @@ class Config:
     cache_dir: str = MISSING
     seed: int = MISSING
     ckpt_path: str | None = MISSING
+    overwrite: bool = MISSING
     world: WorldSpec = field(default_factory=WorldSpec)
     classifier: ClassifierSchema = field(default_factory=ClassifierSchema)
     model: ModelSchema = field(default_factory=ModelSchema)

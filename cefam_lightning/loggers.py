@@ -16,6 +16,7 @@ Example::
 from __future__ import annotations
 
 import configparser
+import csv
 import importlib.util
 import json
 import logging
@@ -26,6 +27,7 @@ import struct
 import subprocess
 import threading
 import time
+import uuid
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from importlib import metadata
@@ -34,9 +36,12 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger, WandbLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
 from cefam_lightning.config import ConfigError
+from cefam_lightning.io_utils import atomic_write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +58,7 @@ def build_loggers(
     run_dir: str | Path,
     config: dict[str, Any],
     code_version: dict[str, Any] | None = None,
+    resume: bool = False,
 ) -> list[Logger]:
     """The loggers ``cfg.kinds`` names, writing under ``run_dir``, each told the config and the code version.
 
@@ -67,6 +73,9 @@ def build_loggers(
         run_dir: The run folder.
         config: The resolved config, recorded by every logger.
         code_version: What ``code_version()`` returns; None computes it.
+        resume: the run resumes the run folder's earlier run: CSV rows are appended to its ``metrics.csv`` (which
+            Lightning's CSV logger would delete), and W&B continues the same W&B run (its id is kept in
+            ``run_dir/wandb/run_id``).
 
     Returns:
         The loggers in the order of ``cfg.kinds`` (empty when it is empty), for ``lightning.Trainer(logger=...)``.
@@ -83,7 +92,10 @@ def build_loggers(
     loggers: list[Logger] = []
     for kind in kinds:
         if kind == "csv":
-            loggers.append(CSVLogger(run_dir, name="logs", version=""))
+            # Rows are written as they are logged (Lightning's default keeps 100 steps in memory), so a run killed
+            # with SIGKILL keeps its history up to the kill.
+            csv_logger = AppendingCSVLogger if resume else CSVLogger
+            loggers.append(csv_logger(run_dir, name="logs", version="", flush_logs_every_n_steps=1))
         elif kind == "tensorboard":
             if not _tensorboard_available():
                 raise ModuleNotFoundError(
@@ -92,10 +104,33 @@ def build_loggers(
                 )
             loggers.append(TensorBoardLogger(run_dir, name="tensorboard", version="", default_hp_metric=False))
         else:
-            loggers.append(_wandb_logger(wcfg, run_dir))
+            loggers.append(_wandb_logger(wcfg, run_dir, resume))
     for logger in loggers:
         logger.log_hyperparams({**config, "code_version": version})
     return loggers
+
+
+class _AppendingWriter(ExperimentWriter):
+    """Lightning's CSV writer, minus the deletion of an existing ``metrics.csv``: its rows are kept and new rows
+    appended under the same header (widened, old rows kept, when new keys appear)."""
+
+    def _check_log_dir_exists(self) -> None:
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                header = next(csv.reader(f), [])
+            self.metrics_keys = sorted(header)
+
+
+class AppendingCSVLogger(CSVLogger):
+    """A ``CSVLogger`` that continues an existing ``metrics.csv`` (a resumed run) instead of replacing it."""
+
+    @property
+    @rank_zero_experiment
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
 
 
 def check_logger_config(cfg: Mapping[str, Any]) -> None:
@@ -157,7 +192,17 @@ def _tensorboard_available() -> bool:
     return any(importlib.util.find_spec(name) is not None for name in ("tensorboard", "tensorboardX"))
 
 
-def _wandb_logger(wcfg: dict[str, Any], run_dir: Path) -> WandbLogger:
+def _wandb_run_id(run_dir: Path, resume: bool) -> str:
+    """The W&B run id of a run folder: kept in ``wandb/run_id`` so that a resumed run continues the same W&B run."""
+    path = run_dir / "wandb" / "run_id"
+    if resume and path.is_file():
+        return path.read_text().strip()
+    run_id = uuid.uuid4().hex[:8]  # W&B's own ids are 8 characters of [a-z0-9]
+    atomic_write_bytes(path, run_id.encode())
+    return run_id
+
+
+def _wandb_logger(wcfg: dict[str, Any], run_dir: Path, resume: bool = False) -> WandbLogger:
     try:
         import wandb  # noqa: F401 - only to say clearly when it is missing
     except ImportError:
@@ -176,7 +221,9 @@ def _wandb_logger(wcfg: dict[str, Any], run_dir: Path) -> WandbLogger:
     elif mode == "auto":
         mode = "offline"  # not used: WandbLogger starts no run off rank zero
     run_dir.mkdir(parents=True, exist_ok=True)  # wandb's `dir` must exist, or wandb falls back to a temp folder
+    ids = {"id": _wandb_run_id(run_dir, resume), "resume": "allow"} if rank_zero_only.rank == 0 else {}
     return WandbLogger(
+        **ids,
         project=wcfg["project"],
         entity=wcfg.get("entity"),
         name=wcfg.get("name") or run_dir.name,

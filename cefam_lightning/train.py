@@ -11,13 +11,13 @@ Usage: ``python train.py [--config FILE] [key=value ...]`` (see ``configs/defaul
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict
-from datetime import datetime
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -37,20 +37,22 @@ from callbacks import (
     RegionMetricsCallback,
 )
 from cefam_lightning.cefam_module import CEFAMModule, init_translator_from
+from cefam_lightning.checkpoints import AtomicCheckpointIO, CheckpointError, read_checkpoint
 from cefam_lightning.classifier import build_classifier
 from cefam_lightning.classifier_fit import FitSettings, fit_shapes_classifier
 from cefam_lightning.components import ConceptScorer, Translator
 from cefam_lightning.config import ConfigError, load_config, to_dict, world_spec
 from cefam_lightning.datamodule import ShapesWorldDataModule
-from cefam_lightning.errors import cli_errors
+from cefam_lightning.errors import CefamError, cli_errors, one_line
 from cefam_lightning.evaluate import evaluate_explainer_on_world, write_results
 from cefam_lightning.feature_cache import PooledFeatureCache, pooled_identity
 from cefam_lightning.image_datamodule import ImageDataModule
 from cefam_lightning.image_sources import open_source
-from cefam_lightning.io_utils import atomic_write_json
+from cefam_lightning.io_utils import atomic_write_bytes, atomic_write_json
 from cefam_lightning.layer_relevance import selectable_layers
 from cefam_lightning.lcam_module import build_lcam_module
 from cefam_lightning.loggers import build_loggers, code_version, finish_loggers, run_links
+from cefam_lightning.run_folder import RunFolder, claim_run_folder
 from cefam_lightning.siam_module import build_siam_module
 from cefam_lightning.transforms import InputSpec
 
@@ -65,22 +67,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-RUN_NAME_ENV = "CEFAM_RUN_NAME"
-
-
-def make_run_dir(cfg: DictConfig) -> Path:
-    """``output_dir/run_name``; a timestamp when no name is given.
-
-    Lightning's DDP launcher starts the other ranks by re-running this script, possibly seconds later, so the
-    chosen name is put in the environment, which the launched ranks inherit.
-    """
-    name = cfg.run_name or os.environ.get(RUN_NAME_ENV) or datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
-    os.environ[RUN_NAME_ENV] = name
-    run_dir = Path(cfg.output_dir).expanduser() / name
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
-
-
 def _stage(msg: str) -> None:
     print(f"[cefam] {msg}", flush=True)
 
@@ -90,13 +76,32 @@ def run(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str
 
     ``cfg.method`` picks the explainer trained on the frozen classifier: CE-FAM (the default), L-CAM-Fm,
     L-CAM-Img or SIAM. ``extra_callbacks`` are added to the trainer's own (checkpointing, figures, ...).
+
+    The run folder ``output_dir/run_name`` is claimed for the run (:mod:`cefam_lightning.run_folder`): a folder
+    that holds another run is refused unless ``ckpt_path`` resumes it or ``overwrite=true`` replaces it.
     """
+    _check_select_layers(cfg)
+    with claim_run_folder(cfg.output_dir, cfg.run_name, resume=bool(cfg.ckpt_path), overwrite=cfg.overwrite) as folder:
+        return _run(cfg, folder, extra_callbacks)
+
+
+@contextlib.contextmanager
+def _built_from_config() -> Iterator[None]:
+    """A ``ValueError`` raised while the data, classifier and module are built from the config is the config's
+    (a bad layer, option or file named in it): it becomes a :class:`ConfigError`, one line from the command line."""
+    try:
+        yield
+    except CefamError:
+        raise
+    except ValueError as e:
+        raise ConfigError(one_line(e)) from e
+
+
+def _run(cfg: DictConfig, folder: RunFolder, extra_callbacks: Sequence[L.Callback]) -> dict[str, Any]:
     t0 = time.time()
     method = cfg.method
-    _check_select_layers(cfg)
-    run_dir = make_run_dir(cfg)
-    if rank_zero_only.rank == 0:
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    run_dir = folder.path
+    ckpt_path = resume_path(cfg, run_dir)  # a missing or unreadable checkpoint is refused before anything is built
     tcfg = cfg.trainer
     quick = bool(tcfg.fast_dev_run)
 
@@ -107,31 +112,40 @@ def run(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str
             "method=siam trains on the shapes world (its concepts are the attributes); data.source=images has no "
             "attribute labels"
         )
-    if images:
-        dm, classifier, weights, class_names = _image_data_and_classifier(cfg)
-        store, image_size, classifier_metrics = dm.store, dm.input_spec.crop, {}
-    else:
-        dm, classifier, weights, classifier_metrics = _shapes_data_and_classifier(cfg, quick)
-        store, image_size, class_names = dm.world.store, dm.spec.image_size, dm.class_names
+    with _built_from_config():
+        if images:
+            dm, classifier, weights, class_names = _image_data_and_classifier(cfg)
+            store, image_size, classifier_metrics = dm.store, dm.input_spec.crop, {}
+        else:
+            dm, classifier, weights, classifier_metrics = _shapes_data_and_classifier(cfg, quick)
+            store, image_size, class_names = dm.world.store, dm.spec.image_size, dm.class_names
 
-    # Seeded here, after the classifier: fitting it (cold cache) or not (warm) must not change the branch's
-    # initialization or data order.
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    module, trainable = _build_module(cfg, classifier, store, class_names, image_size)
-    if method == "cefam" and cfg.model.init_from:
-        report = init_translator_from(module, cfg.model.init_from)
-        _stage(report.summary())
+        # Seeded here, after the classifier: fitting it (cold cache) or not (warm) must not change the branch's
+        # initialization or data order.
+        L.seed_everything(cfg.seed, workers=True, verbose=False)
+        module, trainable = _build_module(cfg, classifier, store, class_names, image_size)
+        if method == "cefam" and cfg.model.init_from:
+            report = init_translator_from(module, cfg.model.init_from)
+            _stage(report.summary())
+
+    if rank_zero_only.rank == 0:  # the run starts: replace an overwritten run's files, then record the config
+        folder.clear_for_overwrite()
+        write_config(run_dir, cfg)
 
     ckpt = ModelCheckpoint(
         dirpath=run_dir / "checkpoints",
         filename="best",
         monitor="val/loss",
         mode="min",
-        save_last=True,
         auto_insert_metric_name=False,
         enable_version_counter=False,
     )
-    callbacks: list[L.Callback] = [ckpt, LearningRateMonitor(logging_interval="epoch")]
+    # ModelCheckpoint(save_last=True) rewrites last.ckpt only when it also saves a new best, so a run whose
+    # val/loss stops improving would keep a stale last.ckpt; a monitor-free checkpoint is written every epoch.
+    last = ModelCheckpoint(
+        dirpath=run_dir / "checkpoints", filename="last", monitor=None, save_top_k=1, enable_version_counter=False
+    )
+    callbacks: list[L.Callback] = [ckpt, last, LearningRateMonitor(logging_interval="epoch")]
     if cfg.data.feature_cache and method == "cefam":  # only CE-FAM's translator reads pooled activations alone
         dm.feature_caches = _feature_caches(cfg, dm, classifier, images)
         callbacks.append(CachePooledFeatures(dm.feature_caches))
@@ -146,18 +160,18 @@ def run(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str
     if es.enabled:
         callbacks.append(EarlyStopping(monitor=es.monitor, patience=es.patience, mode=es.mode))
     callbacks.extend(extra_callbacks)
-    loggers = build_loggers(to_dict(cfg.logger), run_dir, config=to_dict(cfg))
+    loggers = build_loggers(to_dict(cfg.logger), run_dir, config=to_dict(cfg), resume=bool(ckpt_path))
     trainer = L.Trainer(
         default_root_dir=run_dir,
         logger=loggers or False,
         callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],  # whole checkpoints or none, read with weights_only=True
         **to_dict(tcfg),  # every trainer.* key is a lightning.Trainer argument
     )
     _stage(f"training {METHOD_TITLES[method]} ({trainable:,} parameters, layers {list(ccfg.layers)}) -> {run_dir}")
-    ckpt_path = resume_path(cfg, run_dir)
     if ckpt_path:
         _stage(f"resuming from {ckpt_path}")
-    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
     best = ckpt.best_model_path or None
     test = trainer.test(module, datamodule=dm, ckpt_path=best, verbose=False)[0]
 
@@ -305,8 +319,12 @@ def _training_callbacks(cfg: DictConfig, run_dir: Path, masks: bool) -> list[L.C
 def resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
     """``cfg.ckpt_path`` as a file to resume from: ``"last"`` is this run's ``checkpoints/last.ckpt``.
 
+    The file is read once here (memory-mapped, ``weights_only=True``), so that a file that is not a checkpoint,
+    or would run code when unpickled, is refused with its name before anything is built.
+
     Raises:
         FileNotFoundError: the checkpoint does not exist (naming the path and the key).
+        CheckpointError: it cannot be read safely as a checkpoint.
     """
     if not cfg.ckpt_path:
         return None
@@ -314,7 +332,24 @@ def resume_path(cfg: DictConfig, run_dir: Path) -> str | None:
     if not path.is_file():
         hint = f" (ckpt_path=last means {path}: resume a run by its run_name)" if cfg.ckpt_path == "last" else ""
         raise FileNotFoundError(f"ckpt_path: no checkpoint at {path}{hint}")
+    try:
+        read_checkpoint(path, mmap=True)
+    except CheckpointError as e:
+        raise CheckpointError(f"ckpt_path: {e}") from None
     return str(path)
+
+
+def write_config(run_dir: Path, cfg: DictConfig) -> None:
+    """``config.yaml``: the run's resolved config. A resumed run with another config keeps the earlier one as
+    ``config.<n>.yaml`` (n = 1, 2, ...), so the history of a run folder is never overwritten."""
+    text = OmegaConf.to_yaml(cfg, resolve=True)
+    path = run_dir / "config.yaml"
+    if path.is_file() and path.read_text() != text:
+        n = 1
+        while (run_dir / f"config.{n}.yaml").exists():
+            n += 1
+        os.replace(path, run_dir / f"config.{n}.yaml")
+    atomic_write_bytes(path, text.encode())
 
 
 def _evaluate(

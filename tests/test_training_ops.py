@@ -183,7 +183,7 @@ def test_ddp_metrics_equal_one_process_on_the_same_data_and_rank_zero_writes(cac
     assert [p.name for p in tmp_path.iterdir()] == ["ddp"]
     metrics = json.loads((run / "metrics.json").read_text())
     assert sorted(p.name for p in run.iterdir()) == sorted(
-        ["checkpoints", "config.yaml", "figures", "images", "logs", "metrics.json", "run.json"]
+        [".lock", "checkpoints", "config.yaml", "figures", "images", "logs", "metrics.json", "run.json"]
     )
     assert len(list((run / "images" / "val" / "region_maps").iterdir())) == 4  # one rank's figures, not two
     assert (run / "logs" / "metrics.csv").read_text().count("\n") > 1
