@@ -2,7 +2,9 @@
 cache is discarded and rebuilt, never served."""
 
 import logging
+import os
 import pickle
+import re
 
 import lightning as L
 import numpy as np
@@ -249,7 +251,7 @@ def test_a_damaged_cache_is_discarded_with_one_warning_and_rebuilt(damage, tmp_p
     assert len(warnings) == 1 and warnings[0].levelno == logging.WARNING
     line = warnings[0].getMessage()
     assert "\n" not in line and str(again.path) in line and "damaged" in line
-    assert __import__("re").search(what, line), line
+    assert re.search(what, line), line
     # rebuilt empty: nothing of the damaged folder is served, and no file was padded or left behind
     assert again.num_filled == 0 and again.check() is None
     for name in ("pooled.npy", "crc32.npy", "filled.npy", "meta.json"):
@@ -340,3 +342,71 @@ def test_training_with_a_truncated_cache_equals_a_cache_free_run(cache_dir, tmp_
     ref_state = torch.load(reference["best_checkpoint"], map_location="cpu", weights_only=False)["state_dict"]
     for k, v in ref_state.items():
         torch.testing.assert_close(state[k], v, rtol=0, atol=0, msg=k)
+
+
+# ---------------------------------------------------------------------------------------------------- cache keys
+def _replace_in_place(path, data):
+    """Overwrite ``path`` with ``data`` and make sure its mtime moves on (as it does, but for file systems whose
+    timestamps are coarser than this test is fast)."""
+    before = path.stat().st_mtime_ns
+    path.write_bytes(data)
+    if path.stat().st_mtime_ns == before:
+        os.utime(path, ns=(before, before + 1_000_000_000))
+
+
+def _image_cache_keys(spec, root, classifier):
+    """The train and val cache keys ``train.py`` uses for data ``spec`` (opened afresh, as by the next run)."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from cefam_lightning.image_sources import WebDataSource, open_source
+    from cefam_lightning.train import _feature_caches
+
+    source = open_source(spec)
+    ids = [k for ks in source.keys_by_shard() for k in ks] if isinstance(source, WebDataSource) else source.ids
+    dm = SimpleNamespace(sources={"train": source, "val": source}, sample_ids=lambda split: ids)
+    cfg = OmegaConf.create(
+        {"cache_dir": str(root), "data": {"feature_cache_dir": str(root), "train": spec, "val": spec}}
+    )
+    return tuple(c.key for c in _feature_caches(cfg, dm, classifier, images=True).values())
+
+
+@pytest.mark.parametrize("kind", ["folder", "manifest", "shards"])
+def test_images_replaced_in_place_get_a_new_cache_key(kind, tmp_path):
+    from tests.test_image_sources import folder_id, make_images, write_folder, write_manifest, write_shards
+
+    items, other = make_images(4, seed=0), make_images(4, seed=1)
+    root = write_folder(tmp_path / "data", items)
+    manifest = write_manifest(tmp_path / "data" / "train.csv", [{"path": folder_id(it)} for it in items])
+    specs = {"folder": str(root), "manifest": str(manifest), "shards": write_shards(tmp_path / "shards", items, 2)}
+    classifier = build_classifier("shapes_cnn", 3)
+    features = tmp_path / "features"
+    key = _image_cache_keys(specs[kind], features, classifier)
+    assert _image_cache_keys(specs[kind], features, classifier) == key  # unchanged data: the cache is reused
+
+    if kind == "shards":  # the first shard written again: the same sample keys, other images
+        write_shards(tmp_path / "new", other[:2], 2)
+        _replace_in_place(tmp_path / "shards" / "shard-000.tar", (tmp_path / "new" / "shard-000.tar").read_bytes())
+    else:  # one image file overwritten: same path, same id, other pixels
+        _replace_in_place(root / folder_id(items[1]), other[1]["bytes"])
+    new = _image_cache_keys(specs[kind], features, classifier)
+    assert new[0] != key[0] and new[1] != key[1]
+    assert _image_cache_keys(specs[kind], features, classifier) == new
+
+    if kind == "manifest":  # the manifest itself rewritten (here: same ids and files, a column more)
+        write_manifest(manifest, [{"path": folder_id(it), "label": it["cls"]} for it in items])
+        assert _image_cache_keys(specs[kind], features, classifier) not in (key, new)
+
+
+def test_the_source_fingerprint_holds_absolute_paths(tmp_path, monkeypatch):
+    from cefam_lightning.image_sources import open_source
+    from tests.test_image_sources import make_images, write_folder
+
+    write_folder(tmp_path / "a" / "data", make_images(2))
+    write_folder(tmp_path / "b" / "data", make_images(2))  # the same files, elsewhere
+    monkeypatch.chdir(tmp_path / "a")
+    here = open_source("data").fingerprint()
+    assert here["root"] == str(tmp_path / "a" / "data") and here["files"] == 2
+    monkeypatch.chdir(tmp_path / "b")
+    assert open_source("data").fingerprint()["files_digest"] != here["files_digest"]
