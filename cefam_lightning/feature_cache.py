@@ -8,20 +8,31 @@ of decoding the image, and the module never runs the classifier for it.
 On disk, one folder per identity (``<root>/<key>/``)::
 
     meta.json      the identity the key was hashed from (classifier, weights digest, layers, input transform,
-                   sample ids), written last when the folder is created
+                   data source, sample ids), written last when the folder is created
     pooled.npy     float32 (num_samples, dim(z)), row i is sample ids[i]
-    filled.npy     bool (num_samples,), True once row i holds its sample's z
+    crc32.npy      uint32 (num_samples,), the CRC-32 of row i's bytes, written with the row
+    filled.npy     bool (num_samples,), True once row i and its CRC hold its sample's z
 
 The key covers everything ``z`` depends on, so changing the classifier, its weights, the layers, the transform
-or the sample set picks a new folder (an old one is never read for a new setup). A row's flag is set only after
-its values are written, so an interrupted epoch leaves unflagged rows that are simply computed again.
+or the data (for image sources: absolute paths, sizes and mtimes of the files, see
+:func:`~cefam_lightning.image_sources.files_fingerprint`) picks a new folder (an old one is never read
+for a new setup). A row's flag is set only after its values and CRC are written, so an interrupted epoch leaves
+unflagged rows that are simply computed again.
+
+A folder is checked before it is reused (:meth:`PooledFeatureCache.check`, on the process that creates it, before
+the others open it): the files' ``.npy`` headers and sizes (a truncated file is never opened writable: numpy's
+``r+`` memory map would silently pad it with zeros) and the CRC of every filled row, one sequential read of the
+filled part of ``pooled.npy`` at about 3 GB/s of CRC (about what one cached epoch reads, once per run). A damaged
+folder is discarded with one warning naming it and what was wrong, and built again; it is never served.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import zlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -31,12 +42,15 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, default_collate
 
-from cefam_lightning.errors import CefamError
+from cefam_lightning.errors import CefamError, one_line
 from cefam_lightning.io_utils import atomic_dir, stable_hash
+
+log = logging.getLogger(__name__)
 
 POOLED_KEY = "pooled"  # a batch's cached z, (b, dim(z)), for the rows listed under POOLED_INDEX
 POOLED_INDEX = "pooled_index"
 IMAGE_INDEX = "image_index"  # positions of the batch's samples that carry an image instead
+CHECK_BYTES = 64 << 20  # pooled.npy is checked in blocks of about this many bytes (bounded memory)
 
 
 class FeatureCacheError(CefamError):
@@ -70,6 +84,25 @@ def pooled_identity(classifier: torch.nn.Module, transform: Any, **extra: Any) -
     }
 
 
+def _npy_layout(path: Path) -> tuple[tuple[int, ...], np.dtype, bool, int]:
+    """``(shape, dtype, fortran_order, data_offset)`` of an ``.npy`` file, from its header alone (no mapping)."""
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+            raise ValueError(f"unsupported .npy format version {version}")
+        return tuple(shape), dtype, bool(fortran), f.tell()
+
+
+def row_checksums(values: np.ndarray) -> np.ndarray:
+    """CRC-32 of each row's bytes (``values`` 2-D and C-contiguous), as uint32."""
+    values = np.ascontiguousarray(values)
+    return np.fromiter((zlib.crc32(v) for v in values), dtype=np.uint32, count=len(values))
+
+
 class PooledFeatureCache:
     """Cached pooled activations ``z`` of a fixed, ordered set of sample ids.
 
@@ -81,7 +114,8 @@ class PooledFeatureCache:
 
     The arrays are memory-mapped on first use in each process (a pickled cache, e.g. in a DataLoader worker,
     maps the files again rather than carrying a copy), so all processes of a node share one set of files. Under
-    DDP one process per node creates the folder and the others open it after a barrier (:meth:`open_or_create`).
+    DDP one process per node creates the folder (checking, and if need be discarding, an existing one) and the
+    others open it after a barrier (:meth:`open_or_create`).
     """
 
     def __init__(self, root: str | os.PathLike, ids: Sequence[str], dim: int, identity: dict[str, Any]):
@@ -99,43 +133,121 @@ class PooledFeatureCache:
         self.path = Path(root).expanduser() / self.key
         self._row = {s: i for i, s in enumerate(self.ids)}
         self._pooled: np.ndarray | None = None
+        self._crc: np.ndarray | None = None
         self._filled: np.ndarray | None = None
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_pooled": None, "_filled": None}
+        return {**self.__dict__, "_pooled": None, "_crc": None, "_filled": None}
 
     # ------------------------------------------------------------------ files
-    def create(self) -> None:
-        """Create the (empty) cache folder atomically if it does not exist yet."""
-        if (self.path / "meta.json").is_file():
-            return
-        with atomic_dir(self.path) as tmp:
-            np.lib.format.open_memmap(tmp / "pooled.npy", mode="w+", dtype=np.float32, shape=(len(self.ids), self.dim))
-            np.save(tmp / "filled.npy", np.zeros(len(self.ids), dtype=bool))
-            (tmp / "meta.json").write_text(json.dumps(self.identity, indent=2, sort_keys=True) + "\n")
+    def _layouts(self) -> dict[str, tuple[np.dtype, tuple[int, ...]]]:
+        """Each array file's dtype and shape."""
+        n = len(self.ids)
+        return {
+            "pooled.npy": (np.dtype(np.float32), (n, self.dim)),
+            "crc32.npy": (np.dtype(np.uint32), (n,)),
+            "filled.npy": (np.dtype(bool), (n,)),
+        }
 
-    def open(self) -> PooledFeatureCache:
-        """Memory-map an existing cache folder read-write; it must match this cache's identity."""
+    def _read_meta(self) -> None:
+        """Check that meta.json exists and hashes to the folder name."""
         meta = self.path / "meta.json"
         if not meta.is_file():
             raise FeatureCacheError(f"{self.path}: no feature cache here (missing meta.json)")
         try:
             stored = json.loads(meta.read_text())
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise FeatureCacheError(f"{meta}: not valid JSON ({e})") from e
         if stable_hash(stored) != self.key:
             raise FeatureCacheError(f"{meta}: the identity stored there does not hash to the folder name {self.key}")
+
+    def _map(self, name: str, mode: str) -> np.memmap:
+        """Memory-map one array file after checking its header and size.
+
+        The size is checked before mapping because ``np.memmap`` (and ``np.load``) in mode ``r+`` extends a short
+        file with zeros: a truncated cache would come back whole, its lost rows zeros still flagged as filled.
+        """
+        dtype, shape = self._layouts()[name]
+        path = self.path / name
         try:
-            pooled = np.load(self.path / "pooled.npy", mmap_mode="r+")
-            filled = np.load(self.path / "filled.npy", mmap_mode="r+")
-        except (OSError, ValueError) as e:
-            raise FeatureCacheError(f"{self.path}: unreadable cache arrays ({e})") from e
-        if pooled.shape != (len(self.ids), self.dim) or filled.shape != (len(self.ids),):
+            found_shape, found_dtype, fortran, offset = _npy_layout(path)
+            size = path.stat().st_size
+        except FileNotFoundError:
+            raise FeatureCacheError(f"{path}: missing") from None
+        except (OSError, ValueError, EOFError, SyntaxError) as e:
+            raise FeatureCacheError(f"{path}: unreadable .npy header ({one_line(e, 200)})") from e
+        if found_shape != shape or found_dtype != dtype or fortran:
             raise FeatureCacheError(
-                f"{self.path}: arrays of shape {pooled.shape} / {filled.shape}, "
-                f"expected ({len(self.ids)}, {self.dim}) / ({len(self.ids)},)"
+                f"{path}: holds {found_dtype} of shape {found_shape}{' (Fortran order)' if fortran else ''}, "
+                f"expected {dtype} of shape {shape}"
             )
-        self._pooled, self._filled = pooled, filled
+        expected = offset + int(np.prod(shape)) * dtype.itemsize
+        if size != expected:
+            raise FeatureCacheError(f"{path}: {size} bytes, expected {expected} (truncated or appended to)")
+        return np.memmap(path, dtype=dtype, mode=mode, offset=offset, shape=shape)
+
+    def check(self) -> str | None:
+        """What is wrong with the cache folder on disk, or ``None`` when it can be reused.
+
+        Checks meta.json, each array's header and file size, that the flags are 0 or 1, and the CRC-32 of every
+        filled row (read-only maps; one sequential read of the filled rows, in blocks of about ``CHECK_BYTES``).
+        """
+        try:
+            self._read_meta()
+            pooled, crc, filled = (self._map(name, "r") for name in ("pooled.npy", "crc32.npy", "filled.npy"))
+            flags = np.asarray(filled).view(np.uint8)
+            if flags.size and flags.max() > 1:
+                return f"{self.path / 'filled.npy'}: flags other than 0 and 1"
+            rows = np.flatnonzero(flags)
+            block = max(1, CHECK_BYTES // max(1, self.dim * 4))
+            bad: list[np.ndarray] = []
+            for start in range(0, len(rows), block):
+                sel = rows[start : start + block]
+                bad.append(sel[row_checksums(np.asarray(pooled[sel])) != np.asarray(crc[sel])])
+            del pooled, crc, filled
+        except FeatureCacheError as e:
+            return str(e)
+        except OSError as e:
+            return f"{e.filename or self.path}: {e.strerror or e}"
+        bad_rows = np.concatenate(bad) if bad else np.zeros(0, dtype=np.int64)
+        if len(bad_rows):
+            first = int(bad_rows[0])
+            return (
+                f"{self.path / 'pooled.npy'}: {len(bad_rows)} of {len(rows)} filled rows do not match their CRC-32 "
+                f"in crc32.npy (first: row {first}, sample {self.ids[first]!r})"
+            )
+        return None
+
+    def create(self) -> None:
+        """Create the (empty) cache folder atomically; an existing folder is kept if :meth:`check` finds it sound.
+
+        A damaged folder is discarded with one warning line (the folder and what is wrong) and created again empty,
+        so its rows are computed again rather than served.
+        """
+        if self.path.exists():
+            problem = self.check()
+            if problem is None:
+                return
+            log.warning(f"feature cache {self.path} is damaged, discarded and built again: {one_line(problem)}")
+            self._pooled = self._crc = self._filled = None
+        n = len(self.ids)
+        with atomic_dir(self.path) as tmp:  # replaces a damaged folder only once the new one is complete
+            np.lib.format.open_memmap(tmp / "pooled.npy", mode="w+", dtype=np.float32, shape=(n, self.dim))
+            np.save(tmp / "crc32.npy", np.zeros(n, dtype=np.uint32))
+            np.save(tmp / "filled.npy", np.zeros(n, dtype=bool))
+            (tmp / "meta.json").write_text(json.dumps(self.identity, indent=2, sort_keys=True) + "\n")
+
+    def open(self) -> PooledFeatureCache:
+        """Memory-map an existing cache folder read-write; it must match this cache's identity and sizes.
+
+        Raises:
+            FeatureCacheError: naming the file at fault (missing, not this identity, wrong header or size). The
+                row checksums are not read here (:meth:`check` does, on the creating process).
+        """
+        self._read_meta()
+        self._pooled, self._crc, self._filled = (
+            self._map(name, "r+") for name in ("pooled.npy", "crc32.npy", "filled.npy")
+        )
         return self
 
     @property
@@ -145,13 +257,20 @@ class PooledFeatureCache:
         return self._pooled
 
     @property
+    def crc(self) -> np.ndarray:
+        if self._crc is None:
+            self.open()
+        return self._crc
+
+    @property
     def filled(self) -> np.ndarray:
         if self._filled is None:
             self.open()
         return self._filled
 
     def open_or_create(self, barrier=None, creator: bool = True) -> PooledFeatureCache:
-        """Create (if ``creator``), wait at ``barrier`` (a callable, e.g. the strategy's), then open."""
+        """Create (if ``creator``; an existing folder is checked and, if damaged, rebuilt), wait at ``barrier``
+        (a callable, e.g. the strategy's), then open."""
         if creator:
             self.create()
         if barrier is not None:
@@ -159,9 +278,10 @@ class PooledFeatureCache:
         return self.open()
 
     def flush(self) -> None:
-        """Write memory-mapped changes to disk (values before flags)."""
+        """Write memory-mapped changes to disk (values and checksums before flags)."""
         if self._pooled is not None:
             self._pooled.flush()
+            self._crc.flush()
             self._filled.flush()
 
     # ------------------------------------------------------------------ rows
@@ -182,11 +302,12 @@ class PooledFeatureCache:
         return torch.from_numpy(np.array(self.pooled[rows], dtype=np.float32))
 
     def write(self, rows: np.ndarray, z: Tensor) -> None:
-        """Store ``z`` (``(len(rows), dim)``) for ``rows``, then flag them (values first, flags after)."""
-        values = z.detach().to("cpu", torch.float32).numpy()
+        """Store ``z`` (``(len(rows), dim)``) and its row checksums for ``rows``, then flag them (flags last)."""
+        values = np.ascontiguousarray(z.detach().to("cpu", torch.float32).numpy())
         if values.shape != (len(rows), self.dim):
             raise FeatureCacheError(f"expected z of shape ({len(rows)}, {self.dim}), got {values.shape}")
         self.pooled[rows] = values
+        self.crc[rows] = row_checksums(values)
         self.filled[rows] = True
 
 

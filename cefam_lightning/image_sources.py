@@ -15,6 +15,10 @@ embedding by sample id, so the id rules below are what ties the two together:
   the image is the ``jpg``, ``jpeg``, ``png`` or ``webp`` member, the label the ``cls`` member (an integer or a
   class name) or ``json["label"]``.
 
+Every source has a ``fingerprint()``: a JSON-serializable summary of the files it reads (absolute paths, sizes
+and ``mtime_ns``), which keys caches of what is computed from the images (the pooled-feature cache), so that
+images replaced in place are never served from a cache made of the old ones.
+
 Every problem is an :class:`ImageSourceError` naming the file, line, shard or key at fault.
 """
 
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import hashlib
 import io
 import json
 import os
@@ -92,13 +97,45 @@ def open_image(record: ImageRecord) -> Image.Image:
 
 @runtime_checkable
 class ImageSource(Protocol):
-    """What every source offers: class names (when known), records in a fixed order, a one-line description."""
+    """What every source offers: class names (when known), records in a fixed order, a one-line description, and
+    a fingerprint of the files it reads."""
 
     class_names: list[str] | None
 
     def __iter__(self) -> Iterator[ImageRecord]: ...
 
     def describe(self) -> str: ...
+
+    def fingerprint(self) -> dict[str, Any]: ...
+
+
+def files_fingerprint(paths: Iterable[str | os.PathLike]) -> dict[str, Any]:
+    """How many files, and a digest of each one's absolute path, size and ``mtime_ns`` (one ``stat`` per file).
+
+    Size and mtime rather than a digest of the contents: a digest would read the whole data set again at every
+    start (an epoch's worth of I/O), while rewriting a file by any ordinary means changes its mtime. A change that
+    keeps both size and mtime is not seen: a same-size file put in place with the old timestamp (``cp -p``,
+    ``touch -d``), or a same-size rewrite within the timestamp resolution of a file system with coarse mtimes.
+
+    Raises:
+        ImageSourceError: naming a file that cannot be ``stat``-ed.
+    """
+    h = hashlib.sha256()
+    n = 0
+    for p in paths:
+        path = os.path.abspath(p)  # the same relative spelling from another folder is other data
+        st = _stat(path)
+        # NUL cannot occur in a path, so the fields cannot run into each other
+        h.update(os.fsencode(path) + f"\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+        n += 1
+    return {"files": n, "files_digest": h.hexdigest()[:32]}
+
+
+def _stat(path: str) -> os.stat_result:
+    try:
+        return os.stat(path)
+    except OSError as e:
+        raise ImageSourceError(f"{path}: cannot read the file's size and time ({e.strerror or e})") from None
 
 
 # ---------------------------------------------------------------------------------------------------- labels
@@ -239,6 +276,10 @@ class ImageFolderSource(_MapSource):
     def describe(self) -> str:
         return f"folder {self.root} ({len(self)} images, {len(self.class_names)} classes)"
 
+    def fingerprint(self) -> dict[str, Any]:
+        """The folder's absolute path and :func:`files_fingerprint` of its images (sizes and mtimes, now)."""
+        return {"kind": "folder", "root": os.path.abspath(self.root), **files_fingerprint(r.path for r in self)}
+
 
 class ManifestSource(_MapSource):
     """A CSV (with a header line) or JSONL file listing images: ``path``, optional ``label`` and ``id``.
@@ -300,6 +341,19 @@ class ManifestSource(_MapSource):
     def describe(self) -> str:
         classes = f", {len(self.class_names)} classes" if self.class_names is not None else ""
         return f"manifest {self.manifest} ({len(self)} images{classes})"
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The manifest's absolute path, size and mtime (it maps ids to files) and :func:`files_fingerprint` of
+        the images it lists (sizes and mtimes, now)."""
+        path = os.path.abspath(self.manifest)
+        st = _stat(path)
+        return {
+            "kind": "manifest",
+            "manifest": path,
+            "manifest_size": st.st_size,
+            "manifest_mtime_ns": st.st_mtime_ns,
+            **files_fingerprint(r.path for r in self),
+        }
 
 
 def _csv_rows(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
@@ -485,6 +539,11 @@ class WebDataSource:
 
     def describe(self) -> str:
         return f"webdataset {self.spec} ({len(self.shards)} shard{'s' if len(self.shards) != 1 else ''})"
+
+    def fingerprint(self) -> dict[str, Any]:
+        """:func:`files_fingerprint` of the shards, in order (size and mtime of each shard, not a digest of its
+        bytes: that would read every shard once more at each start)."""
+        return {"kind": "webdataset", **files_fingerprint(self.shards)}
 
 
 # ---------------------------------------------------------------------------------------------------- dispatch

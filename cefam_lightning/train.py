@@ -434,8 +434,9 @@ def _feature_caches(cfg: DictConfig, dm: Any, classifier: Any, images: bool) -> 
     dim = sum(c for c, _, _ in classifier.layer_shapes().values())
     caches = {}
     for split in ("train", "val"):
-        # What the pixels reaching the classifier depend on, besides the classifier's own input spec.
-        data = {"source": str(cfg.data[split])} if images else {"shapes_world": world_spec(cfg).cache_key()}
+        # What the pixels reaching the classifier depend on, besides the classifier's own input spec: the files
+        # (absolute paths, sizes, mtimes; images replaced in place make a new cache) or the world's spec.
+        data = {"source": dm.sources[split].fingerprint()} if images else {"shapes_world": world_spec(cfg).cache_key()}
         identity = pooled_identity(classifier, {**data, "split": split})
         caches[split] = PooledFeatureCache(root, dm.sample_ids(split), dim, identity)
     return caches
