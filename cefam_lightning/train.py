@@ -35,6 +35,7 @@ from callbacks import (
     ConceptScoreFigures,
     ContributionLogger,
     RegionMetricsCallback,
+    StopOnNonFiniteLoss,
 )
 from cefam_lightning.cefam_module import CEFAMModule, init_translator_from
 from cefam_lightning.classifier import build_classifier
@@ -145,6 +146,7 @@ def run(cfg: DictConfig, extra_callbacks: Sequence[L.Callback] = ()) -> dict[str
     es = cfg.early_stopping
     if es.enabled:
         callbacks.append(EarlyStopping(monitor=es.monitor, patience=es.patience, mode=es.mode))
+    callbacks.append(StopOnNonFiniteLoss())  # every method: a NaN loss ends the run before a checkpoint holds it
     callbacks.extend(extra_callbacks)
     loggers = build_loggers(to_dict(cfg.logger), run_dir, config=to_dict(cfg))
     trainer = L.Trainer(
