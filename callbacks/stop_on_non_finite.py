@@ -59,13 +59,13 @@ class StopOnNonFiniteLoss(L.Callback):
             where = f"at epoch {trainer.current_epoch}, training batch {batch_idx}"
             if losses and bad[:1] == [self.train_key]:
                 raise NonFiniteLossError(
-                    f"{self.train_key} is {_value(losses[0][1])} {where}: training stopped, and no checkpoint holds "
-                    f"the weights of this epoch; {_HINT}"
+                    f"{self.train_key} is {_value(losses[0][1])} {where}: training stopped, no checkpoint written from "
+                    f"here on; {_HINT}"
                 )
             if bad:
                 raise NonFiniteLossError(
                     f"{_tensors(bad)} hold NaN or infinite values after the step {where} ({self.train_key} was "
-                    f"finite): training stopped, and no checkpoint holds them; {_HINT}"
+                    f"finite): training stopped, no checkpoint written from here on; {_HINT}"
                 )
             raise NonFiniteLossError(f"another process's {self.train_key} or weights became NaN or infinite {where}")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 
 import lightning as L
 import numpy as np
@@ -111,6 +112,21 @@ def test_non_finite_weights_are_never_written(tmp_path):
     # A resumed run from such weights stops before validating with them.
     with pytest.raises(NonFiniteLossError, match=r"\(net\.bias\) hold NaN .* in the sanity check before training"):
         _fit(tmp_path / "again", module)
+
+
+def test_every_process_stops_when_one_process_sees_a_nan():
+    """Under DDP the decision is reduced over ranks: a rank whose own loss is finite stops too (else it would wait
+    for the others forever in the next all-reduce)."""
+    calls = []
+
+    def reduce(decision, all):
+        calls.append((decision, all))
+        return False  # another rank saw a NaN
+
+    trainer = SimpleNamespace(strategy=SimpleNamespace(reduce_boolean_decision=reduce), current_epoch=2)
+    with pytest.raises(NonFiniteLossError, match=r"another process's train/loss .* at epoch 2, training batch 3"):
+        StopOnNonFiniteLoss().on_train_batch_end(trainer, _Regression(), {"loss": torch.tensor(0.5)}, None, 3)
+    assert calls == [(True, True)]
 
 
 class _NaNGradientsAtEpoch(L.Callback):
