@@ -5,6 +5,7 @@ from callbacks.concept_region_maps import ConceptRegionMaps
 from callbacks.concept_score_figures import ConceptScoreFigures
 from callbacks.contribution_logger import ContributionLogger
 from callbacks.region_metrics import RegionMetricsCallback
+from callbacks.stop_on_non_finite import NonFiniteLossError, StopOnNonFiniteLoss
 
 __all__ = [
     "CachePooledFeatures",
@@ -12,4 +13,6 @@ __all__ = [
     "ConceptRegionMaps",
     "ContributionLogger",
     "RegionMetricsCallback",
+    "NonFiniteLossError",
+    "StopOnNonFiniteLoss",
 ]

@@ -9,7 +9,8 @@ Layout of a store folder (every array is a plain ``.npy`` file, so it can be mem
     text_embeddings.npy    float32, (num_concepts, embed_dim), one per concept in meta.json order
 
 A store is written into a temporary folder and renamed into place, so a reader never sees a partial store,
-and it is validated on open: any mismatch raises :class:`EmbeddingStoreError` naming the file at fault.
+and it is validated on open: any mismatch raises :class:`EmbeddingStoreError` naming the file at fault. NaN or
+infinite embeddings are refused too (on write and on open), naming the rows: one would make every loss NaN.
 """
 
 from __future__ import annotations
@@ -34,6 +35,12 @@ IDS_FILE = "sample_ids.npy"
 TEXT_FILE = "text_embeddings.npy"
 VLM_KINDS = ("clip", "siglip")
 _ALLOWED_DTYPES = ("float16", "float32")
+# Rows read at a time by the finiteness scan: memory stays bounded however large the memory-mapped store is.
+_SCAN_BYTES = 64 * 2**20
+_SHOWN_ROWS = 5  # offending rows named in an error
+# Files already scanned in this process, by identity (path, inode, size, mtime): opening a store again, or in a
+# forked DataLoader worker (which inherits this), does not read it all again; a rewritten file is scanned anew.
+_FINITE_FILES: set[tuple[str, int, int, int]] = set()
 
 
 class EmbeddingStoreError(CefamError):
@@ -134,6 +141,12 @@ class EmbeddingStore:
             )
         if len(set(ids.tolist())) != len(ids):
             raise EmbeddingStoreError("sample_ids contain duplicates")
+        _check_finite(img, f"image_embeddings for {path}", ids)
+        with np.errstate(over="ignore"):  # checked below: values beyond float16's range become infinite
+            stored = img.astype(dtype, copy=False)
+        if stored is not img:
+            _check_finite(stored, f"image_embeddings for {path} as {dtype}", ids)
+        _check_finite(txt, f"text_embeddings for {path}", [c.name for c in concepts], label="concept")
         meta = {
             "format_version": FORMAT_VERSION,
             "vlm": asdict(vlm),
@@ -144,7 +157,7 @@ class EmbeddingStore:
             "extra": extra or {},
         }
         with atomic_dir(path) as tmp:
-            np.save(tmp / IMAGE_FILE, img.astype(dtype, copy=False))
+            np.save(tmp / IMAGE_FILE, stored)
             np.save(tmp / IDS_FILE, ids)
             np.save(tmp / TEXT_FILE, txt)
             (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
@@ -182,8 +195,8 @@ class EmbeddingStore:
                 f"{path / TEXT_FILE}: shape {txt.shape} dtype {txt.dtype}, expected ({c}, {d}) float32 "
                 f"({c} concepts in {META_FILE})"
             )
-        if not np.isfinite(txt).all():
-            raise EmbeddingStoreError(f"{path / TEXT_FILE}: contains NaN or infinite values")
+        _check_finite(txt, str(path / TEXT_FILE), [cd["name"] for cd in meta["concepts"]], label="concept")
+        _check_finite_file(img, path / IMAGE_FILE, ids)
         concepts = [Concept(**cd) for cd in meta["concepts"]]
         return EmbeddingStore(
             path=path,
@@ -230,6 +243,51 @@ def _read_meta(file: Path) -> dict[str, Any]:
     except (TypeError, ValueError) as e:
         raise EmbeddingStoreError(f"{file}: bad 'vlm' entry: {e}") from e
     return meta
+
+
+def non_finite_rows(array: np.ndarray, limit: int = _SHOWN_ROWS) -> tuple[int, list[int]]:
+    """Rows of a 2-D array that hold a NaN or an infinite value: ``(count, the first `limit` row numbers)``.
+
+    The array is read in slices of about 64 MiB, so a memory-mapped array is scanned without loading it whole.
+    """
+    n = int(array.shape[0])
+    row_bytes = max(1, int(np.prod(array.shape[1:], dtype=np.int64)) * array.dtype.itemsize)
+    step = max(1, _SCAN_BYTES // row_bytes)
+    count, first = 0, []
+    for start in range(0, n, step):
+        chunk = np.asarray(array[start : start + step])
+        bad = ~np.isfinite(chunk.reshape(len(chunk), -1)).all(axis=1)
+        if bad.any():
+            rows = np.flatnonzero(bad) + start
+            count += int(rows.size)
+            first.extend(rows[: max(0, limit - len(first))].tolist())
+    return count, first
+
+
+def _check_finite(array: np.ndarray, where: str, names: Sequence[str], label: str = "id") -> None:
+    """Raise :class:`EmbeddingStoreError` naming ``where``, how many rows hold NaN or infinite values and the first
+    of them with their ``names`` (sample ids or concept names)."""
+    count, rows = non_finite_rows(array)
+    if count:
+        shown = ", ".join(f"{r} ({label} {str(names[r])!r})" for r in rows) + (", ..." if count > len(rows) else "")
+        raise EmbeddingStoreError(
+            f"{where}: {count} of {len(array)} rows hold NaN or infinite values (rows {shown}); training on them "
+            "would make every loss NaN: recompute those embeddings"
+        )
+
+
+def _check_finite_file(array: np.ndarray, file: Path, names: Sequence[str]) -> None:
+    """:func:`_check_finite` of an array read from ``file``, once per version of the file in this process."""
+    try:
+        st = file.stat()
+        key: tuple[str, int, int, int] | None = (str(file.resolve()), st.st_ino, st.st_size, st.st_mtime_ns)
+    except OSError:
+        key = None
+    if key is not None and key in _FINITE_FILES:
+        return
+    _check_finite(array, str(file), names)
+    if key is not None:
+        _FINITE_FILES.add(key)
 
 
 def _load_array(file: Path, mmap_mode: str | None) -> np.ndarray:

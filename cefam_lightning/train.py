@@ -35,6 +35,7 @@ from callbacks import (
     ConceptScoreFigures,
     ContributionLogger,
     RegionMetricsCallback,
+    StopOnNonFiniteLoss,
 )
 from cefam_lightning.cefam_module import CEFAMModule, init_translator_from
 from cefam_lightning.checkpoints import AtomicCheckpointIO, CheckpointError, read_checkpoint
@@ -159,6 +160,7 @@ def _run(cfg: DictConfig, folder: RunFolder, extra_callbacks: Sequence[L.Callbac
     es = cfg.early_stopping
     if es.enabled:
         callbacks.append(EarlyStopping(monitor=es.monitor, patience=es.patience, mode=es.mode))
+    callbacks.append(StopOnNonFiniteLoss())  # every method: a NaN loss ends the run before a checkpoint holds it
     callbacks.extend(extra_callbacks)
     loggers = build_loggers(to_dict(cfg.logger), run_dir, config=to_dict(cfg), resume=bool(ckpt_path))
     trainer = L.Trainer(

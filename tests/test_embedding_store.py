@@ -107,3 +107,87 @@ def test_bad_metadata_values_are_named(tmp_path):
 def test_not_a_store_folder(tmp_path):
     with pytest.raises(EmbeddingStoreError, match="no such folder"):
         EmbeddingStore.open(tmp_path / "nothing")
+
+
+def _corrupt_rows(path, rows, value):
+    """Overwrite ``rows`` of a written store's image embeddings with ``value`` (in place, keeping dtype)."""
+    file = path / "image_embeddings.npy"
+    emb = np.load(file)
+    emb[rows, 1] = value
+    np.save(file, emb)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+@pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
+def test_open_refuses_non_finite_image_embeddings_naming_rows_and_ids(tmp_path, dtype, value):
+    path = tmp_path / "store"
+    _write(path, n=6, dtype=dtype)
+    _corrupt_rows(path, [1, 4], value)
+    with pytest.raises(EmbeddingStoreError) as err:
+        EmbeddingStore.open(path)
+    msg = str(err.value)
+    assert str(path / "image_embeddings.npy") in msg
+    assert "2 of 6 rows hold NaN or infinite values" in msg
+    assert "1 (id 'img1'), 4 (id 'img4')" in msg and "..." not in msg
+
+
+def test_the_scan_reads_in_chunks_and_shows_the_first_rows_and_the_count(tmp_path, monkeypatch):
+    path = tmp_path / "store"
+    _write(path, n=50)
+    bad = [3, 9, 10, 22, 31, 40, 49]
+    _corrupt_rows(path, bad, np.nan)
+    chunks = []
+    real_isfinite = np.isfinite
+
+    def counting_isfinite(x, *a, **k):
+        chunks.append(len(x))
+        return real_isfinite(x, *a, **k)
+
+    monkeypatch.setattr(es, "_SCAN_BYTES", 7 * 8 * 4)  # 7 rows of 8 float32 per chunk
+    monkeypatch.setattr(es.np, "isfinite", counting_isfinite)
+    with pytest.raises(EmbeddingStoreError, match="7 of 50 rows") as err:
+        EmbeddingStore.open(path)
+    shown = ", ".join(f"{r} (id 'img{r}')" for r in bad[:5])
+    assert f"(rows {shown}, ...)" in str(err.value)
+    assert [n for n in chunks if n != 3] == [7] * 7 + [1]  # 3: the text embeddings, checked whole
+
+
+def test_a_store_file_is_scanned_once_per_version(tmp_path, monkeypatch):
+    path = tmp_path / "store"
+    _write(path)
+    calls = []
+    real = es.non_finite_rows
+    monkeypatch.setattr(es, "non_finite_rows", lambda a, *x: calls.append(a.shape) or real(a, *x))
+    EmbeddingStore.open(path)
+    EmbeddingStore.open(path)
+    assert calls.count((5, 8)) == 0  # scanned when written, not again
+    _corrupt_rows(path, [2], np.inf)  # a new version of the file is scanned again
+    with pytest.raises(EmbeddingStoreError, match=r"1 of 5 rows.*2 \(id 'img2'\)"):
+        EmbeddingStore.open(path)
+    assert calls.count((5, 8)) == 1
+
+
+def test_write_refuses_non_finite_embeddings_and_leaves_nothing(tmp_path):
+    emb = np.random.default_rng(0).normal(size=(5, 8)).astype(np.float32)
+    emb[3, 0] = np.nan
+    with pytest.raises(EmbeddingStoreError, match=r"image_embeddings for .*/s: 1 of 5 rows.*3 \(id 'img3'\)"):
+        _write(tmp_path / "s", image_embeddings=emb)
+    big = np.ones((5, 8), np.float32)
+    big[0, 0] = 1e6  # finite, but beyond float16's range
+    with pytest.raises(EmbeddingStoreError, match=r"as float16: 1 of 5 rows.*0 \(id 'img0'\)"):
+        _write(tmp_path / "s", image_embeddings=big, dtype="float16")
+    text = np.ones((3, 8), np.float32)
+    text[1, 2] = np.inf
+    with pytest.raises(EmbeddingStoreError, match=r"text_embeddings for .*: 1 of 3 rows.*1 \(concept 'wood'\)"):
+        _write(tmp_path / "s", text_embeddings=text)
+    assert not (tmp_path / "s").exists()
+
+
+def test_open_names_the_concepts_of_non_finite_text_embeddings(tmp_path):
+    path = tmp_path / "store"
+    _write(path)
+    text = np.load(path / "text_embeddings.npy")
+    text[2, 0] = np.nan
+    np.save(path / "text_embeddings.npy", text)
+    with pytest.raises(EmbeddingStoreError, match=r"text_embeddings.npy: 1 of 3 rows.*2 \(concept 'sky'\)"):
+        EmbeddingStore.open(path)

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-_ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU}
+ACTIVATIONS = {"tanh": nn.Tanh, "relu": nn.ReLU, "gelu": nn.GELU}
 
 
 def default_hidden_dims(in_dim: int) -> list[int]:
@@ -33,8 +33,8 @@ class Translator(nn.Module):
         input_norm: bool = False,
     ):
         super().__init__()
-        if activation not in _ACTIVATIONS:
-            raise ValueError(f"Unknown translator activation {activation!r}; choose from {sorted(_ACTIVATIONS)}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"Unknown translator activation {activation!r}; choose from {sorted(ACTIVATIONS)}")
         hidden = list(default_hidden_dims(in_dim) if hidden_dims is None else hidden_dims)
         dims = [in_dim, *hidden, out_dim]
         layers: OrderedDict[str, nn.Module] = OrderedDict()
@@ -43,7 +43,7 @@ class Translator(nn.Module):
         for i in range(len(dims) - 1):
             layers[f"fc{i + 1}"] = nn.Linear(dims[i], dims[i + 1])
             if i < len(dims) - 2:
-                layers[f"act{i + 1}"] = _ACTIVATIONS[activation]()
+                layers[f"act{i + 1}"] = ACTIVATIONS[activation]()
         self.net = nn.Sequential(layers)
         self.in_dim, self.out_dim, self.hidden_dims, self.activation = in_dim, out_dim, hidden, activation
         self.input_norm = input_norm
