@@ -22,6 +22,7 @@ import torchvision
 from PIL import Image, ImageFilter
 
 from cefam_lightning.concepts import make_concepts
+from cefam_lightning.data_order import set_epoch
 from cefam_lightning.embedding_store import EmbeddingStore, VLMInfo
 from cefam_lightning.image_datamodule import ImageDataModule
 from cefam_lightning.transforms import InputSpec
@@ -77,7 +78,8 @@ def loader_throughput(dm: ImageDataModule, epochs: int) -> list[float]:
     """Images/s of each pass over the training loader (the first includes starting the workers)."""
     loader = dm.train_dataloader()
     rates = []
-    for _ in range(epochs):
+    for epoch in range(epochs):
+        set_epoch(loader, epoch)  # as Lightning does: each pass is the next epoch's order
         start, n = time.perf_counter(), 0
         for batch in loader:
             n += batch["image"].shape[0]

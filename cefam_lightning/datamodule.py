@@ -12,8 +12,9 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
+from cefam_lightning.data_order import epoch_sampler
 from cefam_lightning.embedding_store import EmbeddingStore
 from cefam_lightning.feature_cache import CachedFeatureDataset, PooledFeatureCache, collate_cached
 from cefam_lightning.shapes_world import ShapesWorld, WorldSpec, WorldSplit
@@ -114,12 +115,9 @@ class ShapesWorldDataModule(L.LightningDataModule):
         cache = self.feature_caches.get(split)
         if cache is not None:
             dataset, collate = CachedFeatureDataset(dataset, cache, self.sample_ids(split)), collate_cached
-        sampler = None
-        if shuffle and (self.trainer is None or self.trainer.world_size == 1):
-            # A DataLoader's own shuffle draws from the global RNG, whose state a checkpoint does not keep, so a
-            # resumed run would see other batches. This sampler's order is a function of (seed, epoch), and
-            # Lightning sets the epoch; under DDP Lightning puts in a DistributedSampler, seeded the same way.
-            sampler, shuffle = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=self.seed), False
+        # The order is a function of (seed, epoch), so a resumed run sees the batches an uninterrupted one does.
+        sampler = epoch_sampler(dataset, self.seed, self.trainer) if shuffle else None
+        shuffle = shuffle and sampler is None
         return DataLoader(
             dataset,
             batch_size=self.batch_size,

@@ -8,13 +8,16 @@ image data has no ``presence`` or ``masks``.
 - A folder or a manifest is a map-style dataset: every id is checked against the store at setup, and under DDP
   Lightning's ``DistributedSampler`` splits it.
 - WebDataset shards are streamed with ``webdataset``: the shard list is split by rank, then by DataLoader
-  worker, and training adds a seeded shuffle buffer (different in each epoch, the same for the same seed). Each
-  rank x worker must get at least one shard: fewer shards than ranks is an error, and a rank with fewer shards than
-  workers uses fewer workers (with a logged line). The shards' sample keys are
-  read from the tar headers at setup, so missing embeddings are found before training starts and every rank knows
-  how many samples each rank streams. Every sample is seen once per epoch across ranks; for training, a rank whose
-  shards hold fewer samples than another's repeats some of its own (like ``DistributedSampler``'s padding) so that
-  all ranks take the same number of optimizer steps.
+  worker, and training shuffles each worker's shards and adds a shuffle buffer. Each rank x worker must get at
+  least one shard: fewer shards than ranks is an error, and a rank with fewer shards than workers uses fewer
+  workers (with a logged line). The shards' sample keys are read from the tar headers at setup, so missing
+  embeddings are found before training starts and every rank knows how many samples each rank streams. Every
+  sample is seen once per epoch across ranks; for training, a rank whose shards hold fewer samples than another's
+  repeats some of its own (like ``DistributedSampler``'s padding) so that all ranks take the same number of
+  optimizer steps.
+- The training order of every source is a function of (seed, epoch) only (:mod:`cefam_lightning.data_order`):
+  different in each epoch, the same for the same seed, and a run resumed from a checkpoint sees the batches an
+  uninterrupted run sees.
 - A last training batch of a single image is dropped (the translator's BatchNorm cannot train on one image); with
   shuffling it is a different image each epoch. Validation and test batches keep every image.
 
@@ -41,6 +44,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
 
+from cefam_lightning.data_order import EpochStreamLoader, SharedEpoch, epoch_sampler, trainer_epoch
 from cefam_lightning.embedding_store import EmbeddingStore
 from cefam_lightning.errors import CefamError
 from cefam_lightning.feature_cache import CachedFeatureDataset, PooledFeatureCache, collate_cached
@@ -208,22 +212,43 @@ class _PadStream:
                 raise EmbeddingJoinError(f"shards {mine}: no usable samples to pad rank {self.rank}'s stream with")
 
 
-class _EpochShuffle:
-    """A ``webdataset`` shuffle buffer seeded by (seed, epoch, rank, worker); each iteration is the next epoch.
+class _WorkerShards:
+    """``webdataset.split_by_worker``, then (for training) this worker's shards in an order seeded by
+    (seed, epoch, rank, worker).
 
-    The epoch counter lives in the process that iterates (the main process, or each persistent worker), so runs
-    with the same seed and worker count shuffle identically, and successive epochs differently.
+    The epoch is read from the shared epoch when a pass begins (see :mod:`cefam_lightning.data_order`), never
+    counted by the process, so a resumed run reads its shards in the order an uninterrupted run does.
     """
 
-    def __init__(self, bufsize: int, seed: int, rank: int):
-        self.bufsize, self.seed, self.rank, self.epoch = bufsize, seed, rank, -1
+    def __init__(self, seed: int, rank: int, epoch: SharedEpoch | None):
+        self.seed, self.rank, self.epoch = seed, rank, epoch
 
     def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
         import webdataset as wds
 
-        self.epoch += 1
+        shards = list(wds.split_by_worker(src))
+        if self.epoch is not None:
+            worker, _ = _worker()
+            random.Random(f"shards-{self.seed}-{self.epoch.get()}-{self.rank}-{worker}").shuffle(shards)
+        yield from shards
+
+
+class _EpochShuffle:
+    """A ``webdataset`` shuffle buffer seeded by (seed, epoch, rank, worker).
+
+    The epoch is read from the shared epoch when a pass begins, in the process that iterates (the main process or
+    a worker, persistent ones included), so runs with the same seed and worker count shuffle identically in each
+    epoch, successive epochs differently, and a resumed run like an uninterrupted one.
+    """
+
+    def __init__(self, bufsize: int, seed: int, rank: int, epoch: SharedEpoch):
+        self.bufsize, self.seed, self.rank, self.epoch = bufsize, seed, rank, epoch
+
+    def __call__(self, src: Iterator[dict]) -> Iterator[dict]:
+        import webdataset as wds
+
         worker, _ = _worker()
-        rng = random.Random(f"{self.seed}-{self.epoch}-{self.rank}-{worker}")
+        rng = random.Random(f"{self.seed}-{self.epoch.get()}-{self.rank}-{worker}")
         return wds.filters.shuffle(self.bufsize, self.bufsize, rng=rng)(src)
 
 
@@ -310,22 +335,27 @@ def shard_stream(
     shuffle_buffer: int = 1000,
     seed: int = 0,
     skipped: set[str] | None = None,
+    epoch: SharedEpoch | None = None,
 ):
     """A ``webdataset`` pipeline over ``plan``'s shards for one rank: split by rank and worker, (for training)
     padded to the common length, shard order and samples shuffled; decoded, transformed, joined, batched.
 
-    Its ``len`` is this rank's number of batches (the same on every rank for training).
+    For training the order is a function of (``seed``, ``epoch``, rank, worker), read from ``epoch`` at the start
+    of each pass (iterate it with :class:`~cefam_lightning.data_order.EpochStreamLoader`). Its ``len`` is this
+    rank's number of batches (the same on every rank for training).
     """
     import webdataset as wds
 
     skipped = set(skipped or ())
+    if train and epoch is None:
+        epoch = SharedEpoch()
     ds = wds.WebDataset(
         plan.shards,
         nodesplitter=_SplitByRank(rank, world_size),
-        workersplitter=wds.split_by_worker,
-        shardshuffle=len(plan.shards) if train else False,
-        detshuffle=True,
-        seed=seed,
+        # Shards are shuffled here, by epoch, instead of by webdataset's detshuffle, which counts the passes this
+        # process made (a resumed run would restart that count at 0).
+        workersplitter=_WorkerShards(seed, rank, epoch if train else None),
+        shardshuffle=False,
         empty_check=False,
     )
     if skipped:
@@ -335,7 +365,7 @@ def shard_stream(
         if world_size > 1:
             ds = ds.compose(_PadStream(plan.shards, rank, world_size, counts, skipped))
         if shuffle_buffer > 0:
-            ds = ds.compose(_EpochShuffle(shuffle_buffer, seed, rank))
+            ds = ds.compose(_EpochShuffle(shuffle_buffer, seed, rank, epoch))
     else:
         counts = plan.worker_counts(rank, world_size, num_workers)
     ds = ds.map(_SampleToItem(rows, _LazyStore(store), transform, class_names))
@@ -496,7 +526,6 @@ class ImageDataModule(L.LightningDataModule):
             split = "val"
         rank, world = _rank_world(self.trainer)
         if split in self.datasets:
-            generator = torch.Generator().manual_seed(self.seed) if train else None
             # DistributedSampler gives each rank ceil(n / world) indices; a last training batch of one is dropped.
             per_rank = math.ceil(len(self.datasets[split]) / world)
             drop_last = train and per_rank % self.batch_size == 1
@@ -505,13 +534,15 @@ class ImageDataModule(L.LightningDataModule):
             dataset, collate = self.datasets[split], None
             if cache is not None:
                 dataset, collate = CachedFeatureDataset(dataset, cache, self.sample_ids(split)), collate_cached
+            # The order is a function of (seed, epoch), so a resumed run sees the batches an uninterrupted one does.
+            sampler = epoch_sampler(dataset, self.seed, self.trainer) if train else None
             return DataLoader(
                 dataset,
                 batch_size=self.batch_size,
                 collate_fn=collate,
-                shuffle=train,
+                shuffle=train and sampler is None,
+                sampler=sampler,
                 drop_last=drop_last,
-                generator=generator,
                 num_workers=self.num_workers,
                 persistent_workers=self.num_workers > 0,
                 pin_memory=torch.cuda.is_available(),
@@ -525,6 +556,7 @@ class ImageDataModule(L.LightningDataModule):
             )
         if train and any(c % self.batch_size == 1 for c in plan.pad_targets(world, workers)):
             self._log_single(split, rank)
+        epoch = SharedEpoch() if train else None
         dataset = shard_stream(
             plan,
             rows=rows,
@@ -539,14 +571,18 @@ class ImageDataModule(L.LightningDataModule):
             shuffle_buffer=self.shuffle_buffer,
             seed=self.seed,
             skipped=self.skipped,
+            epoch=epoch,
         )
-        return DataLoader(
-            dataset,
-            batch_size=None,
-            num_workers=workers,
-            persistent_workers=workers > 0,
-            pin_memory=torch.cuda.is_available(),
-        )
+        kwargs = {
+            "batch_size": None,
+            "num_workers": workers,
+            "persistent_workers": workers > 0,
+            "pin_memory": torch.cuda.is_available(),
+        }
+        if not train:
+            return DataLoader(dataset, **kwargs)
+        epoch_of = trainer_epoch(self.trainer) if self.trainer is not None else None
+        return EpochStreamLoader(dataset, epoch, epoch_of, **kwargs)
 
     @staticmethod
     def _log_single(split: str, rank: int) -> None:
