@@ -7,12 +7,15 @@ import logging
 import re
 from collections import Counter
 from pathlib import Path
+from types import SimpleNamespace
 
+import lightning as L
 import numpy as np
 import pytest
 import torch
 
 from cefam_lightning.concepts import make_concepts
+from cefam_lightning.data_order import set_epoch
 from cefam_lightning.embedding_store import EmbeddingStore, VLMInfo
 from cefam_lightning.feature_cache import PooledFeatureCache
 from cefam_lightning.image_datamodule import EmbeddingJoinError, ImageDataModule, _LazyStore, _SampleToItem
@@ -105,11 +108,20 @@ def test_folder_source_and_unlabeled_manifest(data, tmp_path):
     assert batch["label"].tolist() == [-1, -1, -1]  # no label: -1
 
 
+def epochs_of(loader, epochs) -> list[list[str]]:
+    """The ids of each epoch of ``loader``, its epoch set before each pass as Lightning does."""
+    out = []
+    for epoch in epochs:
+        set_epoch(loader, epoch)
+        out.append(ids_of(loader))
+    return out
+
+
 @pytest.mark.parametrize("kind", ["manifest", "shards"])
 def test_seeded_shuffle_is_reproducible_and_changes_the_order(data, kind):
     def epochs(seed: int, n: int = 2) -> list[list[str]]:
         loader = make_dm(data[kind], store=data["store"], seed=seed, shuffle_buffer=8).train_dataloader()
-        return [ids_of(loader) for _ in range(n)]
+        return epochs_of(loader, range(n))
 
     first, again, other = epochs(0), epochs(0), epochs(1)
     ordered = source_ids(data[kind])
@@ -119,6 +131,32 @@ def test_seeded_shuffle_is_reproducible_and_changes_the_order(data, kind):
         assert epoch != ordered
     assert first[0] != first[1]  # each epoch is shuffled anew
     assert first[0] != other[0]  # another seed, another order
+
+
+@pytest.mark.parametrize(("kind", "workers"), [("manifest", 0), ("manifest", 2), ("shards", 0), ("shards", 2)])
+def test_the_order_of_an_epoch_does_not_depend_on_the_epochs_the_process_ran(data, kind, workers):
+    """A loader started at epoch 2 (a resumed run) gives epoch 2's order, also from persistent workers, which read
+    the epoch the trainer sets before each pass."""
+
+    class Trainer:  # what the DataModule reads of a Lightning trainer
+        global_rank, world_size = 0, 1
+        fit_loop = SimpleNamespace(epoch_progress=SimpleNamespace(current=SimpleNamespace(processed=0)))
+
+    def loader(trainer=None):
+        dm = make_dm(data[kind], store=data["store"], shuffle_buffer=8, num_workers=workers)
+        dm.trainer = trainer
+        return dm.train_dataloader()
+
+    straight = epochs_of(loader(), range(3))
+    assert straight[0] != straight[2]
+    assert epochs_of(loader(), [2]) == straight[2:]
+    trainer = Trainer()
+    with_trainer = loader(trainer)
+    for epoch in (0, 1, 2, 2):  # the epoch comes from the trainer, not from counting passes
+        trainer.fit_loop.epoch_progress.current.processed = epoch
+        if kind == "manifest":  # Lightning sets the sampler's epoch; a stream asks the trainer itself
+            set_epoch(with_trainer, epoch)
+        assert ids_of(with_trainer) == straight[epoch]
 
 
 def test_shuffle_buffer_zero_shuffles_whole_shards_only(data):
@@ -394,3 +432,41 @@ def test_image_data_serve_cached_features(data, kind, tmp_path):
             assert ids[-1] not in cached and set(with_image) <= {ids[-1]}
     else:  # streamed: images always come; the module skips the classifier (next test)
         assert all("image" in b and "pooled" not in b for b in batches)
+
+
+class _FinalState(L.Callback):
+    """The module's weights and the last validation loss when training ends."""
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.weights = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        self.val_loss = float(trainer.callback_metrics["val/loss"])
+
+
+@pytest.mark.parametrize("kind", ["manifest", "shards"])
+def test_a_run_resumed_after_one_epoch_equals_an_uninterrupted_one(jpegs, tmp_path, kind):
+    """Batch order is a function of (seed, epoch): a run stopped after epoch 1 and resumed with ckpt_path=last
+    sees the batches an uninterrupted run sees, so its final weights and validation loss are bit-identical
+    (shards: read by 2 persistent DataLoader workers)."""
+    from cefam_lightning.config import load_config
+    from cefam_lightning.train import run
+
+    if kind == "manifest":
+        train, val, extra = jpegs["train_csv"], jpegs["val_jsonl"], []
+    else:
+        train, val = jpegs["train_tar"], jpegs["val_tar"]
+        extra = [f"data.class_names=[{','.join(CLASSES)}]", "data.num_workers=2"]
+
+    def train_run(name: str, *more: str) -> _FinalState:
+        overrides = _train_overrides(tmp_path, train, val, jpegs["store"], name)
+        whole = [o for o in overrides if not o.startswith(("trainer.max_epochs", "trainer.limit_train_batches"))]
+        final = _FinalState()
+        run(load_config(None, [*whole, *extra, *more]), extra_callbacks=[final])
+        return final
+
+    straight = train_run("straight", "trainer.max_epochs=2")
+    train_run("split", "trainer.max_epochs=1")
+    resumed = train_run("split", "trainer.max_epochs=2", "ckpt_path=last")
+    assert straight.weights.keys() == resumed.weights.keys()
+    for key, value in straight.weights.items():
+        assert torch.equal(value, resumed.weights[key]), key
+    assert resumed.val_loss == straight.val_loss
