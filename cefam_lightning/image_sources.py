@@ -37,9 +37,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from PIL import Image, ImageOps
+from PIL import Image
 
 from cefam_lightning.errors import CefamError
+from cefam_lightning.image_io import read_rgb
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # WebDataset member suffixes read as the image, in this order
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -81,16 +82,14 @@ class ImageRecord:
 
 
 def open_image(record: ImageRecord) -> Image.Image:
-    """Decode ``record`` into an RGB PIL image (EXIF orientation applied).
+    """Decode ``record`` into an 8-bit RGB PIL image (:func:`~cefam_lightning.image_io.read_rgb`: any mode,
+    16-bit included, EXIF orientation applied).
 
     Raises:
         ImageSourceError: naming the record's id and file or shard when the image cannot be read or decoded.
     """
     try:
-        src = record.path if record.path is not None else io.BytesIO(record.data)
-        with Image.open(src) as im:
-            im.load()
-            return ImageOps.exif_transpose(im).convert("RGB")
+        return read_rgb(record.path if record.path is not None else io.BytesIO(record.data))
     except Exception as e:  # noqa: BLE001 - PIL raises OSError, ValueError, SyntaxError, DecompressionBombError ...
         raise ImageSourceError(f"cannot decode image {record.id!r} ({record.where()}): {type(e).__name__}: {e}") from e
 

@@ -76,11 +76,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from cefam_lightning.errors import CefamError
+from cefam_lightning.image_io import read_rgb
 from cefam_lightning.transforms import InputSpec, image_transform
 
 FORMATS = ("folder", "broden", "imagenet-s")
@@ -240,11 +241,11 @@ class MaskDataset(Dataset):
 
 
 def read_image(path: Path) -> Image.Image:
-    """An image file, decoded and turned upright by its EXIF orientation; any failure names the file."""
+    """An image file as 8-bit RGB (:func:`~cefam_lightning.image_io.read_rgb`: any mode, 16-bit included), turned
+    upright by its EXIF orientation; any failure names the file. Masks are read by their own readers: they are label
+    maps, never rescaled."""
     try:
-        with Image.open(path) as im:
-            im.load()
-            return ImageOps.exif_transpose(im)
+        return read_rgb(path)
     except FileNotFoundError:
         raise MaskDatasetError(f"{path}: image file not found") from None
     except Exception as e:  # PIL raises many kinds for a corrupt file

@@ -9,11 +9,13 @@ inside ``forward``). :class:`InputSpec` records the geometric part of a model's 
 
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass
 
 import torch
-from PIL import Image, ImageOps
 from torch import Tensor
+
+from cefam_lightning.image_io import read_rgb, to_rgb
 
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
@@ -48,13 +50,14 @@ class InputSpec:
 
 
 def image_transform(spec: InputSpec):
-    """PIL image (any mode) -> ``3 x crop x crop`` float32 in ``[0, 1]``: resize shorter side, center crop."""
+    """PIL image (any mode, :func:`~cefam_lightning.image_io.to_rgb`) -> ``3 x crop x crop`` float32 in ``[0, 1]``:
+    resize shorter side, center crop."""
     from torchvision.transforms import InterpolationMode, v2
 
     mode = InterpolationMode(spec.interpolation)
     return v2.Compose(
         [
-            v2.Lambda(_to_rgb),
+            v2.Lambda(to_rgb),
             v2.PILToTensor(),
             v2.Resize(spec.resize, interpolation=mode, antialias=True),
             v2.CenterCrop(spec.crop),
@@ -63,12 +66,7 @@ def image_transform(spec: InputSpec):
     )
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
-    return ImageOps.exif_transpose(im).convert("RGB")
-
-
-def load_image(path, spec: InputSpec) -> Tensor:
-    """Read an image file and apply :func:`image_transform`; PIL's own error for an unreadable file propagates."""
-    with Image.open(path) as im:
-        im.load()
-        return image_transform(spec)(im)
+def load_image(path: str | os.PathLike, spec: InputSpec) -> Tensor:
+    """Read an image file (:func:`~cefam_lightning.image_io.read_rgb`) and apply :func:`image_transform`; PIL's own
+    error for an unreadable file propagates."""
+    return image_transform(spec)(read_rgb(path))

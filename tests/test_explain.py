@@ -151,6 +151,22 @@ def test_corrupt_image_is_reported_and_the_rest_explained(module, tiny_checkpoin
     assert json.loads((tmp_path / "out2" / "summary.json").read_text())["failed"][0]["image"] == str(bad)
 
 
+def test_a_16_bit_png_is_explained_like_its_8_bit_twin(module, test_images, tmp_path):
+    """explain reads a 16-bit PNG by its full range (it used to clip it to white): an image whose 16-bit values
+    are an 8-bit image's times 257 gets that image's report."""
+    grey = test_images[0].mean(axis=2).round().astype(np.uint8)
+    (tmp_path / "in").mkdir()
+    Image.fromarray(grey).save(tmp_path / "in" / "g8.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "in" / "g16.png")
+    summary = explain_images(module, [tmp_path / "in"], top_n=3, k=5, out_dir=tmp_path / "out", figures=False)
+    assert summary["failed"] == [] and len(summary["explained"]) == 2
+    reports = {}
+    for entry in summary["explained"]:
+        reports[Path(entry["image"]).stem] = json.loads((Path(entry["folder"]) / "report.json").read_text())
+    for key in ("predicted_class", "predicted_probability", "concepts"):
+        assert reports["g16"][key] == reports["g8"][key], key
+
+
 def test_unknown_concept_needs_a_store(module, test_images, tmp_path):
     img = _save(test_images[:1], tmp_path, ["one.png"])
     with pytest.raises(ExplainError, match="crimson") as exc:

@@ -166,6 +166,22 @@ def test_manifest_and_shards_with_float16(vlm, tmp_path):
     np.testing.assert_allclose(tar_store.image_embeddings, np.asarray(f32.image_embeddings)[:5], rtol=1e-5, atol=1e-6)
 
 
+def test_a_16_bit_png_embeds_like_its_8_bit_twin(vlm, tmp_path):
+    """precompute reads a 16-bit PNG by its full range (not clipped to white): a 16-bit image whose values are an
+    8-bit image's times 257 gets that image's embedding, a blank white image another."""
+    rng = np.random.default_rng(0)
+    grey = rng.integers(0, 256, (24, 24), dtype=np.uint8)
+    folder = tmp_path / "imgs" / "a"
+    folder.mkdir(parents=True)
+    Image.fromarray(grey.astype(np.uint16) * 257).save(folder / "g16.png")
+    Image.fromarray(grey).save(folder / "g8.png")
+    Image.fromarray(np.full((24, 24), 255, dtype=np.uint8)).save(folder / "white.png")
+    store = precompute(vlm, tmp_path / "store", make_concepts([("red", "color")]), [tmp_path / "imgs"]).store
+    emb = dict(zip(store.sample_ids.tolist(), np.asarray(store.image_embeddings), strict=True))
+    np.testing.assert_array_equal(emb["a/g16.png"], emb["a/g8.png"])
+    assert not np.allclose(emb["a/g16.png"], emb["a/white.png"], atol=1e-3)
+
+
 def test_killed_run_resumes_to_the_same_store(configs, tmp_path):
     """A real ``precompute`` process killed (SIGKILL) after some chunks, then rerun: identical to one full run."""
     images = make_folder(tmp_path / "imgs", 125, bad=3)
