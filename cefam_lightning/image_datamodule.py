@@ -11,7 +11,8 @@ image data has no ``presence`` or ``masks``.
   worker, and training shuffles each worker's shards and adds a shuffle buffer. Each rank x worker must get at
   least one shard: fewer shards than ranks is an error, and a rank with fewer shards than workers uses fewer
   workers (with a logged line). The shards' sample keys are read from the tar headers at setup, so missing
-  embeddings are found before training starts and every rank knows how many samples each rank streams. Every
+  embeddings (and truncated shards, :func:`~cefam_lightning.image_sources.shard_keys`) are found before training
+  starts and every rank knows how many samples each rank streams. Every
   sample is seen once per epoch across ranks; for training, a rank whose shards hold fewer samples than another's
   repeats some of its own (like ``DistributedSampler``'s padding) so that all ranks take the same number of
   optimizer steps.
@@ -56,6 +57,7 @@ from cefam_lightning.image_sources import (
     open_image,
     open_source,
     record_from_sample,
+    shard_error,
 )
 from cefam_lightning.transforms import InputSpec, image_transform
 
@@ -357,6 +359,7 @@ def shard_stream(
         workersplitter=_WorkerShards(seed, rank, epoch if train else None),
         shardshuffle=False,
         empty_check=False,
+        handler=shard_error,  # a shard that cannot be read (changed since setup checked it) is named
     )
     if skipped:
         ds = ds.select(_NotSkipped(skipped))

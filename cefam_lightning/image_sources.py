@@ -19,7 +19,9 @@ Every source has a ``fingerprint()``: a JSON-serializable summary of the files i
 and ``mtime_ns``), which keys caches of what is computed from the images (the pooled-feature cache), so that
 images replaced in place are never served from a cache made of the old ones.
 
-Every problem is an :class:`ImageSourceError` naming the file, line, shard or key at fault.
+Every problem is an :class:`ImageSourceError` naming the file, line, shard or key at fault. A tar shard is checked
+whole (:func:`shard_keys`) before its samples are used: one cut short or damaged is a :class:`TruncatedShardError`,
+never a shard silently shorter than written.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import json
 import os
 import re
 import tarfile
+import zlib
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -421,12 +424,22 @@ def expand_shards(spec: str | os.PathLike) -> list[Path]:
     return out
 
 
+class TruncatedShardError(ImageSourceError):
+    """A tar shard ends early or holds damaged headers: the samples past the damage, and which they were, are lost."""
+
+
 def shard_keys(shard: str | os.PathLike) -> list[str]:
     """The sample keys of a tar shard, in order, read from the member headers only (no image is read).
 
     Members are grouped into samples exactly as ``webdataset`` does (key = name up to the first dot of the file
     name, ``__*__`` metadata skipped). A key that appears in two places, or a sample without an image member, is an
     :class:`ImageSourceError`.
+
+    The whole shard is checked: a tar reader (``tarfile``, ``webdataset``) stops without a word at a header cut
+    short or damaged, or at the end of a file cut between two members, and the samples after it are lost
+    unnoticed. So a shard whose last member runs past the end of the file, that has a partial or damaged header,
+    that ends without the end-of-archive marker (the zero block every tar writer puts last), or that holds data
+    after that marker, is a :class:`TruncatedShardError` naming the shard and the byte.
     """
     from webdataset.tariterators import base_plus_ext
 
@@ -446,8 +459,15 @@ def shard_keys(shard: str | os.PathLike) -> list[str]:
                     keys.append(prefix)
                     suffixes.append(set())
                 suffixes[-1].add(suffix.lower())
-    except (tarfile.TarError, OSError, EOFError) as e:
+            _check_tar_end(tf, shard, bool(keys))
+    except ImageSourceError:
+        raise
+    except tarfile.ReadError as e:
+        if "unexpected end of data" in str(e):
+            raise TruncatedShardError(_truncated(shard, f"the file ends inside a member ({e})")) from e
         raise ImageSourceError(f"{shard}: not a readable tar file ({e})") from e
+    except SHARD_READ_ERRORS as e:  # e.g. a .tar.gz cut short (EOFError) or damaged (zlib.error)
+        raise TruncatedShardError(_truncated(shard, f"{type(e).__name__}: {e}")) from e
     if not keys:
         raise ImageSourceError(f"{shard}: the shard holds no samples")
     _check_unique(keys, [f"{shard} sample {i}" for i in range(len(keys))], str(shard))
@@ -457,6 +477,40 @@ def shard_keys(shard: str | os.PathLike) -> list[str]:
                 f"{shard}: sample {key!r} has no image member (has {sorted(sfx)}; expected one of {IMAGE_EXTENSIONS})"
             )
     return keys
+
+
+def _truncated(shard: Path, what: str) -> str:
+    return (
+        f"{shard}: truncated or damaged tar shard: {what}; the samples after that point cannot be read, nor even "
+        f"listed. Copy or download the shard again (or leave it out of the sources)"
+    )
+
+
+def _check_tar_end(tf: tarfile.TarFile, shard: Path, any_members: bool) -> None:
+    """After ``tarfile`` stopped reading members: what follows must be the end-of-archive marker and zeros only.
+
+    ``tf.offset`` is where ``tarfile`` stopped: at the marker of a complete archive, but also (silently) at a
+    header cut short or damaged, or at the end of a file cut between members. A file cut inside the marker has
+    lost nothing and passes (a header never starts with a zero byte).
+    """
+    if not any_members:  # an archive of no members: "holds no samples" says more
+        return
+    f = tf.fileobj
+    f.seek(tf.offset)
+    block = f.read(tarfile.BLOCKSIZE)
+    if not block:
+        what = f"the file ends after a member (byte {tf.offset}) without the end-of-archive marker"
+        raise TruncatedShardError(_truncated(shard, what))
+    if block.count(0) != len(block):
+        what = "a header cut short" if len(block) < tarfile.BLOCKSIZE else "a damaged tar header"
+        raise TruncatedShardError(_truncated(shard, f"{what} at byte {tf.offset}"))
+    at = tf.offset + len(block)
+    while chunk := f.read(1 << 16):  # the rest: more zero blocks and record padding
+        if chunk.count(0) != len(chunk):
+            where = at + next(i for i, b in enumerate(chunk) if b)
+            what = f"data after the end-of-archive marker at byte {where} (tar files joined with cat?)"
+            raise TruncatedShardError(_truncated(shard, what))
+        at += len(chunk)
 
 
 def record_from_sample(
@@ -496,11 +550,42 @@ def _decode_text(value: bytes, where: str, member: str) -> str:
         raise ImageSourceError(f"{where}: the {member} member is not UTF-8 text") from None
 
 
+SHARD_READ_ERRORS = (tarfile.TarError, OSError, EOFError, zlib.error)  # what reading a damaged tar or gzip raises
+
+
 def iter_shard_samples(shards: Iterable[str | os.PathLike]) -> Iterator[dict[str, Any]]:
-    """Raw ``webdataset`` samples of ``shards`` in order (no splitting, no shuffling)."""
+    """Raw ``webdataset`` samples of ``shards`` in order (no splitting, no shuffling).
+
+    Raises:
+        ImageSourceError: naming the shard, when reading it fails (see :func:`shard_error`).
+    """
     import webdataset as wds
 
-    yield from wds.tarfile_to_samples()(iter([{"url": str(s)} for s in shards]))
+    for shard in shards:
+        try:
+            yield from wds.tarfile_to_samples(handler=shard_error)(iter([{"url": str(shard)}]))
+        except ImageSourceError:
+            raise
+        except SHARD_READ_ERRORS as e:
+            raise ImageSourceError(f"{shard}: cannot read the tar shard ({type(e).__name__}: {e})") from e
+
+
+def shard_error(exn: Exception) -> bool:
+    """A ``webdataset`` error handler: a failure to read a shard is an :class:`ImageSourceError` naming it.
+
+    ``webdataset`` calls it where reading fails, and again on the way out with the shard's url appended to the
+    exception's arguments. Module level, so that DataLoader workers can unpickle it.
+    """
+    urls = [a for a in exn.args[1:] if isinstance(a, str) and a.lower().endswith(TAR_SUFFIXES)]
+    if isinstance(exn, ImageSourceError):  # raised here before; webdataset appended arguments to it since
+        message, cause = exn.args[0], exn.__cause__
+    else:
+        first = exn.args[0] if exn.args else ""
+        reason = first.split(" @ ")[0] if isinstance(first, str) else str(first)  # webdataset appends " @ <file>"
+        message, cause = f"cannot read the tar shard ({type(exn).__name__}: {reason})", exn
+    if urls and not message.startswith(urls[-1]):
+        message = f"{urls[-1]}: {message}"
+    raise ImageSourceError(message) from cause
 
 
 class WebDataSource:
@@ -523,6 +608,9 @@ class WebDataSource:
         self._keys: list[list[str]] | None = None
 
     def __iter__(self) -> Iterator[ImageRecord]:
+        # Every shard is checked whole first (shard_keys): streaming alone would stop without a word at a shard
+        # cut between two samples, losing the rest of it unnoticed.
+        self.keys_by_shard()
         for sample in iter_shard_samples(self.shards):
             yield record_from_sample(sample, self.class_names, self.labels)
 

@@ -19,7 +19,8 @@ The store (:class:`~cefam_lightning.embedding_store.EmbeddingStore`) holds raw (
 embeddings of open_clip's evaluation preprocessing of each image, float32 (``--float16`` halves the size), and
 raw float32 text embeddings. Its ``extra`` metadata lists the sources, the preprocessing, and the images that
 could not be read: ``num_skipped`` and ``skipped`` (``[{"id": ..., "error": ...}]``). Unreadable images are
-skipped and counted, never silently dropped.
+skipped and counted, never silently dropped. A truncated or damaged tar shard is refused before any image is
+encoded: the samples past the damage cannot even be listed, so they could not be counted.
 
 Resumable: images are processed in the sources' fixed order in chunks of ``--chunk-size``; each finished chunk
 is written atomically into ``STORE.partial/`` with a manifest of the settings that determine the result. Rerun
@@ -29,7 +30,8 @@ stops and says which differ (``--restart`` discards the partial work). The store
 complete (written atomically), and the partial folder is removed then.
 
 Exit status: 0 on success, 1 when images were given but none could be read, 2 for a bad argument (unknown
-model, missing file, bad concept file line, settings that differ from the partial run), on one ``error:`` line.
+model, missing file, bad concept file line, a truncated shard, settings that differ from the partial run), on one
+``error:`` line.
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ import torch
 from cefam_lightning.concepts import Concept, ConceptFileError, make_concepts, read_concept_file
 from cefam_lightning.embedding_store import EmbeddingStore
 from cefam_lightning.errors import CefamError, cli_errors
-from cefam_lightning.image_sources import ImageRecord, ImageSourceError, open_image, open_source
+from cefam_lightning.image_sources import ImageRecord, ImageSourceError, WebDataSource, open_image, open_source
 from cefam_lightning.io_utils import atomic_write_bytes, atomic_write_json, stable_hash
 from cefam_lightning.vlm import OpenCLIPVLM, VLMError, register_model_config
 
@@ -395,6 +397,11 @@ def precompute(
     specs = [str(Path(s).expanduser().resolve()) if Path(s).expanduser().exists() else str(s) for s in sources]
     try:
         opened = [(spec, open_source(spec, labels=False)) for spec in specs]  # embeddings need no labels
+        for _, src in opened:
+            if isinstance(src, WebDataSource):
+                # Every shard is checked whole before any work: a truncated one is refused, since the samples
+                # after the cut cannot even be listed (so not counted as skipped either), see shard_keys.
+                src.keys_by_shard()
     except ImageSourceError as e:
         raise PrecomputeError(str(e)) from e
 

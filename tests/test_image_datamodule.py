@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import shutil
 from collections import Counter
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,7 +20,13 @@ from cefam_lightning.data_order import set_epoch
 from cefam_lightning.embedding_store import EmbeddingStore, VLMInfo
 from cefam_lightning.feature_cache import PooledFeatureCache
 from cefam_lightning.image_datamodule import EmbeddingJoinError, ImageDataModule, _LazyStore, _SampleToItem
-from cefam_lightning.image_sources import ImageSourceError, iter_shard_samples, open_image, open_source
+from cefam_lightning.image_sources import (
+    ImageSourceError,
+    TruncatedShardError,
+    iter_shard_samples,
+    open_image,
+    open_source,
+)
 from cefam_lightning.transforms import InputSpec, image_transform
 from tests.cli import cli_error
 from tests.test_image_sources import CLASSES, folder_id, make_images, write_folder, write_manifest, write_shards
@@ -285,6 +292,25 @@ def test_an_undecodable_image_during_training_names_the_id_and_file(data, tmp_pa
         list(dm.train_dataloader())
 
 
+def test_a_truncated_shard_stops_training_naming_it(data, tmp_path, capsys):
+    """At setup (every shard is checked whole), and while streaming a shard damaged after that check."""
+    from tests.test_image_sources import truncate_shard
+
+    shards = tmp_path / "shards"
+    shutil.copytree(Path(data["shards"]).parent, shards)
+    spec = str(shards / Path(data["shards"]).name)
+    truncate_shard(shards / "shard-002.tar", tmp_path / "cut.tar", "between_samples")
+    whole = (shards / "shard-002.tar").read_bytes()
+    (tmp_path / "cut.tar").replace(shards / "shard-002.tar")
+    with pytest.raises(TruncatedShardError, match=rf"{re.escape(str(shards / 'shard-002.tar'))}: truncated"):
+        make_dm(spec, store=data["store"])
+    (shards / "shard-002.tar").write_bytes(whole)
+    dm = make_dm(spec, store=data["store"])
+    truncate_shard(shards / "shard-002.tar", tmp_path / "cut.tar", "mid_data").replace(shards / "shard-002.tar")
+    with pytest.raises(ImageSourceError, match=rf"{re.escape(str(shards / 'shard-002.tar'))}: cannot read the tar"):
+        list(dm.train_dataloader())
+
+
 # ---------------------------------------------------------------------------------------------------- train.py
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -383,6 +409,19 @@ def test_train_py_from_tar_shards_on_two_ddp_processes(jpegs, tmp_path):
     header = steps[0]
     col = header.index("train/loss_step")
     assert sum(1 for row in steps[1:] if row[col]) == 6
+
+
+def test_train_py_stops_on_a_truncated_shard_with_one_line(jpegs, tmp_path, capsys):
+    from cefam_lightning.train import main
+    from tests.test_image_sources import truncate_shard
+
+    shards = tmp_path / "shards"
+    shutil.copytree(Path(jpegs["train_tar"]).parent, shards)
+    truncate_shard(shards / "train-001.tar", tmp_path / "cut.tar", "between_samples").replace(shards / "train-001.tar")
+    train = str(shards / Path(jpegs["train_tar"]).name)
+    overrides = _train_overrides(tmp_path, train, jpegs["val_tar"], jpegs["store"], "cut")
+    line = cli_error(main, [*overrides, f"data.class_names=[{','.join(CLASSES)}]"], capsys)
+    assert line.startswith(f"{shards / 'train-001.tar'}: truncated or damaged tar shard"), line
 
 
 def test_train_with_images_needs_weights_or_an_explicit_random_init(jpegs, tmp_path, capsys):

@@ -6,8 +6,11 @@ The helpers here (``make_images``, ``write_folder``, ``write_manifest``, ``write
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
+import re
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +23,10 @@ from cefam_lightning.image_sources import (
     ImageRecord,
     ImageSourceError,
     ManifestSource,
+    TruncatedShardError,
     WebDataSource,
     expand_shards,
+    iter_shard_samples,
     open_image,
     open_source,
     shard_keys,
@@ -265,7 +270,7 @@ def test_shard_samples_without_an_image_or_with_a_bad_label(tmp_path, items):
         w.write({"__key__": "b", "txt": b"hello", "cls": b"1"})
     with pytest.raises(ImageSourceError, match=r"noimg.tar: sample 'b' has no image member \(has \['cls', 'txt'\]"):
         shard_keys(tmp_path / "noimg.tar")
-    with pytest.raises(ImageSourceError, match=r"noimg.tar: sample 'b': no image member"):
+    with pytest.raises(ImageSourceError, match=r"noimg.tar: sample 'b' has no image member"):  # checked first
         list(open_source(tmp_path / "noimg.tar"))
     with wds.TarWriter(str(tmp_path / "named.tar")) as w:
         w.write({"__key__": "a", "jpg": items[1]["bytes"], "cls": b"dog"})
@@ -275,6 +280,59 @@ def test_shard_samples_without_an_image_or_with_a_bad_label(tmp_path, items):
     (tmp_path / "broken.tar").write_bytes(b"not a tar file at all" * 10)
     with pytest.raises(ImageSourceError, match=r"broken.tar: not a readable tar file"):
         shard_keys(tmp_path / "broken.tar")
+
+
+def truncate_shard(shard: Path, out: Path, where: str) -> Path:
+    """A copy of ``shard`` cut short: ``mid_data`` inside the 4th member's data, ``mid_header`` inside its header,
+    ``between_samples`` where the 2nd sample begins (what tar readers take for a shorter, complete shard)."""
+    with tarfile.open(shard) as tf:
+        members = tf.getmembers()
+    cut = {
+        "mid_data": members[3].offset_data + 100,
+        "mid_header": members[3].offset + 200,
+        "between_samples": members[2].offset,  # each sample: a cls and an image member
+    }[where]
+    out.write_bytes(shard.read_bytes()[:cut])
+    return out
+
+
+@pytest.mark.parametrize("where", ["mid_data", "mid_header", "between_samples"])
+def test_a_truncated_shard_is_refused_naming_the_file(tmp_path, items, where):
+    shard = Path(write_shards(tmp_path / "s", items[:4], per_shard=4).replace("{000..000}", "000"))
+    assert len(shard_keys(shard)) == 4
+    cut = truncate_shard(shard, tmp_path / "cut.tar", where)
+    with pytest.raises(TruncatedShardError, match=rf"{re.escape(str(cut))}: truncated or damaged tar shard") as e:
+        shard_keys(cut)
+    assert isinstance(e.value, ImageSourceError)
+    with pytest.raises(TruncatedShardError, match=re.escape(str(cut))):  # checked before the first record
+        next(iter(open_source(cut)))
+
+
+def test_tar_ends_cut_in_the_marker_gzip_and_joined_archives(tmp_path, items):
+    shard = Path(write_shards(tmp_path / "s", items[:2], per_shard=2).replace("{000..000}", "000"))
+    data = shard.read_bytes()
+    with tarfile.open(shard) as tf:
+        last = tf.getmembers()[-1]
+    marker = last.offset_data + -(-last.size // 512) * 512
+    (tmp_path / "in_marker.tar").write_bytes(data[: marker + 100])  # nothing lost: every member is whole
+    assert shard_keys(tmp_path / "in_marker.tar") == shard_keys(shard)
+    gz = gzip.compress(data)
+    (tmp_path / "whole.tar.gz").write_bytes(gz)
+    assert shard_keys(tmp_path / "whole.tar.gz") == shard_keys(shard)
+    (tmp_path / "cut.tar.gz").write_bytes(gz[: len(gz) // 2])
+    with pytest.raises(TruncatedShardError, match=r"cut.tar.gz: truncated or damaged tar shard: EOFError"):
+        shard_keys(tmp_path / "cut.tar.gz")
+    (tmp_path / "joined.tar").write_bytes(data + data)  # a reader stops at the first marker: the rest is lost
+    with pytest.raises(TruncatedShardError, match=r"joined.tar: .*data after the end-of-archive marker"):
+        shard_keys(tmp_path / "joined.tar")
+
+
+def test_reading_a_damaged_shard_while_streaming_names_it(tmp_path, items):
+    """A shard damaged after the check (streaming reads it again): the error names it, not a bare tarfile error."""
+    shard = Path(write_shards(tmp_path / "s", items[:4], per_shard=4).replace("{000..000}", "000"))
+    cut = truncate_shard(shard, tmp_path / "cut.tar", "mid_data")
+    with pytest.raises(ImageSourceError, match=rf"{re.escape(str(cut))}: cannot read the tar shard \(ReadError"):
+        list(iter_shard_samples([cut]))
 
 
 def test_undecodable_images_name_the_id_and_the_file_or_shard(tmp_path, items):

@@ -356,6 +356,23 @@ def test_cli_bad_arguments_exit_2_with_one_error_line(configs, tmp_path, capsys)
     assert not out.exists() and not partial_path(out).exists()
 
 
+@pytest.mark.parametrize("where", ["mid_data", "between_samples"])
+def test_cli_refuses_a_truncated_shard_on_one_line_naming_it(configs, tmp_path, capsys, where):
+    """Cut inside a member (a traceback before) or between two samples (silently fewer samples before): the
+    samples after the cut cannot be listed, so the run is refused before any work, naming the shard."""
+    from tests.cli import cli_error
+    from tests.test_image_sources import make_images, truncate_shard, write_shards
+
+    shards = write_shards(tmp_path / "shards", make_images(8, seed=3), per_shard=4)  # shard-000, shard-001
+    cut = truncate_shard(tmp_path / "shards" / "shard-001.tar", tmp_path / "cut.tar", where)
+    cut.replace(tmp_path / "shards" / "shard-001.tar")
+    out = tmp_path / "store"
+    argv = cli(configs, concept_file(tmp_path / "c.txt"), out, "--images", shards)
+    line = cli_error(main, argv, capsys)
+    assert line.startswith(f"{tmp_path / 'shards' / 'shard-001.tar'}: truncated or damaged tar shard"), line
+    assert not out.exists() and not partial_path(out).exists()
+
+
 def test_cli_no_readable_image_exits_1(configs, tmp_path, capsys):
     images = tmp_path / "imgs"
     (images / "x").mkdir(parents=True)
