@@ -12,10 +12,9 @@ image data has no ``presence`` or ``masks``.
   least one shard: fewer shards than ranks is an error, and a rank with fewer shards than workers uses fewer
   workers (with a logged line). The shards' sample keys are read from the tar headers at setup, so missing
   embeddings (and truncated shards, :func:`~cefam_lightning.image_sources.shard_keys`) are found before training
-  starts and every rank knows how many samples each rank streams. Every
-  sample is seen once per epoch across ranks; for training, a rank whose shards hold fewer samples than another's
-  repeats some of its own (like ``DistributedSampler``'s padding) so that all ranks take the same number of
-  optimizer steps.
+  starts and every rank knows how many samples each rank streams. Every sample is seen once per epoch across
+  ranks; for training, a rank whose shards hold fewer samples than another's repeats some of its own (like
+  ``DistributedSampler``'s padding) so that all ranks take the same number of optimizer steps.
 - The training order of every source is a function of (seed, epoch) only (:mod:`cefam_lightning.data_order`):
   different in each epoch, the same for the same seed, and a run resumed from a checkpoint sees the batches an
   uninterrupted run sees.
