@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
+
+from cefam_lightning.io_utils import atomic_write_bytes
 
 
 class ConceptScoreFigures(L.Callback):
@@ -82,6 +85,8 @@ class ConceptScoreFigures(L.Callback):
             ax_bar.set_title(f"top-{k} concepts", fontsize=9)
             fig.tight_layout()
             path = self.out_dir / f"test_{n:02d}.png"
-            fig.savefig(path, dpi=110)
+            buf = io.BytesIO()
+            fig.savefig(buf, format="png", dpi=110)
+            atomic_write_bytes(path, buf.getbuffer())
             plt.close(fig)
             self.written.append(path)

@@ -25,6 +25,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from cefam_lightning.feature_cache import CachedFeatureDataset
+from cefam_lightning.io_utils import atomic_write_bytes
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.\-/]")
 
@@ -101,7 +102,9 @@ def log_images(
         info = PngInfo()
         if captions is not None:
             info.add_text("Description", captions[i])
-        Image.fromarray(img).save(path, pnginfo=info)
+        buf = io.BytesIO()
+        Image.fromarray(img).save(buf, format="PNG", pnginfo=info)
+        atomic_write_bytes(path, buf.getbuffer())
         written.append(str(path))
     return written
 
@@ -166,7 +169,7 @@ def log_table(
     writer = csv.writer(buf)
     writer.writerow(columns)
     writer.writerows([["" if v is None else v for v in r] for r in rows])
-    path.write_text(buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue().encode())
     return [str(path)]
 
 
