@@ -354,6 +354,9 @@ def test_cli_bad_arguments_exit_2_with_one_error_line(configs, tmp_path, capsys)
     )
     assert "batch_size and chunk_size must be >= 1" in _cli_error(base + ["--batch-size", "0"], capsys)
     assert not out.exists() and not partial_path(out).exists()
+    blocker = tmp_path / "a_file"  # an --out whose parent is a file: not writable, whoever runs the test
+    blocker.write_text("not a folder")
+    assert str(blocker) in _cli_error(cli(configs, concepts, blocker / "store", "--images", str(images)), capsys)
 
 
 @pytest.mark.parametrize("where", ["mid_data", "between_samples"])
