@@ -146,7 +146,9 @@ def _run(cfg: DictConfig, folder: RunFolder, extra_callbacks: Sequence[L.Callbac
     last = ModelCheckpoint(
         dirpath=run_dir / "checkpoints", filename="last", monitor=None, save_top_k=1, enable_version_counter=False
     )
-    callbacks: list[L.Callback] = [ckpt, last, LearningRateMonitor(logging_interval="epoch")]
+    callbacks: list[L.Callback] = [ckpt, last]
+    if cfg.logger.kinds:  # Lightning refuses an LR monitor without a logger (logger.kinds=[])
+        callbacks.append(LearningRateMonitor(logging_interval="epoch"))
     if cfg.data.feature_cache and method == "cefam":  # only CE-FAM's translator reads pooled activations alone
         dm.feature_caches = _feature_caches(cfg, dm, classifier, images)
         callbacks.append(CachePooledFeatures(dm.feature_caches))

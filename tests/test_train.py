@@ -75,3 +75,10 @@ def test_warm_cache_run_reproduces_a_cold_cache_run(tmp_path):
     warm = main(tiny_overrides(cache, tmp_path / "out", "warm"))
     assert "val_acc" in cold["classifier"]  # the first run did fit the classifier
     assert cold["test"] == warm["test"]
+
+
+def test_training_without_any_logger(tmp_path, cache_dir):
+    metrics = main([*tiny_overrides(cache_dir, tmp_path, "nolog"), "logger.kinds=[]", "evaluation.enabled=false"])
+    run = tmp_path / "nolog"
+    assert metrics["epochs_trained"] == 1 and (run / "checkpoints" / "last.ckpt").is_file()
+    assert not (run / "logs").exists()
