@@ -22,14 +22,14 @@ import torch
 import torchvision
 from torch import nn
 
-from cefam_lightning.classifier import FrozenClassifier
-from cefam_lightning.components import ConceptScorer, Translator
-from cefam_lightning.concept_regions import (
+from cefam_lightning.methods.cefam.regions import (
     concept_regions,
     concept_regions_reference,
     pool_activations,
     score_jacobian,
 )
+from cefam_lightning.models.classifier import FrozenClassifier
+from cefam_lightning.models.components import ConceptScorer, Translator
 
 LAYERS = ["layer1", "layer2", "layer3", "layer4"]
 

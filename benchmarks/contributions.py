@@ -13,11 +13,11 @@ import time
 import torch
 import torchvision
 
-from cefam_lightning.classifier import FrozenClassifier
-from cefam_lightning.components import ConceptScorer, Translator
-from cefam_lightning.concept_regions import layer_slices, pool_activations, score_jacobian
-from cefam_lightning.contributions import concept_contributions
-from cefam_lightning.layer_relevance import top_channels
+from cefam_lightning.methods.cefam.contributions import concept_contributions
+from cefam_lightning.methods.cefam.regions import layer_slices, pool_activations, score_jacobian
+from cefam_lightning.methods.cefam.relevance import top_channels
+from cefam_lightning.models.classifier import FrozenClassifier
+from cefam_lightning.models.components import ConceptScorer, Translator
 
 LAYERS = ["layer1", "layer2", "layer3", "layer4"]
 

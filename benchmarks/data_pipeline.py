@@ -21,11 +21,11 @@ import torch
 import torchvision
 from PIL import Image, ImageFilter
 
-from cefam_lightning.concepts import make_concepts
-from cefam_lightning.data_order import set_epoch
-from cefam_lightning.embedding_store import EmbeddingStore, VLMInfo
-from cefam_lightning.image_datamodule import ImageDataModule
-from cefam_lightning.transforms import InputSpec
+from cefam_lightning.data.concepts import make_concepts
+from cefam_lightning.data.embedding_store import EmbeddingStore, VLMInfo
+from cefam_lightning.data.image_datamodule import ImageDataModule
+from cefam_lightning.data.order import set_epoch
+from cefam_lightning.data.transforms import InputSpec
 
 
 def natural_jpeg(rng: np.random.Generator, size: tuple[int, int], quality: int = 90) -> bytes:

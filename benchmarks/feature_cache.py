@@ -20,13 +20,13 @@ import numpy as np
 import torch
 
 from callbacks import CachePooledFeatures
-from cefam_lightning.cefam_module import CEFAMModule
-from cefam_lightning.classifier import build_classifier
-from cefam_lightning.components import ConceptScorer, Translator
-from cefam_lightning.concepts import make_concepts
-from cefam_lightning.embedding_store import EmbeddingStore, VLMInfo
-from cefam_lightning.feature_cache import PooledFeatureCache, pooled_identity
-from cefam_lightning.image_datamodule import ImageDataModule
+from cefam_lightning.data.concepts import make_concepts
+from cefam_lightning.data.embedding_store import EmbeddingStore, VLMInfo
+from cefam_lightning.data.feature_cache import PooledFeatureCache, pooled_identity
+from cefam_lightning.data.image_datamodule import ImageDataModule
+from cefam_lightning.methods.cefam.module import CEFAMModule
+from cefam_lightning.models.classifier import build_classifier
+from cefam_lightning.models.components import ConceptScorer, Translator
 
 try:  # the JPEG generator of the data-pipeline benchmark (run as a script or as benchmarks.feature_cache)
     from data_pipeline import natural_jpeg

@@ -5,14 +5,14 @@ from __future__ import annotations
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_info
 
-from cefam_lightning.feature_cache import PooledFeatureCache
+from cefam_lightning.data.feature_cache import PooledFeatureCache
 
 
 class CachePooledFeatures(L.Callback):
     """Open (creating on one process per node) the feature caches and hand them to the module.
 
     The same cache objects must also be given to the DataModule (``feature_caches=``), whose loaders then serve a
-    cached sample's ``z`` instead of its image. See :mod:`cefam_lightning.feature_cache`.
+    cached sample's ``z`` instead of its image. See :mod:`cefam_lightning.data.feature_cache`.
 
     Args:
         caches: ``{"train": cache, "val": cache}`` (either may be missing).

@@ -19,7 +19,7 @@ from callbacks.logging_utils import (
     log_images,
     stack_items,
 )
-from cefam_lightning.explainer import explain_batch
+from cefam_lightning.methods.cefam.pipeline import explain_batch
 
 
 def render_region_maps(
@@ -76,7 +76,8 @@ class ConceptRegionMaps(L.Callback):
     At the end of validation (every ``every_n_epochs`` epochs, not during the sanity check), the first time it
     runs the callback picks ``num_images`` validation images, spread evenly over a map-style validation dataset
     (or the first ones of a stream) and keeps them, so every epoch shows the same images. It explains them with
-    :func:`~cefam_lightning.explainer.explain_batch`: for each image the ``top_k`` concepts by score, each with
+    :func:`~cefam_lightning.methods.cefam.pipeline.explain_batch`: for each image the ``top_k`` concepts by score,
+    each with
     its region map **at its top-1 layer** (the layer of highest relevance, SPEC §2.5), which is where a user
     expects to see it. A figure per image shows the image (titled with its id and predicted class) and one
     overlay per concept titled ``name S=score`` and the layer; where the data have masks, the concept's
@@ -94,7 +95,7 @@ class ConceptRegionMaps(L.Callback):
         k: channels deleted (relevance) and masked (contribution) at most, SPEC's ``K``.
         select_layers: the layers a concept's top-1 layer is chosen from: ``"auto"`` (not one read only through
             global average pooling), ``"all"`` or a list of names
-            (:func:`~cefam_lightning.layer_relevance.selectable_layers`).
+            (:func:`~cefam_lightning.methods.cefam.relevance.selectable_layers`).
         key: the images' logging key.
         panel_size: pixels per panel of a figure.
     """
@@ -178,8 +179,8 @@ def method_panels(
 ) -> MethodPanels:
     """The maps each method explains with, on ``images``: CE-FAM the ``top_k`` concepts' regions at their top-1
     layer; L-CAM the class map of the predicted class; SIAM the ``top_k`` attributes' maps by contribution."""
-    from cefam_lightning.lcam_module import LCAMModule
-    from cefam_lightning.siam_module import SIAMModule
+    from cefam_lightning.methods.lcam.module import LCAMModule
+    from cefam_lightning.methods.siam.module import SIAMModule
 
     b = images.shape[0]
     if isinstance(pl_module, LCAMModule):

@@ -20,8 +20,8 @@ from callbacks.logging_utils import (
     log_table,
     stack_items,
 )
-from cefam_lightning.contributions import FILLS
-from cefam_lightning.explainer import explain_batch
+from cefam_lightning.methods.cefam.contributions import FILLS
+from cefam_lightning.methods.cefam.pipeline import explain_batch
 
 
 def mean_contributions(
@@ -53,7 +53,8 @@ class ContributionLogger(L.Callback):
     The first time it runs, the callback picks ``num_images`` validation images (spread evenly over a map-style
     validation dataset, or the first ones of a stream) and keeps them. At the end of validation (every
     ``every_n_epochs`` epochs, not during the sanity check) it explains them with
-    :func:`~cefam_lightning.explainer.explain_batch`: the ``top_n`` concepts by score per image, each masked at
+    :func:`~cefam_lightning.methods.cefam.pipeline.explain_batch`: the ``top_n`` concepts by score per image, each
+    masked at
     its selected (top-1) layer, contributing to the predicted class (SPEC §2.6). Contributions are averaged per
     (predicted class, concept) over the images of that class where the concept was explained. For each class the
     ``top`` concepts with the largest positive means and the ``top`` with the most negative means are logged:
@@ -77,7 +78,7 @@ class ContributionLogger(L.Callback):
         fill: how a masked channel is filled (``"spatial_mean"`` per SPEC, or ``"zero"``).
         select_layers: the layers a concept's top-1 layer is chosen from: ``"auto"`` (not one read only through
             global average pooling), ``"all"`` or a list of names
-            (:func:`~cefam_lightning.layer_relevance.selectable_layers`).
+            (:func:`~cefam_lightning.methods.cefam.relevance.selectable_layers`).
         key: the table's logging key (the chart's is ``<key>_chart``).
         chart_classes: classes drawn in the bar chart at most (0: no chart).
         out_dir: root folder of the CSV/PNG files (default ``trainer.default_root_dir``).

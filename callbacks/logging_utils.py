@@ -24,7 +24,7 @@ from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from cefam_lightning.feature_cache import CachedFeatureDataset
+from cefam_lightning.data.feature_cache import CachedFeatureDataset
 from cefam_lightning.io_utils import atomic_write_bytes
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.\-/]")

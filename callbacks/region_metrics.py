@@ -11,16 +11,16 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from callbacks.logging_utils import ValidationLookup, check_positive, is_due, stack_items
-from cefam_lightning.concept_regions import (
+from cefam_lightning.data.feature_cache import IMAGE_INDEX
+from cefam_lightning.methods.cefam.evaluation import _padded_concepts
+from cefam_lightning.methods.cefam.regions import (
     concept_regions,
     layer_slices,
     pool_activations,
     score_jacobian,
     upsample_regions,
 )
-from cefam_lightning.evaluation import _padded_concepts
-from cefam_lightning.feature_cache import IMAGE_INDEX
-from cefam_lightning.layer_relevance import layer_relevance, selectable_layers, top_layer
+from cefam_lightning.methods.cefam.relevance import layer_relevance, selectable_layers, top_layer
 from cefam_lightning.metrics import RegionMetrics
 
 
@@ -81,7 +81,7 @@ class RegionMetricsCallback(L.Callback):
         k: channels deleted at most for the layer relevance (SPEC's ``K``).
         select_layers: the layers a concept's top-1 layer is chosen from: ``"auto"`` (not one read only through
             global average pooling), ``"all"`` or a list of names
-            (:func:`~cefam_lightning.layer_relevance.selectable_layers`).
+            (:func:`~cefam_lightning.methods.cefam.relevance.selectable_layers`).
         hit_threshold: a pair is a hit when its NRA is above this.
         prefix: prefix of the logged keys.
     """

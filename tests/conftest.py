@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from cefam_lightning.classifier_fit import FitSettings, fit_shapes_classifier
-from cefam_lightning.shapes_world import ShapesWorld, WorldSpec
+from cefam_lightning.data.shapes_world import ShapesWorld, WorldSpec
+from cefam_lightning.training.classifier_fit import FitSettings, fit_shapes_classifier
 
 TINY_WORLD = {"image_size": 32, "n_train": 64, "n_val": 32, "n_test": 32, "seed": 3}
 
@@ -57,7 +57,7 @@ def tiny_classifier_weights(tiny_world, tiny_spec, cache_dir):
 @pytest.fixture(scope="session")
 def tiny_run(cache_dir, tmp_path_factory) -> dict:
     """A tiny training run (1 epoch), shared by tests that need a trained checkpoint: its metrics.json dict."""
-    from cefam_lightning.train import main
+    from cefam_lightning.training.run import main
 
     return main(tiny_overrides(cache_dir, tmp_path_factory.mktemp("runs"), "tiny"))
 
@@ -72,7 +72,7 @@ def tiny_checkpoint(tiny_run) -> str:
 def tiny_method_run(cache_dir, tmp_path_factory):
     """``tiny_method_run(method)``: a tiny 1-epoch ``train.py method=...`` run (region maps rendered every
     epoch), trained once per session and shared: its metrics.json dict."""
-    from cefam_lightning.train import main
+    from cefam_lightning.training.run import main
 
     runs: dict[str, dict] = {}
     out = tmp_path_factory.mktemp("method_runs")

@@ -22,9 +22,9 @@ from callbacks import CachePooledFeatures, ConceptRegionMaps, ContributionLogger
 from callbacks.concept_region_maps import render_region_maps
 from callbacks.contribution_logger import mean_contributions
 from callbacks.logging_utils import fixed_validation_items, log_images, log_table
-from cefam_lightning.datamodule import ShapesWorldDataModule, ShapesWorldDataset
-from cefam_lightning.explainer import explain_batch
-from cefam_lightning.feature_cache import PooledFeatureCache, pooled_identity
+from cefam_lightning.data.feature_cache import PooledFeatureCache, pooled_identity
+from cefam_lightning.data.shapes_datamodule import ShapesWorldDataModule, ShapesWorldDataset
+from cefam_lightning.methods.cefam.pipeline import explain_batch
 from cefam_lightning.metrics import RegionMetrics
 from tests.test_cefam_module import _module
 

@@ -2,10 +2,10 @@ import lightning as L
 import pytest
 import torch
 
-from cefam_lightning.cefam_module import CEFAMModule
-from cefam_lightning.classifier import build_classifier
-from cefam_lightning.components import ConceptScorer, Translator
-from cefam_lightning.datamodule import ShapesWorldDataModule
+from cefam_lightning.data.shapes_datamodule import ShapesWorldDataModule
+from cefam_lightning.methods.cefam.module import CEFAMModule
+from cefam_lightning.models.classifier import build_classifier
+from cefam_lightning.models.components import ConceptScorer, Translator
 
 
 def _module(tiny_world, weights, lambda_sim=0.001, kind="clip", bias=0.0):

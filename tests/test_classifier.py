@@ -10,20 +10,20 @@ import torch
 import torchvision
 from PIL import Image
 
-from cefam_lightning.cefam_module import CEFAMModule
-from cefam_lightning.classifier import (
+from cefam_lightning.data.transforms import InputSpec, image_transform
+from cefam_lightning.methods.cefam.contributions import concept_contributions
+from cefam_lightning.methods.cefam.module import CEFAMModule
+from cefam_lightning.methods.cefam.pipeline import explain_batch
+from cefam_lightning.methods.cefam.regions import layer_slices, pool_activations, score_jacobian
+from cefam_lightning.methods.cefam.relevance import top_channels
+from cefam_lightning.models.classifier import (
     SHAPES_MEAN,
     SHAPES_STD,
     FrozenClassifier,
     build_classifier,
     load_state_dict_file,
 )
-from cefam_lightning.components import ConceptScorer, Translator
-from cefam_lightning.concept_regions import layer_slices, pool_activations, score_jacobian
-from cefam_lightning.contributions import concept_contributions
-from cefam_lightning.explainer import explain_batch
-from cefam_lightning.layer_relevance import top_channels
-from cefam_lightning.transforms import InputSpec, image_transform
+from cefam_lightning.models.components import ConceptScorer, Translator
 
 
 def test_shapes_cnn_layers_and_logits_in_one_pass():

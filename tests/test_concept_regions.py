@@ -1,15 +1,15 @@
 import pytest
 import torch
 
-from cefam_lightning.classifier import build_classifier
-from cefam_lightning.components import ConceptScorer, Translator
-from cefam_lightning.concept_regions import (
+from cefam_lightning.methods.cefam.regions import (
     concept_regions,
     concept_regions_reference,
     pool_activations,
     score_jacobian,
     upsample_regions,
 )
+from cefam_lightning.models.classifier import build_classifier
+from cefam_lightning.models.components import ConceptScorer, Translator
 
 LAYERS = ["layer1", "layer2", "layer3", "layer4"]
 

@@ -1,7 +1,7 @@
 import pytest
 from omegaconf import OmegaConf
 
-from cefam_lightning.config import CONFIG_DIR, RULES, ConfigError, load_config, rule_errors
+from cefam_lightning.training.config import CONFIG_DIR, RULES, ConfigError, load_config, rule_errors
 from tests.cli import cli_error
 
 
@@ -210,7 +210,7 @@ def test_every_shipped_config_passes_the_rules(file):
 
 
 def test_train_py_with_a_negative_lr_ends_with_one_error_line_before_building_anything(tmp_path, capsys):
-    from cefam_lightning.train import main
+    from cefam_lightning.training.run import main
 
     argv = [f"output_dir={tmp_path}", f"cache_dir={tmp_path / 'cache'}", "optimizer.lr=-0.01"]
     assert cli_error(main, argv, capsys) == "optimizer.lr must be > 0, got -0.01"

@@ -3,9 +3,9 @@ import json
 import numpy as np
 import pytest
 
-import cefam_lightning.embedding_store as es
-from cefam_lightning.concepts import make_concepts, make_prompt
-from cefam_lightning.embedding_store import EmbeddingStore, EmbeddingStoreError, VLMInfo
+import cefam_lightning.data.embedding_store as es
+from cefam_lightning.data.concepts import make_concepts, make_prompt
+from cefam_lightning.data.embedding_store import EmbeddingStore, EmbeddingStoreError, VLMInfo
 
 
 def _write(path, n=5, d=8, **kw):

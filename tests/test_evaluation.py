@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from cefam_lightning.baselines import SingleChannelBaseline, gradcam_maps
-from cefam_lightning.classifier import build_classifier
-from cefam_lightning.evaluate import EvaluateError, evaluate_on_world, load_checkpoint
-from cefam_lightning.evaluation import ContributionAccuracy, _padded_concepts, format_table
-from cefam_lightning.shapes_world import key_object_concepts
+from cefam_lightning.cli.evaluate import EvaluateError, evaluate_on_world, load_checkpoint
+from cefam_lightning.data.shapes_world import key_object_concepts
+from cefam_lightning.methods.baselines import SingleChannelBaseline, gradcam_maps
+from cefam_lightning.methods.cefam.evaluation import ContributionAccuracy, _padded_concepts, format_table
+from cefam_lightning.models.classifier import build_classifier
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -120,8 +120,8 @@ def test_evaluation_on_the_tiny_world_is_complete_and_independent_of_batching(ti
 def test_cefam_faithfulness_scores_the_class_map_explain_would_draw(tiny_checkpoint, tiny_world):
     """The evaluation's CE-FAM class map is explain's: the top-8 concepts' regions at their selected layers,
     fused by positive contribution; its AD/IC are those of that map, computed here by hand."""
-    from cefam_lightning.evaluation import ExplanationEvaluation
-    from cefam_lightning.explainer import explain_batch, fused_class_map
+    from cefam_lightning.methods.cefam.evaluation import ExplanationEvaluation
+    from cefam_lightning.methods.cefam.pipeline import explain_batch, fused_class_map
     from cefam_lightning.metrics.functional.faithfulness import (
         average_drop,
         faithfulness_probabilities,
@@ -149,7 +149,7 @@ def test_cefam_faithfulness_scores_the_class_map_explain_would_draw(tiny_checkpo
 
 
 def test_evaluation_rejects_a_checkpoint_of_another_world(tiny_checkpoint, cache_dir):
-    from cefam_lightning.shapes_world import ShapesWorld, WorldSpec
+    from cefam_lightning.data.shapes_world import ShapesWorld, WorldSpec
 
     module = load_checkpoint(tiny_checkpoint)
     other = ShapesWorld.build(

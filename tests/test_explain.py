@@ -13,9 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cefam_lightning.concepts import make_concepts
-from cefam_lightning.embedding_store import EmbeddingStore
-from cefam_lightning.explain import (
+from cefam_lightning.cli.explain import (
     ExplainError,
     explain_images,
     load_checkpoint,
@@ -23,7 +21,9 @@ from cefam_lightning.explain import (
     output_names,
     read_concepts,
 )
-from cefam_lightning.explainer import explain_batch
+from cefam_lightning.data.concepts import make_concepts
+from cefam_lightning.data.embedding_store import EmbeddingStore
+from cefam_lightning.methods.cefam.pipeline import explain_batch
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORT_KEYS = {

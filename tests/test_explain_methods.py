@@ -13,13 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
-from cefam_lightning.checkpoints import CheckpointError, checkpoint_kind, load_explainer, method_name
-from cefam_lightning.evaluate import main as evaluate_main
-from cefam_lightning.explain import ExplainError, explain_images
-from cefam_lightning.explain import main as explain_main
-from cefam_lightning.lcam_module import LCAMModule
+from cefam_lightning.cli.evaluate import main as evaluate_main
+from cefam_lightning.cli.explain import ExplainError, explain_images
+from cefam_lightning.cli.explain import main as explain_main
+from cefam_lightning.methods.checkpoints import CheckpointError, checkpoint_kind, load_explainer, method_name
+from cefam_lightning.methods.lcam.module import LCAMModule
+from cefam_lightning.methods.siam.module import SIAMModule
 from cefam_lightning.metrics.functional.faithfulness import faithfulness_probabilities
-from cefam_lightning.siam_module import SIAMModule
 
 ROOT = Path(__file__).resolve().parents[1]
 

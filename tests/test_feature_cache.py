@@ -12,18 +12,18 @@ import pytest
 import torch
 
 from callbacks import CachePooledFeatures
-from cefam_lightning.classifier import build_classifier
-from cefam_lightning.datamodule import ShapesWorldDataModule
-from cefam_lightning.feature_cache import (
+from cefam_lightning.data.feature_cache import (
     CachedFeatureDataset,
     FeatureCacheError,
     PooledFeatureCache,
     collate_cached,
     pooled_identity,
 )
+from cefam_lightning.data.shapes_datamodule import ShapesWorldDataModule
+from cefam_lightning.models.classifier import build_classifier
 from tests.test_cefam_module import _module, _trainer
 
-CACHE_LOG = "cefam_lightning.feature_cache"
+CACHE_LOG = "cefam_lightning.data.feature_cache"
 
 
 def _caches(root, classifier, tiny_world, dim):
@@ -318,7 +318,7 @@ def test_a_truncated_cache_is_rebuilt_and_serves_what_the_classifier_computes(
 
 
 def test_training_with_a_truncated_cache_equals_a_cache_free_run(cache_dir, tmp_path, caplog):
-    from cefam_lightning.train import main
+    from cefam_lightning.training.run import main
     from tests.conftest import tiny_overrides
 
     features = tmp_path / "features"
@@ -360,8 +360,8 @@ def _image_cache_keys(spec, root, classifier):
 
     from omegaconf import OmegaConf
 
-    from cefam_lightning.image_sources import WebDataSource, open_source
-    from cefam_lightning.train import _feature_caches
+    from cefam_lightning.data.image_sources import WebDataSource, open_source
+    from cefam_lightning.training.run import _feature_caches
 
     source = open_source(spec)
     ids = [k for ks in source.keys_by_shard() for k in ks] if isinstance(source, WebDataSource) else source.ids
@@ -400,7 +400,7 @@ def test_images_replaced_in_place_get_a_new_cache_key(kind, tmp_path):
 
 
 def test_the_source_fingerprint_holds_absolute_paths(tmp_path, monkeypatch):
-    from cefam_lightning.image_sources import open_source
+    from cefam_lightning.data.image_sources import open_source
     from tests.test_image_sources import make_images, write_folder
 
     write_folder(tmp_path / "a" / "data", make_images(2))

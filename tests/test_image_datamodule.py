@@ -15,19 +15,19 @@ import numpy as np
 import pytest
 import torch
 
-from cefam_lightning.concepts import make_concepts
-from cefam_lightning.data_order import set_epoch
-from cefam_lightning.embedding_store import EmbeddingStore, VLMInfo
-from cefam_lightning.feature_cache import PooledFeatureCache
-from cefam_lightning.image_datamodule import EmbeddingJoinError, ImageDataModule, _LazyStore, _SampleToItem
-from cefam_lightning.image_sources import (
+from cefam_lightning.data.concepts import make_concepts
+from cefam_lightning.data.embedding_store import EmbeddingStore, VLMInfo
+from cefam_lightning.data.feature_cache import PooledFeatureCache
+from cefam_lightning.data.image_datamodule import EmbeddingJoinError, ImageDataModule, _LazyStore, _SampleToItem
+from cefam_lightning.data.image_sources import (
     ImageSourceError,
     TruncatedShardError,
     iter_shard_samples,
     open_image,
     open_source,
 )
-from cefam_lightning.transforms import InputSpec, image_transform
+from cefam_lightning.data.order import set_epoch
+from cefam_lightning.data.transforms import InputSpec, image_transform
 from tests.cli import cli_error
 from tests.test_image_sources import CLASSES, folder_id, make_images, write_folder, write_manifest, write_shards
 
@@ -358,8 +358,8 @@ def jpegs(tmp_path_factory):
 
 
 def test_train_from_a_jpeg_manifest(jpegs, tmp_path, capsys):
-    from cefam_lightning.cefam_module import CEFAMModule
-    from cefam_lightning.train import main
+    from cefam_lightning.methods.cefam.module import CEFAMModule
+    from cefam_lightning.training.run import main
 
     overrides = _train_overrides(tmp_path, jpegs["train_csv"], jpegs["val_jsonl"], jpegs["store"], "manifest")
     metrics = main(overrides)
@@ -412,7 +412,7 @@ def test_train_py_from_tar_shards_on_two_ddp_processes(jpegs, tmp_path):
 
 
 def test_train_py_stops_on_a_truncated_shard_with_one_line(jpegs, tmp_path, capsys):
-    from cefam_lightning.train import main
+    from cefam_lightning.training.run import main
     from tests.test_image_sources import truncate_shard
 
     shards = tmp_path / "shards"
@@ -425,8 +425,8 @@ def test_train_py_stops_on_a_truncated_shard_with_one_line(jpegs, tmp_path, caps
 
 
 def test_train_with_images_needs_weights_or_an_explicit_random_init(jpegs, tmp_path, capsys):
-    from cefam_lightning.config import ConfigError, load_config
-    from cefam_lightning.train import main
+    from cefam_lightning.training.config import ConfigError, load_config
+    from cefam_lightning.training.run import main
 
     overrides = _train_overrides(tmp_path, jpegs["train_csv"], jpegs["val_jsonl"], jpegs["store"], "noweights")
     line = cli_error(main, [o for o in overrides if not o.startswith("classifier.allow_random_init")], capsys)
@@ -486,8 +486,8 @@ def test_a_run_resumed_after_one_epoch_equals_an_uninterrupted_one(jpegs, tmp_pa
     """Batch order is a function of (seed, epoch): a run stopped after epoch 1 and resumed with ckpt_path=last
     sees the batches an uninterrupted run sees, so its final weights and validation loss are bit-identical
     (shards: read by 2 persistent DataLoader workers)."""
-    from cefam_lightning.config import load_config
-    from cefam_lightning.train import run
+    from cefam_lightning.training.config import load_config
+    from cefam_lightning.training.run import run
 
     if kind == "manifest":
         train, val, extra = jpegs["train_csv"], jpegs["val_jsonl"], []

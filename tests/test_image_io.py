@@ -13,13 +13,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-import cefam_lightning.explain as explain
-import cefam_lightning.transforms as transforms
-from cefam_lightning.image_datamodule import ImageDataModule
-from cefam_lightning.image_io import gray_to_uint8, read_rgb, to_rgb
-from cefam_lightning.image_sources import ImageRecord, open_image, open_source
-from cefam_lightning.mask_datasets import open_mask_dataset
-from cefam_lightning.transforms import InputSpec, image_transform, load_image
+import cefam_lightning.cli.explain as explain
+import cefam_lightning.data.transforms as transforms
+from cefam_lightning.data.image_datamodule import ImageDataModule
+from cefam_lightning.data.image_io import gray_to_uint8, read_rgb, to_rgb
+from cefam_lightning.data.image_sources import ImageRecord, open_image, open_source
+from cefam_lightning.data.mask_datasets import open_mask_dataset
+from cefam_lightning.data.transforms import InputSpec, image_transform, load_image
 from tests.test_image_datamodule import write_store
 
 SPEC = InputSpec(crop=8, resize=8)

@@ -18,7 +18,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from cefam_lightning.image_sources import (
+from cefam_lightning.data.image_sources import (
     ImageFolderSource,
     ImageRecord,
     ImageSourceError,

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from cefam_lightning.interop import InteropError, load_official_translator
+from cefam_lightning.models.interop import InteropError, load_official_translator
 
 CHANNELS = {"layer1": 4, "layer2": 6, "layer3": 8, "layer4": 10}
 

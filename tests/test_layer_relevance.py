@@ -1,8 +1,8 @@
 import torch
 
-from cefam_lightning.components import ConceptScorer, Translator
-from cefam_lightning.concept_regions import score_jacobian
-from cefam_lightning.layer_relevance import layer_relevance
+from cefam_lightning.methods.cefam.regions import score_jacobian
+from cefam_lightning.methods.cefam.relevance import layer_relevance
+from cefam_lightning.models.components import ConceptScorer, Translator
 
 SLICES = {"layer1": slice(0, 6), "layer2": slice(6, 30), "layer3": slice(30, 60)}  # 6 < k channels at layer1
 

@@ -10,17 +10,17 @@ import torch
 import torchvision
 from PIL import Image
 
-from cefam_lightning.baselines import SingleChannelBaseline
-from cefam_lightning.classifier import FrozenClassifier
-from cefam_lightning.components import ShapesCNN
-from cefam_lightning.evaluate import evaluate_on_world, load_checkpoint
-from cefam_lightning.evaluate import main as evaluate_main
-from cefam_lightning.evaluation import format_table
-from cefam_lightning.explain import main as explain_main
-from cefam_lightning.explainer import explain_batch
-from cefam_lightning.layer_relevance import parse_select_layers, selectable_layers, top_layer
-from cefam_lightning.train import main as train_main
-from cefam_lightning.transforms import InputSpec
+from cefam_lightning.cli.evaluate import evaluate_on_world, load_checkpoint
+from cefam_lightning.cli.evaluate import main as evaluate_main
+from cefam_lightning.cli.explain import main as explain_main
+from cefam_lightning.data.transforms import InputSpec
+from cefam_lightning.methods.baselines import SingleChannelBaseline
+from cefam_lightning.methods.cefam.evaluation import format_table
+from cefam_lightning.methods.cefam.pipeline import explain_batch
+from cefam_lightning.methods.cefam.relevance import parse_select_layers, selectable_layers, top_layer
+from cefam_lightning.models.classifier import FrozenClassifier
+from cefam_lightning.models.components import ShapesCNN
+from cefam_lightning.training.run import main as train_main
 from tests.cli import cli_error
 from tests.conftest import tiny_overrides
 

@@ -7,16 +7,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cefam_lightning.classifier import build_classifier
-from cefam_lightning.datamodule import ShapesWorldDataModule
-from cefam_lightning.lcam_evaluation import evaluate_lcam_on_world, format_lcam_table, key_object_masks
-from cefam_lightning.lcam_module import (
+from cefam_lightning.data.shapes_datamodule import ShapesWorldDataModule
+from cefam_lightning.data.shapes_world import key_object_concepts
+from cefam_lightning.methods.lcam.evaluation import evaluate_lcam_on_world, format_lcam_table, key_object_masks
+from cefam_lightning.methods.lcam.module import (
     LCAMModule,
     area_loss,
     build_lcam_module,
     total_variation,
 )
-from cefam_lightning.shapes_world import key_object_concepts
+from cefam_lightning.models.classifier import build_classifier
 
 CLASSES = ["a", "b", "c", "d"]
 LAYERS = ["layer3", "layer4"]

@@ -18,14 +18,14 @@ import yaml
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger, WandbLogger
 from torch.utils.data import DataLoader, TensorDataset
 
-from cefam_lightning import loggers as lg
-from cefam_lightning.config import ConfigError
+from cefam_lightning.training import loggers as lg
+from cefam_lightning.training.config import ConfigError
 from tests.conftest import closed_port
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = {"seed": 3, "model": {"lambda_sim": 0.001, "hidden_dims": [8, 4]}, "run_name": "t"}
 VERSION = {"commit": "0123abc", "dirty": False, "package_version": "9.9"}
-LOGGER_NAME = "cefam_lightning.loggers"
+LOGGER_NAME = "cefam_lightning.training.loggers"
 
 
 pytestmark = pytest.mark.usefixtures("wandb_sandbox")  # conftest: no API key, no network, wandb in tmp

@@ -16,9 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from cefam_lightning.concepts import make_concepts
-from cefam_lightning.embedding_store import EmbeddingStore, VLMInfo
-from cefam_lightning.evaluate import (
+from cefam_lightning.cli.evaluate import (
     classifier_input_spec,
     evaluate_on_masks,
     load_checkpoint,
@@ -26,8 +24,9 @@ from cefam_lightning.evaluate import (
     open_evaluation_data,
     resolve_dataset_concepts,
 )
-from cefam_lightning.evaluation import ExplanationEvaluation
-from cefam_lightning.mask_datasets import (
+from cefam_lightning.data.concepts import make_concepts
+from cefam_lightning.data.embedding_store import EmbeddingStore, VLMInfo
+from cefam_lightning.data.mask_datasets import (
     MaskBatch,
     MaskDatasetError,
     collate_masks,
@@ -36,11 +35,12 @@ from cefam_lightning.mask_datasets import (
     open_mask_dataset,
     write_shapes_broden,
 )
-from cefam_lightning.mask_datasets import (
+from cefam_lightning.data.mask_datasets import (
     main as mask_datasets_main,
 )
-from cefam_lightning.shapes_world import WorldSpec
-from cefam_lightning.transforms import InputSpec
+from cefam_lightning.data.shapes_world import WorldSpec
+from cefam_lightning.data.transforms import InputSpec
+from cefam_lightning.methods.cefam.evaluation import ExplanationEvaluation
 
 ROOT = Path(__file__).resolve().parents[1]
 RED, GRAY = (255, 0, 0), (128, 128, 128)

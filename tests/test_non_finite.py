@@ -14,10 +14,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from callbacks import NonFiniteLossError, StopOnNonFiniteLoss
-from cefam_lightning.config import load_config
+from cefam_lightning.data.shapes_world import ShapesWorld, WorldSpec
 from cefam_lightning.errors import CefamError
-from cefam_lightning.shapes_world import ShapesWorld, WorldSpec
-from cefam_lightning.train import main, run
+from cefam_lightning.training.config import load_config
+from cefam_lightning.training.run import main, run
 from tests.cli import cli_error
 from tests.conftest import TINY_WORLD, tiny_overrides
 

@@ -7,8 +7,10 @@ import json
 
 import numpy as np
 
-from cefam_lightning import evaluate, precompute, toy_data, train
-from cefam_lightning.embedding_store import EmbeddingStore
+from cefam_lightning.cli import evaluate, precompute
+from cefam_lightning.data import toy_data
+from cefam_lightning.data.embedding_store import EmbeddingStore
+from cefam_lightning.training import run as train
 from tests.test_vlm import TINY_CLIP, write_tiny_configs
 
 

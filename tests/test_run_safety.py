@@ -15,14 +15,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from cefam_lightning.cefam_module import CEFAMModule
-from cefam_lightning.checkpoints import CheckpointError, checkpoint_kind, read_checkpoint
-from cefam_lightning.evaluate import main as evaluate_main
-from cefam_lightning.explain import main as explain_main
-from cefam_lightning.lcam_module import LCAMModule
-from cefam_lightning.run_folder import RunFolderError, claim_run_folder
-from cefam_lightning.siam_module import SIAMModule
-from cefam_lightning.train import main as train_main
+from cefam_lightning.cli.evaluate import main as evaluate_main
+from cefam_lightning.cli.explain import main as explain_main
+from cefam_lightning.methods.cefam.module import CEFAMModule
+from cefam_lightning.methods.checkpoints import CheckpointError, checkpoint_kind, read_checkpoint
+from cefam_lightning.methods.lcam.module import LCAMModule
+from cefam_lightning.methods.siam.module import SIAMModule
+from cefam_lightning.training.run import main as train_main
+from cefam_lightning.training.run_folder import RunFolderError, claim_run_folder
 from tests.cli import cli_error
 from tests.conftest import tiny_overrides
 

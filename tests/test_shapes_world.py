@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from cefam_lightning.components import ConceptScorer
-from cefam_lightning.shapes_world import ShapesWorld, WorldSpec, generate_split, oracle_text_embeddings
+from cefam_lightning.data.shapes_world import ShapesWorld, WorldSpec, generate_split, oracle_text_embeddings
+from cefam_lightning.models.components import ConceptScorer
 from tests.conftest import TINY_WORLD
 
 
@@ -35,7 +35,7 @@ def test_first_images_do_not_depend_on_split_size():
 def test_second_build_reuses_the_cache(tmp_path, monkeypatch):
     spec = WorldSpec(**TINY_WORLD)
     first = ShapesWorld.build(spec, tmp_path)
-    import cefam_lightning.shapes_world as sw
+    import cefam_lightning.data.shapes_world as sw
 
     monkeypatch.setattr(sw, "generate_split", lambda *a, **k: pytest.fail("regenerated a cached world"))
     second = ShapesWorld.build(spec, tmp_path)

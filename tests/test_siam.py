@@ -10,11 +10,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cefam_lightning.classifier import build_classifier
-from cefam_lightning.components.siam_head import AttributeMaps, SIAMHead, attribute_presence, zero_border
-from cefam_lightning.datamodule import ShapesWorldDataModule
-from cefam_lightning.siam_evaluation import evaluate_siam_on_world, format_siam_table
-from cefam_lightning.siam_module import SIAMModule, build_siam_module, default_border
+from cefam_lightning.data.shapes_datamodule import ShapesWorldDataModule
+from cefam_lightning.methods.siam.evaluation import evaluate_siam_on_world, format_siam_table
+from cefam_lightning.methods.siam.module import SIAMModule, build_siam_module, default_border
+from cefam_lightning.models.classifier import build_classifier
+from cefam_lightning.models.components.siam_head import AttributeMaps, SIAMHead, attribute_presence, zero_border
 
 
 @pytest.fixture(scope="module")

@@ -18,11 +18,11 @@ import pytest
 import torch
 from PIL import Image
 
-from cefam_lightning.cefam_module import CEFAMModule, CheckpointMismatchError, init_translator_from
-from cefam_lightning.datamodule import ShapesWorldDataModule
-from cefam_lightning.loggers import read_offline_wandb_run
-from cefam_lightning.shapes_world import WorldSpec
-from cefam_lightning.train import main
+from cefam_lightning.data.shapes_datamodule import ShapesWorldDataModule
+from cefam_lightning.data.shapes_world import WorldSpec
+from cefam_lightning.methods.cefam.module import CEFAMModule, CheckpointMismatchError, init_translator_from
+from cefam_lightning.training.loggers import read_offline_wandb_run
+from cefam_lightning.training.run import main
 from tests.cli import cli_error
 from tests.conftest import TINY_WORLD, tiny_overrides
 
@@ -69,8 +69,8 @@ def test_a_run_killed_mid_epoch_resumes_from_its_last_checkpoint(two_epochs, cac
     script = textwrap.dedent(
         f"""
         import os, signal, lightning as L
-        from cefam_lightning.config import load_config
-        from cefam_lightning.train import run
+        from cefam_lightning.training.config import load_config
+        from cefam_lightning.training.run import run
 
         class Kill(L.Callback):
             def on_train_batch_end(self, trainer, *args):
@@ -137,7 +137,7 @@ def test_fine_tuning_starts_from_a_trained_branch(two_epochs, cache_dir, capsys)
 @pytest.mark.usefixtures("wandb_sandbox")
 def test_wandb_offline_run_holds_losses_region_maps_and_contribution_table(cache_dir, tmp_path, caplog):
     pytest.importorskip("wandb")
-    caplog.set_level(logging.WARNING, logger="cefam_lightning.loggers")
+    caplog.set_level(logging.WARNING, logger="cefam_lightning.training.loggers")
     every = ["callbacks.region_maps.every_n_epochs=1", "callbacks.contributions.every_n_epochs=1"]
     cb = [*every, "callbacks.region_metrics.every_n_epochs=1", "callbacks.contributions.num_images=8"]
     wandb = ["logger.kinds=[csv,wandb]", "trainer.log_every_n_steps=1"]
@@ -199,8 +199,8 @@ def test_ddp_metrics_equal_one_process_on_the_same_data_and_rank_zero_writes(cac
 
 @pytest.mark.parametrize("method", ["lcam_img", "lcam_fm", "siam"])
 def test_train_py_trains_and_evaluates_every_method(method, tiny_method_run):
-    from cefam_lightning.lcam_module import LCAMModule
-    from cefam_lightning.siam_module import SIAMModule
+    from cefam_lightning.methods.lcam.module import LCAMModule
+    from cefam_lightning.methods.siam.module import SIAMModule
 
     metrics = tiny_method_run(method)
     run = Path(metrics["run_dir"])

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cefam_lightning.vlm import OpenCLIPVLM, VLMError, cached_weights, hub_offline, register_model_config
+from cefam_lightning.models.vlm import OpenCLIPVLM, VLMError, cached_weights, hub_offline, register_model_config
 
 TINY_TOWER = {
     "vision_cfg": {"image_size": 32, "layers": 2, "width": 32, "head_width": 16, "patch_size": 8},

@@ -175,7 +175,7 @@ def faithfulness_probabilities(
 
     Args:
         classifier: maps ``[0, 1]`` images to logits, or to an object with ``.logits`` (a
-            :class:`~cefam_lightning.classifier.FrozenClassifier`, which normalizes its input itself).
+            :class:`~cefam_lightning.models.classifier.FrozenClassifier`, which normalizes its input itself).
         images: ``(B, 3, H, W)`` in ``[0, 1]``.
         maps: ``(B, h, w)`` class maps of the explained class.
         target: ``(B,)`` the explained class; default the classifier's prediction on the images.

@@ -1,0 +1,509 @@
+"""Evaluate CE-FAM's explanations against ground-truth masks, beside three baselines (issue 3, SPEC §3).
+
+For every (image, present concept) pair, region maps from:
+
+- ``cefam``: the concept's region at each explained layer, and at its top-1 layer (highest relevance, §2.5, among
+  the selectable layers: see :func:`~cefam_lightning.methods.cefam.relevance.selectable_layers`);
+- ``gradcam``: Grad-CAM of the predicted class at the same layer (at CE-FAM's selected layer for ``top1``);
+- ``single_channel``: the concept's best-tracking channel at that layer (at its own best selectable layer for
+  ``top1``);
+- ``random``: uniform noise (layer-independent, reported once under ``top1``);
+
+scored with EPG, NRA and hit rate per concept type and macro-averaged over types. Also the contribution
+accuracy (§2.6): on correctly classified images that show at least one concept outside the key object, how
+often the top contributor among the present concepts is one of the key object's concepts
+(``contribution/top1_key``), and how often all of the key object's concepts rank above every other present
+concept (``contribution/all_key_first``). These are reported with each concept masked at its top-1 layer
+(the spec's contribution) and, for comparison, with every concept masked at one and the same layer.
+
+Optionally (``faithfulness_top_n``) the faithfulness of a CE-FAM class map (SPEC §4): for the predicted class,
+the top-N concepts by score (what ``explain`` reports), each region at its selected layer, min-max normalized and
+weighted by the concept's positive contribution (:func:`~cefam_lightning.methods.cefam.pipeline.fused_class_map`),
+beside
+Grad-CAM at the layer that carries most of that weight, scored with Average Drop and Increase in Confidence at
+100/50/15 % of the pixels kept. The top-N concepts share the present concepts' relevance and contribution
+passes (one padded batch of concepts), so only the predicted concepts that are not present cost extra.
+
+All states are torchmetrics sums, so the numbers are the same whatever the batching.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchmetrics import Metric
+
+from cefam_lightning.methods.baselines import SingleChannelBaseline, gradcam_maps, random_maps
+from cefam_lightning.methods.cefam.contributions import concept_contributions
+from cefam_lightning.methods.cefam.pipeline import fused_class_map
+from cefam_lightning.methods.cefam.regions import (
+    concept_regions,
+    layer_slices,
+    pool_activations,
+    score_jacobian,
+    upsample_regions,
+)
+from cefam_lightning.methods.cefam.relevance import layer_relevance, selectable_layers, top_layer
+from cefam_lightning.metrics import Faithfulness, RegionMetrics
+from cefam_lightning.metrics.functional.faithfulness import DEFAULT_KEEPS, faithfulness_probabilities, setting_name
+
+METHODS = ("cefam", "gradcam", "single_channel", "random")
+METHOD_TITLES = {
+    "cefam": "CE-FAM",
+    "gradcam": "Grad-CAM (class)",
+    "single_channel": "single channel",
+    "random": "random map",
+}
+FAITHFULNESS_METHODS = ("cefam", "gradcam")
+FAITHFULNESS_TITLES = {"cefam": "CE-FAM class map", "gradcam": "Grad-CAM at that layer"}
+
+
+class ContributionAccuracy(Metric):
+    """Counts behind the contribution accuracy; see the module docstring."""
+
+    full_state_update = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        for name in ("top1_key", "all_key_first", "correct", "trivial"):
+            self.add_state(name, torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, contributions: Tensor, valid: Tensor, key: Tensor, correct: Tensor) -> None:
+        """``(B, N)`` contributions of the present concepts (``valid`` marks real slots, ``key`` the key object's
+        concepts), ``correct``: ``(B,)`` whether the classifier was right."""
+        self.correct += correct.sum()
+        other = valid & ~key
+        usable = correct & other.any(dim=1) & (valid & key).any(dim=1)
+        self.trivial += (correct & ~other.any(dim=1)).sum()
+        if not usable.any():
+            return
+        # Strict comparisons: a tie between a key-object concept and another one (e.g. all contributions 0 at a
+        # layer right before global pooling) is not a hit.
+        highest_key = torch.where(valid & key, contributions, -math.inf).amax(dim=1)
+        lowest_key = torch.where(valid & key, contributions, math.inf).amin(dim=1)
+        highest_other = torch.where(other, contributions, -math.inf).amax(dim=1)
+        self.top1_key += (highest_key > highest_other)[usable].sum()
+        self.all_key_first += (lowest_key > highest_other)[usable].sum()
+
+    def compute(self) -> dict[str, Tensor]:
+        usable = (self.correct - self.trivial).double()
+        return {
+            "top1_key": self.top1_key / usable,
+            "all_key_first": self.all_key_first / usable,
+            "images_scored": usable.long(),
+            "images_correct": self.correct,
+            "images_without_other_concepts": self.trivial,
+        }
+
+
+def _padded_pairs(image_index: Tensor, concept_ids: Tensor, batch_size: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Sparse (image, concept) pairs -> ``(B, N)`` concept indices (padded with 0), their validity, and the order
+    of the pairs that lists them as ``valid.nonzero()`` does (image by image, in the given order within one)."""
+    order = torch.sort(image_index, stable=True).indices
+    image = image_index[order]
+    counts = torch.bincount(image, minlength=batch_size)
+    position = torch.arange(len(image), device=image.device) - (counts.cumsum(0) - counts)[image]
+    n = max(int(counts.max()), 1) if len(image) else 1
+    concepts = torch.zeros(batch_size, n, dtype=torch.long, device=image.device)
+    valid = torch.zeros(batch_size, n, dtype=torch.bool, device=image.device)
+    concepts[image, position] = concept_ids[order]
+    valid[image, position] = True
+    return concepts, valid, order
+
+
+def _padded_concepts(present: Tensor) -> tuple[Tensor, Tensor]:
+    """``(B, C)`` presence -> ``(B, N)`` indices of the present concepts (padded with 0) and their validity."""
+    n = max(int(present.sum(dim=1).max()), 1) if present.numel() else 1
+    # Present concepts first (stable), so the first n columns hold them.
+    order = torch.sort((~present).to(torch.uint8), dim=1, stable=True).indices[:, :n]
+    valid = present.gather(1, order)
+    return torch.where(valid, order, 0), valid
+
+
+def _with_concepts(concepts: Tensor, valid: Tensor, wanted: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Append to the ``(B, N)`` padded concepts the ``wanted`` ``(B, T)`` ones they lack.
+
+    Returns:
+        ``(union, union_valid, slot)``: ``(B, N + E)`` concept indices (the first ``N`` columns unchanged, then each
+        image's missing wanted concepts, padded with concept 0), their validity, and ``(B, T)`` the column of each
+        wanted concept in ``union``.
+    """
+    match = (wanted[:, :, None] == concepts[:, None, :]) & valid[:, None, :]  # (B, T, N)
+    found = match.any(dim=2)
+    missing = ~found
+    position = missing.long().cumsum(dim=1) - 1  # each missing concept's column among the extras
+    e = int(missing.sum(dim=1).max()) if missing.numel() else 0
+    extra = torch.zeros(len(wanted), e, dtype=concepts.dtype, device=concepts.device)
+    extra_valid = torch.zeros(len(wanted), e, dtype=torch.bool, device=concepts.device)
+    rows, cols = missing.nonzero(as_tuple=True)
+    extra[rows, position[rows, cols]] = wanted[rows, cols]
+    extra_valid[rows, position[rows, cols]] = True
+    slot = torch.where(found, match.to(torch.uint8).argmax(dim=2), concepts.shape[1] + position.clamp_min(0))
+    return torch.cat([concepts, extra], dim=1), torch.cat([valid, extra_valid], dim=1), slot
+
+
+class ExplanationEvaluation(nn.Module):
+    """Accumulate region metrics (CE-FAM and baselines) and contribution accuracy over batches.
+
+    Args:
+        layers: the classifier's explained layers.
+        concept_types: type of each concept, in concept order.
+        single_channel: the fitted single-channel baseline (``None`` leaves it out).
+        k: channels deleted/masked at most (SPEC's ``K``).
+        fill: masked-channel fill for contributions (``"spatial_mean"`` per SPEC, or ``"zero"``).
+        seed: seed of the random maps.
+        sync_on_compute: sum the states over DDP ranks in :meth:`compute` (every rank must then call it);
+            ``False`` when one process evaluates the whole split.
+        per_layer_contributions: also score contributions with every concept masked at each single layer
+            (a diagnostic; it runs the masked variants through every layer's tail, several times the cost).
+        contributions: score the contribution accuracy at all; ``False`` for data without a key object (the
+            results then have an empty ``contribution``).
+        faithfulness_top_n: score the faithfulness of CE-FAM's class map built from the top this many concepts
+            (and of Grad-CAM at its main layer); ``None`` leaves it out.
+        keeps: kept pixel fractions of the faithfulness metrics.
+        select_layers: the layers a top-1 layer is chosen from, CE-FAM's and the single-channel baseline's
+            (``"auto"``, ``"all"`` or names; :func:`~cefam_lightning.methods.cefam.relevance.selectable_layers`),
+            resolved
+            against the classifier at the first batch.
+    """
+
+    def __init__(
+        self,
+        layers: Sequence[str],
+        concept_types: Sequence[str],
+        single_channel: SingleChannelBaseline | None = None,
+        k: int = 20,
+        fill: str = "spatial_mean",
+        seed: int = 0,
+        sync_on_compute: bool = True,
+        per_layer_contributions: bool = False,
+        contributions: bool = True,
+        faithfulness_top_n: int | None = None,
+        keeps: Sequence[float] = DEFAULT_KEEPS,
+        select_layers: str | Sequence[str] = "auto",
+    ):
+        super().__init__()
+        if faithfulness_top_n is not None and faithfulness_top_n < 1:
+            raise ValueError(f"faithfulness_top_n must be >= 1 or None, got {faithfulness_top_n}")
+        self.layers = list(layers)
+        self.select_layers = select_layers if isinstance(select_layers, str) else list(select_layers)
+        self.selectable: list[str] | None = None  # resolved against the classifier at the first batch
+        self.settings = [*self.layers, "top1"]
+        self.single_channel, self.k, self.fill = single_channel, k, fill
+        self.methods = [m for m in METHODS if m != "single_channel" or single_channel is not None]
+        self.region = nn.ModuleDict(
+            {
+                f"{m}/{s}": RegionMetrics(concept_types, sync_on_compute=sync_on_compute)
+                for m in self.methods
+                for s in self.settings
+                if m != "random" or s == "top1"
+            }
+        )
+        # Contributions at CE-FAM's top-1 layer (the spec's), and, for comparison, with every concept at one layer.
+        contribution_settings = (self.settings if per_layer_contributions else ["top1"]) if contributions else []
+        self.contribution = nn.ModuleDict(
+            {s: ContributionAccuracy(sync_on_compute=sync_on_compute) for s in contribution_settings}
+        )
+        self.register_buffer("selected", torch.zeros(len(self.layers), dtype=torch.long), persistent=False)
+        self.faithfulness_top_n, self.keeps = faithfulness_top_n, list(keeps)
+        self.faithfulness = nn.ModuleDict(
+            {m: Faithfulness(self.keeps, sync_on_compute=sync_on_compute) for m in FAITHFULNESS_METHODS}
+            if faithfulness_top_n is not None
+            else {}
+        )
+        # Per image: the layer Grad-CAM is scored at, and whether any top concept contributed positively.
+        self.register_buffer("class_map_layer", torch.zeros(len(self.layers), dtype=torch.long), persistent=False)
+        self.register_buffer("class_map_empty", torch.zeros((), dtype=torch.long), persistent=False)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    @torch.no_grad()
+    def update(self, module, images: Tensor, masks: Tensor, labels: Tensor, key: Tensor | None = None) -> None:
+        """Score one batch.
+
+        Args:
+            module: a trained :class:`~cefam_lightning.methods.cefam.module.CEFAMModule`.
+            images: ``(B, 3, H, W)`` in ``[0, 1]``; masks: ``(B, C, H, W)`` concept masks; labels: ``(B,)``.
+            key: ``(B, C)`` the key object's concepts; ``None`` skips the contribution accuracy.
+        """
+        masks = masks.bool()
+        concepts, valid = _padded_concepts(masks.flatten(2).any(dim=2))  # (B, N)
+        rows = valid.nonzero(as_tuple=True)
+        self._update(module, images, concepts, valid, masks[rows[0], concepts[rows]], labels, key)
+
+    @torch.no_grad()
+    def update_pairs(self, module, images: Tensor, image_index: Tensor, concept_ids: Tensor, masks: Tensor) -> None:
+        """Score one batch given sparse masks: one row per (image, concept) pair (no contribution accuracy).
+
+        Args:
+            module: a trained CE-FAM module, or anything with its ``classifier``, ``translator`` and ``scorer``.
+            images: ``(B, 3, H, W)`` in ``[0, 1]``.
+            image_index: ``(P,)`` the image of each pair; concept_ids: ``(P,)`` its concept (scorer index);
+            masks: ``(P, H, W)`` its mask. An (image, concept) pair may occur once.
+        """
+        if len(concept_ids) == 0:
+            return
+        if len(torch.unique(image_index * (int(concept_ids.max()) + 1) + concept_ids)) != len(concept_ids):
+            raise ValueError("update_pairs: an (image, concept) pair occurs more than once in the batch")
+        concepts, valid, order = _padded_pairs(image_index, concept_ids, len(images))
+        self._update(module, images, concepts, valid, masks.bool()[order], None, None)
+
+    def _update(
+        self,
+        module,
+        images: Tensor,
+        concepts: Tensor,
+        valid: Tensor,
+        pair_masks: Tensor,
+        labels: Tensor | None,
+        key: Tensor | None,
+    ) -> None:
+        """Score the ``(B, N)`` padded concepts (``valid`` marks real ones) whose masks, in ``valid.nonzero()``
+        order, are ``pair_masks`` ``(P, H, W)``."""
+        classifier, translator, scorer = module.classifier, module.translator, module.scorer
+        size = images.shape[-2:]
+        out = classifier(images)
+        logits = out.logits.float()
+        pred = logits.argmax(dim=1)
+        z = pool_activations(out.activations, self.layers)
+        jac = score_jacobian(translator, scorer, z)
+        slices = layer_slices(out.activations, self.layers)
+        rows = valid.nonzero(as_tuple=True)
+        ids = concepts[rows]
+        n = concepts.shape[1]
+        faithfulness = bool(self.faithfulness)
+        if self.selectable is None:
+            self.selectable = selectable_layers(classifier, self.select_layers)
+        relevance = layer_relevance(z, jac, slices, translator, scorer, concepts, k=self.k)
+        top = top_layer(relevance, self.layers, self.selectable)  # (B, N)
+        self.selected += torch.bincount(top[rows], minlength=len(self.layers)).to(self.selected.device)
+        union, union_valid, union_top, slot = concepts, valid, top, None
+        if faithfulness:
+            # The class map's top-N predicted concepts join the present ones; only those not present cost extra
+            # (their relevance as sparse pairs, their contributions in the same pass as the present ones').
+            scores = scorer(translator(z)).float()
+            wanted = scores.topk(min(self.faithfulness_top_n, scores.shape[1]), dim=1).indices  # (B, T)
+            union, union_valid, slot = _with_concepts(concepts, valid, wanted)
+            extra = union_valid[:, n:].nonzero(as_tuple=True)
+            union_top = torch.cat([top, torch.zeros_like(union[:, n:])], dim=1)
+            if len(extra[0]):
+                pi, ids_extra = extra[0], union[:, n:][extra]
+                rel = layer_relevance(z[pi], jac[pi], slices, translator, scorer, ids_extra[:, None], k=self.k)
+                union_top[pi, n + extra[1]] = top_layer(rel[:, 0], self.layers, self.selectable)
+        jac_sel = jac.gather(1, union[:, :, None].expand(-1, -1, jac.shape[2]))
+        union_low = concept_regions(out.activations, self.layers, jac_sel)  # {layer: (B, N + E, h, w)}
+        cefam_low = {layer: maps[:, :n] for layer, maps in union_low.items()}  # the present concepts
+        gradcam_low = gradcam_maps(classifier, out.activations, pred, self.layers)  # {layer: (B, h, w)}
+
+        # Per method, the pair maps at every layer, stacked: (L, P, H, W).
+        per_layer = {
+            "cefam": torch.stack([upsample_regions(cefam_low[layer], size)[rows] for layer in self.layers]),
+            "gradcam": torch.stack(
+                [upsample_regions(gradcam_low[layer][:, None], size)[:, 0][rows[0]] for layer in self.layers]
+            ),
+        }
+        # The top-1 layer: CE-FAM's selection for CE-FAM and Grad-CAM, the baseline's own best layer for it.
+        top_layer_of = {"cefam": top[rows], "gradcam": top[rows]}
+        if self.single_channel is not None:
+            sc = self.single_channel
+            per_layer["single_channel"] = torch.stack(
+                [upsample_regions(sc.maps(out.activations, concepts, layer), size)[rows] for layer in self.layers]
+            )
+            top_layer_of["single_channel"] = sc.best_layer_among(self.selectable).to(ids.device)[ids]
+        pair = torch.arange(len(ids), device=ids.device)
+        for method, maps in per_layer.items():
+            for li, layer in enumerate(self.layers):
+                self.region[f"{method}/{layer}"].update(maps[li], pair_masks, ids)
+            self.region[f"{method}/top1"].update(maps[top_layer_of[method], pair], pair_masks, ids)
+        self.region["random/top1"].update(random_maps(pair_masks.shape, self.generator, images.device), pair_masks, ids)
+
+        def contributions_at(chosen: Tensor, which: Tensor, which_valid: Tensor) -> Tensor:
+            chosen = torch.where(which_valid, chosen, -1)  # padding slots select no layer: not computed (0)
+            return concept_contributions(
+                classifier, out.activations, logits, jac, z, slices, which, chosen, pred, k=self.k, fill=self.fill
+            )
+
+        scored = key is not None and bool(self.contribution)
+        union_contributions = None
+        if faithfulness or (scored and "top1" in self.contribution):
+            union_contributions = contributions_at(union_top, union, union_valid)
+        if scored:
+            key_present = key.bool().gather(1, concepts) & valid
+            correct = pred == labels
+            for setting in self.contribution:
+                if setting == "top1":
+                    contributions = union_contributions[:, :n]
+                else:
+                    contributions = contributions_at(torch.full_like(top, self.layers.index(setting)), concepts, valid)
+                self.contribution[setting].update(contributions, valid, key_present, correct)
+        if faithfulness:
+            self._update_faithfulness(
+                classifier,
+                images,
+                logits,
+                pred,
+                union_low,
+                gradcam_low,
+                union_top.gather(1, slot),
+                union_contributions.gather(1, slot),
+                slot,
+            )
+
+    def _update_faithfulness(
+        self,
+        classifier,
+        images: Tensor,
+        logits: Tensor,
+        pred: Tensor,
+        union_low: dict[str, Tensor],
+        gradcam_low: dict[str, Tensor],
+        chosen: Tensor,
+        contributions: Tensor,
+        slot: Tensor,
+    ) -> None:
+        """AD / IC of CE-FAM's class map of the top-N concepts (``slot``: their columns in ``union_low``, ``chosen``
+        their selected layers, ``contributions`` theirs) and of Grad-CAM at the layer carrying most of its weight."""
+        size = images.shape[-2:]
+        b, t = slot.shape
+        regions = images.new_zeros(b, t, *size, dtype=torch.float32)
+        for li, layer in enumerate(self.layers):
+            at_layer = chosen == li
+            if at_layer.any():
+                low = union_low[layer]
+                picked = low.gather(1, slot[:, :, None, None].expand(-1, -1, *low.shape[2:]))
+                regions = torch.where(at_layer[:, :, None, None], upsample_regions(picked, size), regions)
+        class_map = fused_class_map(regions, contributions)
+        weight = contributions.float().nan_to_num(0.0).clamp_min(0.0)
+        per_layer = weight.new_zeros(b, len(self.layers)).scatter_add_(1, chosen, weight)
+        empty = per_layer.sum(dim=1) <= 0
+        # Grad-CAM's layer: the one carrying most of the class map's weight (the top concept's when it is empty).
+        main = torch.where(empty, chosen[:, 0], per_layer.argmax(dim=1))
+        gradcam = images.new_zeros(b, *size, dtype=torch.float32)
+        for li, layer in enumerate(self.layers):
+            if (main == li).any():
+                up = upsample_regions(gradcam_low[layer][:, None], size)[:, 0]
+                gradcam = torch.where((main == li)[:, None, None], up, gradcam)
+        self.class_map_layer += torch.bincount(main, minlength=len(self.layers)).to(self.class_map_layer.device)
+        self.class_map_empty += empty.sum().to(self.class_map_empty.device)
+        for method, maps in (("cefam", class_map), ("gradcam", gradcam)):
+            y, o = faithfulness_probabilities(classifier, images, maps, pred, self.keeps, logits=logits)
+            self.faithfulness[method].update(y, o)
+
+    def compute(self) -> dict[str, Any]:
+        """Plain-number results: ``regions[method][setting]`` (metric dicts), ``contribution``, ``layer_selection``."""
+        regions: dict[str, dict[str, dict[str, float]]] = {}
+        for name, metric in self.region.items():
+            method, setting = name.split("/")
+            regions.setdefault(method, {})[setting] = {k: float(v) for k, v in metric.compute().items()}
+        total = max(int(self.selected.sum()), 1)
+        return {
+            "regions": regions,
+            "contribution": {
+                setting: {k: float(v) for k, v in metric.compute().items()}
+                for setting, metric in self.contribution.items()
+            },
+            "layer_selection": {layer: int(n) / total for layer, n in zip(self.layers, self.selected, strict=True)},
+            "settings": {"k": self.k, "fill": self.fill, "select_layers": self.selectable or []},
+            **({"faithfulness": self._faithfulness_results()} if self.faithfulness else {}),
+        }
+
+    def _faithfulness_results(self) -> dict[str, Any]:
+        images = int(self.faithfulness["cefam"].total)
+        return {
+            "top_n": self.faithfulness_top_n,
+            "keeps": self.keeps,
+            "images": images,
+            "methods": {
+                m: {k: float(v) for k, v in metric.compute().items()} for m, metric in self.faithfulness.items()
+            },
+            # Share of images whose Grad-CAM was taken at each layer (CE-FAM's main layer).
+            "gradcam_layer": {
+                layer: int(c) / max(images, 1) for layer, c in zip(self.layers, self.class_map_layer, strict=True)
+            },
+            # Images none of whose top concepts contributed positively: their class map is all zeros.
+            "images_without_positive_contribution": int(self.class_map_empty),
+        }
+
+
+def _title(setting: str) -> str:
+    return "top-1 layer" if setting == "top1" else setting
+
+
+def _faithfulness_lines(faith: dict[str, Any]) -> list[str]:
+    names = [setting_name(k) for k in faith["keeps"]]
+    head = [*[f"AD {n} ↓" for n in names], *[f"IC {n} ↑" for n in names]]
+    layers = ", ".join(f"{k} {v:.2f}" for k, v in faith["gradcam_layer"].items())
+    lines = [
+        f"Faithfulness of the class map (predicted class, {faith['images']} images): CE-FAM's top-{faith['top_n']} "
+        "concepts' regions weighted by their positive contributions, beside Grad-CAM at the layer carrying most of "
+        "that weight\n",
+        "| method | " + " | ".join(head) + " |",
+        "|---" * (len(head) + 1) + "|",
+    ]
+    for method, row in faith["methods"].items():
+        cells = [f"{row[f'ad/{n}']:.2f}" for n in names] + [f"{row[f'ic/{n}']:.1f}" for n in names]
+        lines.append(f"| {FAITHFULNESS_TITLES.get(method, method)} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(
+        f"Grad-CAM's layer (share of images): {layers}; images whose top concepts contribute nothing positive "
+        f"(an all-zero class map): {faith['images_without_positive_contribution']}"
+    )
+    lines.append("")
+    return lines
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """A readable Markdown summary: NRA, hit rate and EPG (macro over concept types) per method and layer."""
+    regions = results["regions"]
+    settings = list(next(iter(regions.values())))
+    settings = [s for s in settings if s != "top1"] + ["top1"]
+    lines = []
+    for metric, title in (("nra", "NRA"), ("hit_rate", "hit rate"), ("epg", "EPG")):
+        lines.append(f"{title} (mean over concept types)\n")
+        lines.append("| method | " + " | ".join(_title(s) for s in settings) + " |")
+        lines.append("|---" * (len(settings) + 1) + "|")
+        for method, per_setting in regions.items():
+            cells = []
+            for s in settings:
+                # The random map does not depend on the layer: one value, shown in every column.
+                value = per_setting.get(s, per_setting.get("top1"))[f"{metric}/mean"]
+                cells.append(f"{value:.3f}")
+            lines.append(f"| {METHOD_TITLES.get(method, method)} | " + " | ".join(cells) + " |")
+        lines.append("")
+    contribution = results.get("contribution", {})
+    top1 = contribution.get("top1", {})
+    if top1.get("images_scored", 0):
+        lines.append(
+            f"Contribution accuracy of CE-FAM (fill={results['settings']['fill']}, K={results['settings']['k']}), "
+            f"on {int(top1['images_scored'])} correctly classified images with concepts outside the key object:\n"
+        )
+        masked_at = [s for s in settings if s in contribution]
+        lines.append("| concepts masked at | " + " | ".join(_title(s) for s in masked_at) + " |")
+        lines.append("|---" * (len(masked_at) + 1) + "|")
+        rows = (
+            ("top1_key", "top contributor is a key-object concept"),
+            ("all_key_first", "all key-object concepts first"),
+        )
+        for name, title in rows:
+            cells = " | ".join(f"{contribution[s][name]:.3f}" for s in masked_at)
+            lines.append(f"| {title} | {cells} |")
+        lines.append("")
+    faith = results.get("faithfulness")
+    if faith and faith.get("images"):
+        lines.extend(_faithfulness_lines(faith))
+    sel = results.get("layer_selection", {})
+    if sel:
+        shares = ", ".join(f"{k} {v:.2f}" for k, v in sel.items())
+        chosen_from = results.get("settings", {}).get("select_layers") or list(sel)
+        lines.append(
+            f"Top-1 layer chosen by CE-FAM (share of present concepts): {shares}; chosen among "
+            + ", ".join(chosen_from)
+        )
+    notes = results.get("notes", [])
+    if notes:
+        lines.append("")
+        lines.extend(f"Note: {note}" for note in notes)
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,413 @@
+"""The CE-FAM LightningModule: a frozen classifier plus a trainable translator to a VLM's space (SPEC §2.1-2.3).
+
+Loss: ``L = MSE(h(z), E_image(x)) + lambda * MSE(S, S_VLM)`` with ``z`` the concatenated globally pooled
+activations of the classifier's layers, ``S`` the concept scores of the translated embedding and ``S_VLM`` those
+of the VLM's own (precomputed) embedding. ``lambda = 0`` is the concept-free setting.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor, nn
+from torchmetrics import MeanMetric
+from torchmetrics.classification import MulticlassAccuracy, MultilabelAUROC
+
+from cefam_lightning.data.feature_cache import (
+    IMAGE_INDEX,
+    POOLED_INDEX,
+    POOLED_KEY,
+    PooledFeatureCache,
+    state_dict_digest,
+)
+from cefam_lightning.errors import CefamError
+from cefam_lightning.methods.cefam.regions import concept_regions, pool_activations, score_jacobian, upsample_regions
+from cefam_lightning.methods.checkpoints import CheckpointError, read_checkpoint
+from cefam_lightning.methods.optim import configure_optimization
+from cefam_lightning.models.classifier import FrozenClassifier, build_classifier
+from cefam_lightning.models.components import ConceptScorer, Translator
+
+STAGES = ("train", "val", "test")
+IDENTITY_KEY = "cefam_identity"
+
+
+class CheckpointMismatchError(CefamError):
+    """A checkpoint does not fit the classifier, layers, VLM or concept set it is loaded with."""
+
+
+def identity_differences(
+    saved: dict[str, Any], current: dict[str, Any], parts: Sequence[str] | None = None
+) -> list[str]:
+    """Human-readable differences between two :meth:`CEFAMModule.identity` dicts (``parts``: compare only these)."""
+    out = []
+    for part in parts or sorted(set(saved) | set(current)):
+        a, b = saved.get(part) or {}, current.get(part) or {}
+        for key in sorted(set(a) | set(b)):
+            if a.get(key) != b.get(key):
+                out.append(f"{part}.{key}: checkpoint {a.get(key)!r}, this run {b.get(key)!r}")
+    return out
+
+
+@dataclass
+class CEFAMStep:
+    loss: Tensor
+    loss_emb: Tensor
+    loss_sim: Tensor
+    embedding: Tensor  # translated embedding h(z), (B, d)
+    scores: Tensor  # concept scores S, (B, C)
+    logits: Tensor | None  # the frozen classifier's logits, (B, num_classes); None where z came from a cache
+
+
+class CEFAMModule(L.LightningModule):
+    """Train CE-FAM's translator on a frozen classifier.
+
+    Args:
+        classifier: the frozen classifier (never trained; kept in eval mode).
+        translator: the MLP ``h``; its input size must equal the summed channels of ``classifier.layers``.
+        scorer: concept text embeddings and the VLM's scoring constants.
+        concept_names, concept_types: the concept set, in the scorer's order.
+        class_names: names of the classifier's classes (for reports).
+        lambda_sim: weight of the score-similarity loss (0 allowed).
+        optimizer: ``{"name": "sgd"|"adam"|"adamw", "lr", "momentum", "weight_decay", "nesterov"}``.
+        scheduler: ``{"name": "plateau"|"cosine"|"none", "factor", "patience", "monitor", "warmup_epochs",
+            "warmup_factor"}``.
+        auroc_thresholds: ``None`` for exact concept-presence AUROC, or a bin count for constant memory.
+        config: the run's resolved configuration, kept in the checkpoint.
+        vlm: the VLM's identity (``name``, ``pretrained``, ...: an embedding store's ``VLMInfo`` as a dict),
+            recorded in checkpoints so that resuming or fine-tuning in another VLM's space is an error.
+    """
+
+    def __init__(
+        self,
+        classifier: FrozenClassifier,
+        translator: Translator,
+        scorer: ConceptScorer,
+        concept_names: Sequence[str],
+        concept_types: Sequence[str],
+        class_names: Sequence[str],
+        lambda_sim: float = 0.001,
+        optimizer: dict[str, Any] | None = None,
+        scheduler: dict[str, Any] | None = None,
+        auroc_thresholds: int | None = None,
+        config: dict[str, Any] | None = None,
+        vlm: dict[str, Any] | None = None,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["classifier", "translator", "scorer"])
+        self.hparams["arch"] = {
+            "classifier": dict(getattr(classifier, "spec", {"name": classifier.name}), layers=classifier.layers),
+            "translator": {
+                "in_dim": translator.in_dim,
+                "out_dim": translator.out_dim,
+                "hidden_dims": translator.hidden_dims,
+                "activation": translator.activation,
+                "input_norm": translator.input_norm,
+            },
+            "scorer": {
+                "kind": scorer.kind,
+                "logit_scale": scorer.logit_scale,
+                "logit_bias": scorer.logit_bias,
+                "num_concepts": scorer.num_concepts,
+                "embed_dim": int(scorer.text.shape[1]),
+            },
+        }
+        if len(concept_names) != scorer.num_concepts or len(concept_types) != scorer.num_concepts:
+            raise ValueError(
+                f"{len(concept_names)} concept names / {len(concept_types)} types "
+                f"for {scorer.num_concepts} text embeddings"
+            )
+        if translator.out_dim != scorer.text.shape[1]:
+            raise ValueError(f"translator output {translator.out_dim} != VLM embedding size {scorer.text.shape[1]}")
+        if lambda_sim < 0:
+            raise ValueError(f"lambda_sim must be >= 0, got {lambda_sim}")
+        self.classifier, self.translator, self.scorer = classifier, translator, scorer
+        n_concepts, n_classes = scorer.num_concepts, len(class_names)
+        # ModuleDict keys may not be "train" (an nn.Module attribute), hence the "_" suffix.
+        self.cosine = nn.ModuleDict({f"{s}_": MeanMetric() for s in STAGES})
+        self.auroc = nn.ModuleDict(
+            {
+                f"{s}_": MultilabelAUROC(n_concepts, average="macro", thresholds=auroc_thresholds)
+                for s in ("val", "test")
+            }
+        )
+        self.classifier_acc = MulticlassAccuracy(n_classes, average="micro", ignore_index=-1)  # -1: unlabeled
+        # {"train": cache, "val": cache}: pooled activations kept across epochs (set by the CachePooledFeatures
+        # callback; not part of the checkpoint).
+        self.feature_caches: dict[str, PooledFeatureCache] = {}
+        self._classifier_digest: str | None = None  # the frozen classifier's never changes: hashed once
+
+    # ------------------------------------------------------------------ identity
+    def identity(self) -> dict[str, Any]:
+        """What a checkpoint of this module must agree with to be resumed: the classifier (name, layers, a digest
+        of its frozen weights), the VLM (name, pretrained tag, scoring, embedding size) and the concept set (names,
+        types and a digest of their text embeddings)."""
+        if self._classifier_digest is None:
+            self._classifier_digest = state_dict_digest(self.classifier)
+        arch = self.hparams["arch"]
+        text = self.scorer.text.detach().float().cpu().contiguous()
+        h = hashlib.sha256(json.dumps([list(self.hparams.concept_names), list(self.hparams.concept_types)]).encode())
+        h.update(text.numpy().tobytes())
+        vlm = dict(self.hparams.get("vlm") or {})
+        return {
+            "classifier": {
+                "name": arch["classifier"].get("name"),
+                "layers": list(self.classifier.layers),
+                "weights_digest": self._classifier_digest,
+            },
+            "vlm": {
+                "name": vlm.get("name"),
+                "pretrained": vlm.get("pretrained"),
+                "kind": self.scorer.kind,
+                "embed_dim": int(self.scorer.text.shape[1]),
+            },
+            "concepts": {"count": self.scorer.num_concepts, "digest": h.hexdigest()[:32]},
+        }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[IDENTITY_KEY] = self.identity()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resuming (``trainer.fit(ckpt_path=...)``) with another classifier, layers, VLM or concept set would load
+        weights trained for something else (or fail deep in ``load_state_dict``): say what differs instead."""
+        saved = checkpoint.get(IDENTITY_KEY)
+        if saved is None:  # written before identities were recorded
+            return
+        differences = identity_differences(saved, self.identity())
+        if differences:
+            raise CheckpointMismatchError(
+                "The checkpoint was trained with another setup than this run's: "
+                + "; ".join(differences)
+                + ". Resume with the checkpoint's own classifier, layers, VLM and concepts, or start a new run "
+                "from it with model.init_from (fine-tuning)."
+            )
+
+    # ------------------------------------------------------------------ forward
+    def pooled(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """Frozen classifier pass: (logits, ``z`` = concatenated globally pooled activations, ``B x dim(z)``)."""
+        with torch.no_grad():
+            out = self.classifier(images)
+        return out.logits, pool_activations(out.activations, self.classifier.layers)
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        """Explain-time forward: logits, embedding, concept scores and probabilities."""
+        logits, z = self.pooled(images)
+        emb = self.translator(z)
+        scores = self.scorer(emb)
+        return {"logits": logits, "embedding": emb, "scores": scores, "probs": self.scorer.probabilities(scores)}
+
+    def concept_regions(
+        self,
+        images: Tensor,
+        concepts: Sequence[int] | None = None,
+        layers: Sequence[str] | None = None,
+        upsample: bool = True,
+    ) -> dict[str, Tensor]:
+        """Region maps of all (or the given) concepts at all (or the given) layers (SPEC §2.4).
+
+        Returns ``{layer: (B, C', H, W)}`` at the image size when ``upsample`` else at each layer's resolution.
+        """
+        with torch.no_grad():
+            out = self.classifier(images)
+        all_layers = self.classifier.layers
+        unknown = [layer for layer in layers or () if layer not in all_layers]
+        if unknown:
+            raise ValueError(f"Layers {unknown} are not among the explained layers {all_layers}")
+        jac = score_jacobian(self.translator, self.scorer, pool_activations(out.activations, all_layers))
+        maps = concept_regions(out.activations, all_layers, jac, concepts, select=layers)
+        if upsample:
+            maps = {k: upsample_regions(v, images.shape[-2:]) for k, v in maps.items()}
+        return maps
+
+    def batch_pooled(self, batch: dict, stage: str | None = None) -> tuple[Tensor | None, Tensor]:
+        """``(logits, z)`` of a batch, from the feature cache of ``stage`` where it holds them.
+
+        Samples the cache already holds come with their ``z`` (``pooled``, served by
+        :class:`~cefam_lightning.data.feature_cache.CachedFeatureDataset`) or are read from the cache here; the
+        classifier runs only on the others, and their ``z`` is written to the cache. ``logits`` is ``None``
+        unless the classifier ran on the whole batch.
+        """
+        cache = self.feature_caches.get(stage) if stage else None
+        if cache is None and POOLED_KEY not in batch:
+            return self.pooled(batch["image"])
+        n = batch["embedding"].shape[0]
+        if POOLED_KEY not in batch:  # a stream: images always come, but the classifier may still be skipped
+            rows = cache.rows(batch["id"])
+            if cache.is_filled(rows).all():
+                return None, cache.read(rows).to(self.device)
+            logits, z = self.pooled(batch["image"])
+            cache.write(rows, z)
+            return logits, z
+        z = batch[POOLED_KEY].new_empty(n, batch[POOLED_KEY].shape[1])
+        z[batch[POOLED_INDEX]] = batch[POOLED_KEY]
+        if "image" in batch:
+            index = batch[IMAGE_INDEX]
+            _, z_images = self.pooled(batch["image"])
+            z[index] = z_images.to(z.dtype)
+            if cache is not None:
+                cache.write(cache.rows([batch["id"][i] for i in index.tolist()]), z_images)
+        return None, z
+
+    def model_step(self, batch: dict, stage: str | None = None) -> CEFAMStep:
+        logits, z = self.batch_pooled(batch, stage)
+        emb = self.translator(z).float()
+        target = batch["embedding"].float()
+        scores = self.scorer(emb)
+        loss_emb = F.mse_loss(emb, target)
+        loss_sim = F.mse_loss(scores, self.scorer(target)) if self.hparams.lambda_sim > 0 else emb.new_zeros(())
+        loss = loss_emb + self.hparams.lambda_sim * loss_sim
+        return CEFAMStep(loss, loss_emb, loss_sim, emb, scores, logits)
+
+    # ------------------------------------------------------------------ steps
+    def _shared_step(self, batch: dict, stage: str) -> Tensor:
+        out = self.model_step(batch, stage)
+        bs = batch["embedding"].shape[0]
+        on_step = stage == "train"
+        self.log(
+            f"{stage}/loss", out.loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=bs, sync_dist=True
+        )
+        self.log(f"{stage}/loss_emb", out.loss_emb, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
+        self.log(f"{stage}/loss_sim", out.loss_sim, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
+        self.cosine[f"{stage}_"](F.cosine_similarity(out.embedding, batch["embedding"].float(), dim=-1))
+        self.log(f"{stage}/cosine", self.cosine[f"{stage}_"], on_step=False, on_epoch=True, prog_bar=stage != "train")
+        if stage != "train" and "presence" in batch:
+            self.auroc[f"{stage}_"](out.scores, batch["presence"].long())
+            self.log(f"{stage}/concept_auroc", self.auroc[f"{stage}_"], on_step=False, on_epoch=True, prog_bar=True)
+        if stage == "test":
+            if out.logits is None:
+                raise RuntimeError("the test stage needs the classifier's logits; do not serve it from a feature cache")
+            self.classifier_acc(out.logits, batch["label"])
+            self.log("test/classifier_acc", self.classifier_acc, on_step=False, on_epoch=True)
+        return out.loss
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._shared_step(batch, "test")
+
+    def on_train_start(self) -> None:
+        # Sanity-check batches must not leak into the first validation epoch's metrics.
+        self.cosine["val_"].reset()
+        self.auroc["val_"].reset()
+
+    # ------------------------------------------------------------------ optimization
+    def configure_optimizers(self) -> Any:
+        params = [p for p in self.parameters() if p.requires_grad]
+        rank_zero_info(f"CE-FAM: {sum(p.numel() for p in params):,} trainable parameters (classifier frozen)")
+        ocfg = self.hparams.optimizer or {"name": "sgd", "lr": 0.1}
+        return configure_optimization(params, ocfg, self.hparams.scheduler, getattr(self._trainer, "max_epochs", None))
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> CEFAMModule:
+        """Rebuild the module (classifier, translator, scorer) from a checkpoint written by training."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"Checkpoint not found: {path}")
+        ckpt = read_checkpoint(path, map_location=map_location)
+        hp = ckpt.get("hyper_parameters", {})
+        if "arch" not in hp or "translator" not in hp.get("arch", {}):
+            raise ValueError(f"{path}: not a CE-FAM checkpoint (no CE-FAM architecture in its hyper-parameters)")
+        arch = hp["arch"]
+        c = arch["classifier"]
+        size = None
+        if c.get("input_spec") is None and c["name"] == "shapes_cnn":  # written before input specs were recorded
+            config = hp.get("config")
+            size = ((config.get("world") or {}) if isinstance(config, dict) else {}).get("image_size")
+        classifier = build_classifier(
+            c["name"],
+            c["num_classes"],
+            c["layers"],
+            widths=c.get("widths", (16, 32, 64, 128)),
+            input_spec=c.get("input_spec"),
+            image_size=size,
+        )
+        translator = Translator(**arch["translator"])
+        s = arch["scorer"]
+        scorer = ConceptScorer(
+            torch.zeros(s["num_concepts"], s["embed_dim"]), s["kind"], s["logit_scale"], s["logit_bias"]
+        )
+        kwargs = {k: v for k, v in hp.items() if k != "arch"}
+        module = cls(classifier, translator, scorer, **kwargs)
+        module.load_state_dict(ckpt["state_dict"])
+        return module.eval()
+
+
+@dataclass
+class InitReport:
+    """What :func:`init_translator_from` took from a checkpoint."""
+
+    path: str
+    loaded: list[str]
+    reinitialized: list[str]  # translator tensors whose shape differs (a new classifier or new layers)
+
+    def summary(self) -> str:
+        text = f"translator initialized from {self.path}: {len(self.loaded)} tensor(s) loaded"
+        if self.reinitialized:
+            text += f", {len(self.reinitialized)} trained anew (their shape changed): {', '.join(self.reinitialized)}"
+        return text
+
+
+def init_translator_from(module: CEFAMModule, path: str | Path) -> InitReport:
+    """Fine-tuning: start ``module``'s translator from a trained CE-FAM checkpoint's.
+
+    The translator maps pooled activations into the VLM's embedding space, whatever the concepts: a new concept
+    vocabulary (zero-shot, text embeddings only) keeps every tensor, and a new domain with the same classifier too.
+    A new classifier or new layers change the input width, so the tensors whose shape differs (the input
+    standardization and the first linear layer) start fresh and the rest is loaded. The VLM must be the same:
+    another VLM's space would make the loaded weights meaningless.
+
+    Raises:
+        FileNotFoundError: no such file. CheckpointMismatchError: another VLM (name, tag or embedding size).
+        ValueError: not a CE-FAM checkpoint.
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"model.init_from: checkpoint not found: {path}")
+    try:
+        ckpt = read_checkpoint(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"model.init_from: {e}") from None
+    hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
+    if "translator" not in (hp.get("arch") or {}) or "state_dict" not in ckpt:
+        raise ValueError(f"model.init_from: {path} is not a CE-FAM checkpoint (no CE-FAM translator in it)")
+    saved = ckpt.get(IDENTITY_KEY) or {
+        "vlm": {"embed_dim": hp["arch"]["scorer"]["embed_dim"], "name": (hp.get("vlm") or {}).get("name")}
+    }
+    current = module.identity()
+    saved_vlm = saved.get("vlm", {})
+    keys = [k for k in ("name", "pretrained", "embed_dim") if k in saved_vlm]
+    differences = identity_differences(
+        {"vlm": {k: saved_vlm[k] for k in keys}}, {"vlm": {k: current["vlm"][k] for k in keys}}
+    )
+    if differences:
+        raise CheckpointMismatchError(
+            f"model.init_from: {path} maps into another VLM's embedding space than this run's: "
+            + "; ".join(differences)
+        )
+    own = module.translator.state_dict()
+    prefix = "translator."
+    loaded, fresh, state = [], [], {}
+    for name, tensor in ckpt["state_dict"].items():
+        if not name.startswith(prefix) or name[len(prefix) :] not in own:
+            continue
+        key = name[len(prefix) :]
+        if own[key].shape == tensor.shape:
+            state[key] = tensor
+            loaded.append(key)
+        else:
+            fresh.append(key)
+    module.translator.load_state_dict(state, strict=False)
+    return InitReport(str(path), loaded, fresh)

@@ -1,0 +1,138 @@
+"""Which layer shows concept ``c`` (SPEC §2.5): a deletion curve over each layer's most important channels.
+
+Channel importance at layer ``l`` is ``beta^c_k * mean_ij A^l_k``. For ``i = 0..K`` the pooled values of the
+``i`` most important channels are replaced by the layer's mean over channels in the translator's input, and the
+concept probability ``p_{c,i}`` is recomputed. Relevance ``= (1/K) sum_{i=1..K} (p_c - p_{c,i}) / p_c``. Every
+deletion step of every layer and concept goes through the translator as one batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from cefam_lightning.models.components import ConceptScorer
+
+SELECT_MODES = ("auto", "all")
+
+
+def selectable_layers(classifier, select: str | Sequence[str] = "auto") -> list[str]:
+    """The explained layers a concept's top-1 layer (SPEC §2.5) may be chosen from.
+
+    Args:
+        classifier: the :class:`~cefam_lightning.models.classifier.FrozenClassifier` (its ``layers``, in ``z``'s order).
+        select: ``"auto"``: every layer but those the classifier reads only through global average pooling
+            (:meth:`~cefam_lightning.models.classifier.FrozenClassifier.mean_invariant_layers`), where SPEC §2.6's
+            spatial-mean masking cannot move the logits, so every concept's contribution would be 0 (all layers if
+            that leaves none); ``"all"``: every layer; or a list of layer names (SPEC §2.4: regions for any subset
+            of the layers), a subset of ``classifier.layers``.
+
+    Returns:
+        The layer names, in ``classifier.layers`` order.
+
+    Raises:
+        ValueError: an unknown mode, a name that is not an explained layer, or an empty list.
+    """
+    layers = list(classifier.layers)
+    if isinstance(select, str):
+        if select == "all":
+            return layers
+        if select != "auto":
+            raise ValueError(f"select_layers must be 'auto', 'all' or a list of layer names, got {select!r}")
+        invariant = set(classifier.mean_invariant_layers())
+        return [layer for layer in layers if layer not in invariant] or layers
+    names = [str(x) for x in select]
+    unknown = [x for x in names if x not in layers]
+    if unknown or not names:
+        raise ValueError(
+            f"select_layers {names} must be a non-empty subset of the explained layers {layers}"
+            + (f" ({', '.join(map(repr, unknown))} is not one)" if unknown else "")
+        )
+    return [layer for layer in layers if layer in names]
+
+
+def parse_select_layers(value: str | None) -> str | list[str] | None:
+    """``--select-layers`` as given: ``auto``, ``all`` or comma-separated layer names (``None``: the run's)."""
+    if value is None or value in ("auto", "all"):
+        return value
+    return [name.strip() for name in value.split(",") if name.strip()]
+
+
+def top_layer(relevance: Tensor, layers: Sequence[str], selectable: Sequence[str]) -> Tensor:
+    """``(..., L)`` relevance over ``layers`` -> ``(...)`` index of the most relevant layer among ``selectable``."""
+    allowed = torch.tensor([layer in selectable for layer in layers], device=relevance.device)
+    return relevance.masked_fill(~allowed, -torch.inf).argmax(dim=-1)
+
+
+def top_channels(jacobian: Tensor, z: Tensor, sl: slice, concepts: Tensor, k: int) -> Tensor:
+    """Indices (within the layer) of each concept's ``k`` most important channels, most important first.
+
+    Args:
+        jacobian: ``dS/dz``, ``(B, C, D)``; z: ``(B, D)``; sl: the layer's slice of ``z``;
+        concepts: ``(B, N)`` concept indices; k: how many (at most the layer's channels).
+
+    Returns:
+        ``(B, N, min(k, K_l))``.
+    """
+    jac = torch.gather(jacobian[:, :, sl], 1, concepts[:, :, None].expand(-1, -1, sl.stop - sl.start))
+    importance = jac * z[:, None, sl]
+    return importance.topk(min(k, sl.stop - sl.start), dim=-1).indices
+
+
+@torch.no_grad()
+def layer_relevance(
+    z: Tensor,
+    jacobian: Tensor,
+    slices: Mapping[str, slice],
+    translator: nn.Module,
+    scorer: ConceptScorer,
+    concepts: Tensor,
+    k: int = 20,
+) -> Tensor:
+    """Relevance of each layer for each given concept.
+
+    Args:
+        z: pooled activations, ``(B, D)``.
+        jacobian: ``dS/dz``, ``(B, C, D)`` (its ``1/(H W)`` scale does not change the channel ranking).
+        slices: ``{layer: slice of z}``, in ``z``'s order.
+        translator, scorer: the CE-FAM branch (the translator is evaluated in eval mode).
+        concepts: ``(B, N)`` concept indices per sample (e.g. the top-N predicted concepts).
+        k: channels deleted at most (``min(k, K_l)`` at a layer with fewer channels).
+
+    Returns:
+        ``(B, N, L)`` relevance, layers in ``slices`` order.
+    """
+    b, n = concepts.shape
+    d = z.shape[1]
+    layers = list(slices)
+    n_layers = len(layers)
+    variants = z[:, None, None, None, :].expand(b, n, n_layers, k + 1, d).clone()  # (B, N, L, K+1, D)
+    steps = torch.arange(k + 1, device=z.device)
+    valid = torch.zeros(n_layers, k + 1, dtype=torch.bool, device=z.device)  # steps that delete a new channel
+    for li, layer in enumerate(layers):
+        sl = slices[layer]
+        k_l = min(k, sl.stop - sl.start)
+        valid[li, 1 : k_l + 1] = True
+        top = top_channels(jacobian, z, sl, concepts, k)  # (B, N, k_l), most important first
+        # Step i deletes the first min(i, k_l) channels of the ranking.
+        rank_pos = torch.arange(k_l, device=z.device)
+        deleted = rank_pos[None, :] < steps[:, None]  # (K+1, k_l)
+        mask = torch.zeros(b, n, k + 1, sl.stop - sl.start, dtype=torch.bool, device=z.device)
+        mask.scatter_(3, top[:, :, None, :].expand(-1, -1, k + 1, -1), deleted[None, None].expand(b, n, -1, -1))
+        layer_mean = z[:, sl].mean(dim=1)[:, None, None, None]  # (B, 1, 1, 1)
+        block = variants[:, :, li, :, sl]
+        variants[:, :, li, :, sl] = torch.where(mask, layer_mean, block)
+    was_training = translator.training
+    translator.eval()
+    try:
+        probs = scorer.probabilities(scorer(translator(variants.reshape(-1, d))))
+    finally:
+        translator.train(was_training)
+    c_idx = concepts[:, :, None, None].expand(b, n, n_layers, k + 1).reshape(-1, 1)
+    p = probs.gather(1, c_idx).reshape(b, n, n_layers, k + 1)
+    p0 = p[..., :1]
+    drop = (p0 - p) / p0.clamp_min(torch.finfo(p.dtype).tiny)
+    weights = valid.to(p.dtype)
+    return (drop * weights).sum(-1) / weights.sum(-1).clamp_min(1)
