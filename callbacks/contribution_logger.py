@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 from pathlib import Path
 
 import lightning as L
@@ -13,15 +12,13 @@ from torch import Tensor
 
 from callbacks.logging_utils import (
     check_positive,
-    figure_to_array,
     fixed_validation_items,
     is_due,
     log_images,
     log_table,
     stack_items,
 )
-from cefam_lightning.methods.cefam.contributions import FILLS
-from cefam_lightning.methods.cefam.pipeline import explain_batch
+from cefam_lightning.reporting.figures import to_array
 
 
 def mean_contributions(
@@ -52,10 +49,10 @@ class ContributionLogger(L.Callback):
 
     The first time it runs, the callback picks ``num_images`` validation images (spread evenly over a map-style
     validation dataset, or the first ones of a stream) and keeps them. At the end of validation (every
-    ``every_n_epochs`` epochs, not during the sanity check) it explains them with
-    :func:`~cefam_lightning.methods.cefam.pipeline.explain_batch`: the ``top_n`` concepts by score per image, each
-    masked at
-    its selected (top-1) layer, contributing to the predicted class (SPEC §2.6). Contributions are averaged per
+    ``every_n_epochs`` epochs, not during the sanity check) the CE-FAM module explains them
+    (:meth:`~cefam_lightning.methods.cefam.module.CEFAMModule.explain`, with the run's ``k``, ``fill`` and
+    ``select_layers``): the ``top_n`` concepts by score per image, each masked at its selected layer, contributing
+    to the predicted class (``docs/method.md#contribution``). Contributions are averaged per
     (predicted class, concept) over the images of that class where the concept was explained. For each class the
     ``top`` concepts with the largest positive means and the ``top`` with the most negative means are logged:
 
@@ -71,14 +68,9 @@ class ContributionLogger(L.Callback):
     Args:
         every_n_epochs: log every this many epochs (after epochs ``n, 2n, ...``).
         num_images: how many validation images are explained.
-        top_n: concepts explained per image (by score; SPEC's default 8).
-        k: channels masked at most (SPEC's ``K``).
+        top_n: concepts explained per image (by score).
         top: concepts listed per class and sign.
         batch_size: images explained at once (bounds memory: the Jacobian is ``batch x concepts x dim(z)``).
-        fill: how a masked channel is filled (``"spatial_mean"`` per SPEC, or ``"zero"``).
-        select_layers: the layers a concept's top-1 layer is chosen from: ``"auto"`` (not one read only through
-            global average pooling), ``"all"`` or a list of names
-            (:func:`~cefam_lightning.methods.cefam.relevance.selectable_layers`).
         key: the table's logging key (the chart's is ``<key>_chart``).
         chart_classes: classes drawn in the bar chart at most (0: no chart).
         out_dir: root folder of the CSV/PNG files (default ``trainer.default_root_dir``).
@@ -89,26 +81,20 @@ class ContributionLogger(L.Callback):
         every_n_epochs: int = 1,
         num_images: int = 64,
         top_n: int = 8,
-        k: int = 20,
         top: int = 3,
         batch_size: int = 16,
-        fill: str = "spatial_mean",
         key: str = "val/contributions",
         chart_classes: int = 12,
         out_dir: str | Path | None = None,
-        select_layers: str | Sequence[str] = "auto",
     ):
         super().__init__()
         check_positive(
-            every_n_epochs=every_n_epochs, num_images=num_images, top_n=top_n, k=k, top=top, batch_size=batch_size
+            every_n_epochs=every_n_epochs, num_images=num_images, top_n=top_n, top=top, batch_size=batch_size
         )
-        if fill not in FILLS:
-            raise ValueError(f"fill must be one of {FILLS}, got {fill!r}")
         if chart_classes < 0:
             raise ValueError(f"chart_classes must be >= 0, got {chart_classes!r}")
-        self.every_n_epochs, self.num_images, self.top_n, self.k, self.top = every_n_epochs, num_images, top_n, k, top
-        self.batch_size, self.fill, self.key, self.chart_classes = batch_size, fill, key, chart_classes
-        self.out_dir, self.select_layers = out_dir, select_layers
+        self.every_n_epochs, self.num_images, self.top_n, self.top = every_n_epochs, num_images, top_n, top
+        self.batch_size, self.key, self.chart_classes, self.out_dir = batch_size, key, chart_classes, out_dir
         self._images: Tensor | None = None
         self.sample_ids: list[str] = []  # the fixed images, once chosen
         self.columns: list[str] = ["class", "images"]
@@ -145,9 +131,7 @@ class ContributionLogger(L.Callback):
                     self._images, self.sample_ids = data["image"], data["id"]
                 for start in range(0, self._images.shape[0], self.batch_size):
                     images = self._images[start : start + self.batch_size].to(pl_module.device)
-                    expl = explain_batch(
-                        pl_module, images, top_n=self.top_n, k=self.k, fill=self.fill, select_layers=self.select_layers
-                    )
+                    expl = pl_module.explain(images, top_n=self.top_n)
                     targets.append(expl.target)
                     concepts.append(expl.concepts)
                     contributions.append(expl.contributions)
@@ -198,4 +182,4 @@ class ContributionLogger(L.Callback):
         for ax in axes[len(shown) :]:
             ax.set_visible(False)
         fig.suptitle("mean contribution to the predicted class", fontsize=9)
-        return figure_to_array(fig)
+        return to_array(fig)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from cefam_lightning.data.feature_cache import CachedFeatureDataset
 from cefam_lightning.io_utils import atomic_write_bytes
+from cefam_lightning.reporting.tables import markdown_table
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.\-/]")
 
@@ -109,21 +110,6 @@ def log_images(
     return written
 
 
-def markdown_table(columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> str:
-    """A Markdown table (``None`` cells empty, floats with 4 significant digits)."""
-
-    def cell(v: Any) -> str:
-        if v is None:
-            return ""
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return str(v).replace("|", "\\|")
-
-    lines = ["| " + " | ".join(map(str, columns)) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 @rank_zero_only
 def log_table(
     trainer: L.Trainer,
@@ -171,15 +157,6 @@ def log_table(
     writer.writerows([["" if v is None else v for v in r] for r in rows])
     atomic_write_bytes(path, buf.getvalue().encode())
     return [str(path)]
-
-
-def figure_to_array(fig: Any) -> np.ndarray:
-    """Render a matplotlib ``Figure`` (on an Agg canvas) to an ``H x W x 3`` uint8 array."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-
-    canvas = fig.canvas if isinstance(fig.canvas, FigureCanvasAgg) else FigureCanvasAgg(fig)
-    canvas.draw()
-    return np.asarray(canvas.buffer_rgba())[..., :3].copy()
 
 
 # ---------------------------------------------------------------------- fixed samples

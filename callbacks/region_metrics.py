@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
 
 import lightning as L
 import torch
@@ -12,60 +11,18 @@ from torch import Tensor
 
 from callbacks.logging_utils import ValidationLookup, check_positive, is_due, stack_items
 from cefam_lightning.data.feature_cache import IMAGE_INDEX
-from cefam_lightning.methods.cefam.evaluation import _padded_concepts
-from cefam_lightning.methods.cefam.regions import (
-    concept_regions,
-    layer_slices,
-    pool_activations,
-    score_jacobian,
-    upsample_regions,
-)
-from cefam_lightning.methods.cefam.relevance import layer_relevance, selectable_layers, top_layer
+from cefam_lightning.methods.cefam.pipeline import padded_concepts
 from cefam_lightning.metrics import RegionMetrics
 
 
-@torch.no_grad()
-def top1_region_maps(
-    module, images: Tensor, concepts: Tensor, k: int = 20, select_layers: str | Sequence[str] = "auto"
-) -> Tensor:
-    """Region maps of the given concepts at each one's top-1 layer (highest relevance, SPEC §2.4-2.5).
-
-    The same maps as ``explain_batch(...).regions``, without the contributions it also computes.
-
-    Args:
-        module: a CE-FAM module (its ``classifier``, ``translator`` and ``scorer``).
-        images: ``(B, 3, H, W)`` in ``[0, 1]``.
-        concepts: ``(B, N)`` concept indices.
-        k: channels deleted at most for the layer relevance.
-
-    Returns:
-        ``(B, N, H, W)`` non-negative maps at the image size.
-    """
-    classifier, translator, scorer = module.classifier, module.translator, module.scorer
-    layers = list(classifier.layers)
-    out = classifier(images)
-    z = pool_activations(out.activations, layers)
-    jac = score_jacobian(translator, scorer, z)
-    relevance = layer_relevance(z, jac, layer_slices(out.activations, layers), translator, scorer, concepts, k=k)
-    top = top_layer(relevance, layers, selectable_layers(classifier, select_layers))  # (B, N)
-    jac_sel = jac.gather(1, concepts[:, :, None].expand(-1, -1, jac.shape[2]))
-    per_layer = concept_regions(out.activations, layers, jac_sel)
-    size = images.shape[-2:]
-    maps = images.new_zeros(*concepts.shape, *size, dtype=torch.float32)
-    for li, layer in enumerate(layers):
-        chosen = top == li
-        if chosen.any():
-            maps = torch.where(chosen[:, :, None, None], upsample_regions(per_layer[layer], size), maps)
-    return maps
-
-
 class RegionMetricsCallback(L.Callback):
-    """Score CE-FAM's concept regions against the validation masks (SPEC §3) and log the results.
+    """Score CE-FAM's concept regions against the validation masks and log the results.
 
-    For every validation image and every concept present in it (a non-empty mask), the concept's region map at
-    its top-1 layer (the most relevant one, SPEC §2.5) is scored with :class:`~cefam_lightning.metrics.RegionMetrics`:
-    NRA, EPG and hit rate per concept type and their mean over types, logged at the end of validation as
-    ``<prefix>nra_mean``, ``<prefix>epg_mean``, ``<prefix>hit_rate_mean`` and ``<prefix>nra_<type>`` etc.
+    For every validation image and every concept present in it (a non-empty mask), the concept's region map at its
+    selected layer (the most relevant one, with the run's ``k`` and ``select_layers``) is scored with
+    :class:`~cefam_lightning.metrics.RegionMetrics`: NRA, EPG and hit rate per concept type and their mean over
+    types, logged at the end of validation as ``<prefix>nra_mean``, ``<prefix>epg_mean``, ``<prefix>hit_rate_mean``
+    and ``<prefix>nra_<type>`` etc.
 
     Under DDP each rank scores the images of its own validation shard; the metric's states are sums, synced when
     every rank computes it at the end of the epoch, so all ranks log the same numbers.
@@ -78,10 +35,6 @@ class RegionMetricsCallback(L.Callback):
         every_n_epochs: score every this many epochs (after epochs ``n, 2n, ...``); sanity checks are skipped.
         max_images: score at most this many validation images per epoch over all ranks (``ceil(max/world)`` per
             rank, the first ones of each shard); ``None``: all.
-        k: channels deleted at most for the layer relevance (SPEC's ``K``).
-        select_layers: the layers a concept's top-1 layer is chosen from: ``"auto"`` (not one read only through
-            global average pooling), ``"all"`` or a list of names
-            (:func:`~cefam_lightning.methods.cefam.relevance.selectable_layers`).
         hit_threshold: a pair is a hit when its NRA is above this.
         prefix: prefix of the logged keys.
     """
@@ -90,17 +43,15 @@ class RegionMetricsCallback(L.Callback):
         self,
         every_n_epochs: int = 1,
         max_images: int | None = None,
-        k: int = 20,
         hit_threshold: float = 0.5,
         prefix: str = "val/",
-        select_layers: str | Sequence[str] = "auto",
     ):
         super().__init__()
-        check_positive(every_n_epochs=every_n_epochs, max_images=max_images, k=k)
+        check_positive(every_n_epochs=every_n_epochs, max_images=max_images)
         if not 0.0 <= hit_threshold <= 1.0:
             raise ValueError(f"hit_threshold must lie in [0, 1], got {hit_threshold!r}")
-        self.every_n_epochs, self.max_images, self.k = every_n_epochs, max_images, k
-        self.hit_threshold, self.prefix, self.select_layers = hit_threshold, prefix, select_layers
+        self.every_n_epochs, self.max_images = every_n_epochs, max_images
+        self.hit_threshold, self.prefix = hit_threshold, prefix
         self.metric: RegionMetrics | None = None
         self._lookup: ValidationLookup | None = None
         self._has_masks: bool | None = None  # decided once, from the dataset (the same on every rank)
@@ -154,10 +105,11 @@ class RegionMetricsCallback(L.Callback):
         # Validation runs under inference mode; the Jacobian (torch.func) needs ordinary tensors.
         with torch.inference_mode(False), torch.no_grad():
             images, masks = images.clone(), masks.clone().bool()
-            concepts, valid = _padded_concepts(masks.flatten(2).any(dim=2))
+            concepts, valid = padded_concepts(masks.flatten(2).any(dim=2))
             if not valid.any():
                 return
-            maps = top1_region_maps(pl_module, images, concepts, k=self.k, select_layers=self.select_layers)
+            # The one CE-FAM pipeline, with the run's settings; contributions are not needed here.
+            maps = pl_module.explain(images, concepts=concepts, contributions=False).regions
             rows = valid.nonzero(as_tuple=True)
             ids = concepts[rows]
             self.metric.update(maps[rows], masks[rows[0], ids], ids)

@@ -13,16 +13,19 @@ from cefam_lightning.training.classifier_fit import FitSettings, fit_shapes_clas
 TINY_WORLD = {"image_size": 32, "n_train": 64, "n_val": 32, "n_test": 32, "seed": 3}
 
 
-def tiny_overrides(cache_dir, output_dir, run_name: str = "test") -> list[str]:
-    """Config overrides that shrink the demo to seconds: tiny world, 1 epoch, CPU, no progress bar."""
+def tiny_overrides(cache_dir, output_dir, run_name: str = "test", method: str = "cefam") -> list[str]:
+    """Config overrides that shrink the demo to seconds: tiny world, 1 epoch, CPU, no progress bar (and, for
+    ``method``, its own section's: a small translator for CE-FAM)."""
+    own = {"cefam": ["cefam.hidden_dims=[64]"]}.get(method, [])
     return [
+        f"method={method}",
+        *own,
         f"cache_dir={cache_dir}",
         f"output_dir={output_dir}",
         f"run_name={run_name}",
         *[f"world.{k}={v}" for k, v in TINY_WORLD.items()],
         "classifier.fit.epochs=1",
         "classifier.fit.batch_size=32",
-        "model.hidden_dims=[64]",
         "data.batch_size=16",
         "trainer.max_epochs=1",
         "trainer.accelerator=cpu",
@@ -57,7 +60,7 @@ def tiny_classifier_weights(tiny_world, tiny_spec, cache_dir):
 @pytest.fixture(scope="session")
 def tiny_run(cache_dir, tmp_path_factory) -> dict:
     """A tiny training run (1 epoch), shared by tests that need a trained checkpoint: its metrics.json dict."""
-    from cefam_lightning.training.run import main
+    from cefam_lightning.cli.train import main
 
     return main(tiny_overrides(cache_dir, tmp_path_factory.mktemp("runs"), "tiny"))
 
@@ -72,7 +75,7 @@ def tiny_checkpoint(tiny_run) -> str:
 def tiny_method_run(cache_dir, tmp_path_factory):
     """``tiny_method_run(method)``: a tiny 1-epoch ``train.py method=...`` run (region maps rendered every
     epoch), trained once per session and shared: its metrics.json dict."""
-    from cefam_lightning.training.run import main
+    from cefam_lightning.cli.train import main
 
     runs: dict[str, dict] = {}
     out = tmp_path_factory.mktemp("method_runs")
@@ -80,7 +83,7 @@ def tiny_method_run(cache_dir, tmp_path_factory):
     def get(method: str) -> dict:
         if method not in runs:
             cb = "callbacks.region_maps.every_n_epochs=1"
-            runs[method] = main([*tiny_overrides(cache_dir, out, method), f"method={method}", cb])
+            runs[method] = main([*tiny_overrides(cache_dir, out, method, method=method), cb])
         return runs[method]
 
     return get

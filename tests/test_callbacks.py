@@ -29,6 +29,7 @@ from cefam_lightning.metrics import RegionMetrics
 from tests.test_cefam_module import _module
 
 BATCH = 16
+EXPLAIN_K = 5  # channels deleted / masked by the callbacks (the module's explanation setting)
 
 
 def _fit(module, dm, callbacks, root, logger=False, max_epochs=1, **kw) -> L.Trainer:
@@ -54,9 +55,8 @@ def make(tiny_world, tiny_spec, cache_dir, tiny_classifier_weights):
 
     def _make(**dm_kwargs):
         torch.manual_seed(0)
-        return _module(tiny_world, tiny_classifier_weights), ShapesWorldDataModule(
-            tiny_spec, cache_dir, batch_size=BATCH, **dm_kwargs
-        )
+        module = _module(tiny_world, tiny_classifier_weights, explain={"k": EXPLAIN_K})  # the callbacks' K
+        return module, ShapesWorldDataModule(tiny_spec, cache_dir, batch_size=BATCH, **dm_kwargs)
 
     return _make
 
@@ -78,7 +78,7 @@ def _png(path) -> tuple[np.ndarray, str]:
 
 def test_region_maps_show_the_same_images_every_n_epochs_as_pngs(make, tmp_path):
     module, dm = make()
-    cb = ConceptRegionMaps(every_n_epochs=2, num_images=3, top_k=2, k=5, panel_size=120)
+    cb = ConceptRegionMaps(every_n_epochs=2, num_images=3, top_k=2, panel_size=120)
     _fit(module, dm, [cb], tmp_path, max_epochs=4, limit_train_batches=1, limit_val_batches=1)
 
     folder = tmp_path / "images" / "val" / "region_maps"
@@ -122,8 +122,8 @@ def test_render_outlines_the_ground_truth_mask():
 
 def test_contribution_table_equals_a_direct_computation(make, tmp_path):
     module, dm = make()
-    top_n, k, top = 4, 5, 3
-    cb = ContributionLogger(num_images=24, top_n=top_n, k=k, top=top, batch_size=10)
+    top_n, k, top = 4, EXPLAIN_K, 3
+    cb = ContributionLogger(num_images=24, top_n=top_n, top=top, batch_size=10)
     _fit(module, dm, [cb], tmp_path, logger=CSVLogger(tmp_path, name="logs"))
 
     path = tmp_path / "tables" / "val" / "contributions" / "epoch_000.csv"
@@ -202,13 +202,13 @@ class _ValImages(L.Callback):
         self.epochs[-1].append("image" in batch and "masks" in batch)
 
 
-def _reference_region_metrics(module, items, k=5) -> dict:
+def _reference_region_metrics(module, items) -> dict:
     """Independently of the callback: RegionMetrics of explain_batch's (top-1-layer) regions of every concept
     present in the items."""
     present = [item["masks"].flatten(1).any(dim=1).nonzero()[:, 0].tolist() for item in items]
     width = max(len(p) for p in present)
     padded = torch.tensor([p + p[:1] * (width - len(p)) for p in present])  # repeats are explained, not scored
-    expl = explain_batch(module, torch.stack([item["image"] for item in items]), concepts=padded, k=k)
+    expl = explain_batch(module, torch.stack([item["image"] for item in items]), concepts=padded, k=EXPLAIN_K)
     reference = RegionMetrics(list(module.hparams["concept_types"]))
     for i, (item, concepts) in enumerate(zip(items, present, strict=True)):
         ids = torch.tensor(concepts)
@@ -229,7 +229,7 @@ def test_region_metrics_equal_a_direct_computation(make, tiny_world, tmp_path, c
         }
     module, dm = make(feature_caches=caches)
     spy = _ValImages()
-    cb = RegionMetricsCallback(k=5)
+    cb = RegionMetricsCallback()
     callbacks = [spy, cb] + ([CachePooledFeatures(caches)] if cached else [])
     trainer = _fit(module, dm, callbacks, tmp_path, max_epochs=2 if cached else 1)
     if cached:  # the last epoch's validation batches were served from the cache, without images or masks
@@ -253,7 +253,7 @@ def test_region_metrics_respect_max_images_and_every_n_epochs(make, tmp_path):
                 seen.append((trainer.current_epoch, int(self.metric.valid.sum() + self.metric.skipped), self._seen))
             super().on_validation_epoch_end(trainer, pl_module)
 
-    _fit(module, dm, [Spy(every_n_epochs=2, max_images=5, k=5)], tmp_path, max_epochs=2)
+    _fit(module, dm, [Spy(every_n_epochs=2, max_images=5)], tmp_path, max_epochs=2)
     assert [(e, n) for e, _, n in seen] == [(1, 5)]  # scored after epoch 2 only, 5 images
     pairs = int(sum(dm.datasets["val"][i]["masks"].flatten(1).any(1).sum() for i in range(5)))
     assert seen[0][1] == pairs
@@ -264,7 +264,7 @@ def test_region_metrics_are_skipped_with_one_message_without_masks(make, tiny_wo
     dm.setup("fit")
     dm.datasets["val"] = ShapesWorldDataset(tiny_world.split("val"), tiny_world.store, with_masks=False)
     with caplog.at_level(logging.INFO):
-        trainer = _fit(module, dm, [RegionMetricsCallback(k=5)], tmp_path, max_epochs=2)
+        trainer = _fit(module, dm, [RegionMetricsCallback()], tmp_path, max_epochs=2)
     assert not any("nra" in key for key in trainer.callback_metrics)
     assert "val/loss" in trainer.callback_metrics
     assert sum("no concept masks" in r.getMessage() for r in caplog.records) == 1
@@ -276,7 +276,7 @@ def test_region_metrics_are_skipped_with_one_message_without_masks(make, tiny_wo
 def test_nothing_is_written_on_a_rank_other_than_zero(make, tmp_path, monkeypatch):
     module, dm = make()
     monkeypatch.setattr(SingleDeviceStrategy, "is_global_zero", property(lambda self: False))
-    callbacks = [ConceptRegionMaps(num_images=2, top_k=2, k=5), ContributionLogger(num_images=8, top_n=3, k=5)]
+    callbacks = [ConceptRegionMaps(num_images=2, top_k=2), ContributionLogger(num_images=8, top_n=3)]
     old = rank_zero_only.rank
     rank_zero_only.rank = 1
     try:
@@ -335,7 +335,7 @@ def test_real_tensorboard_event_file_holds_the_image_tag(make, tmp_path):
 
     module, dm = make()
     logger = TensorBoardLogger(tmp_path, name="tb")
-    _fit(module, dm, [ConceptRegionMaps(num_images=2, top_k=2, k=5)], tmp_path, logger=logger)
+    _fit(module, dm, [ConceptRegionMaps(num_images=2, top_k=2)], tmp_path, logger=logger)
     events = EventAccumulator(logger.log_dir).Reload()
     assert {"val/region_maps/0", "val/region_maps/1"} <= set(events.Tags()["images"])
 
@@ -348,7 +348,7 @@ def test_wandb_offline_run_holds_the_images_and_the_table(make, tmp_path, monkey
         monkeypatch.setenv(name, value)
     module, dm = make()
     logger = WandbLogger(save_dir=str(tmp_path), offline=True, project="cefam-test")
-    callbacks = [ConceptRegionMaps(num_images=2, top_k=2, k=5), ContributionLogger(num_images=8, top_n=3, k=5)]
+    callbacks = [ConceptRegionMaps(num_images=2, top_k=2), ContributionLogger(num_images=8, top_n=3)]
     try:
         _fit(module, dm, callbacks, tmp_path, logger=logger)
     finally:
@@ -391,8 +391,6 @@ def test_bad_options_and_inputs_are_clear_errors(tmp_path):
         ConceptRegionMaps(every_n_epochs=0)
     with pytest.raises(ValueError, match="top_k"):
         ConceptRegionMaps(top_k=-1)
-    with pytest.raises(ValueError, match="fill"):
-        ContributionLogger(fill="blur")
     with pytest.raises(ValueError, match="max_images"):
         RegionMetricsCallback(max_images=0)
     with pytest.raises(ValueError, match="hit_threshold"):
@@ -410,7 +408,7 @@ def test_bad_options_and_inputs_are_clear_errors(tmp_path):
 def test_two_process_ddp_syncs_region_metrics_and_writes_figures_once(make, tmp_path):
     """Each rank scores its half of the validation images; the logged NRA is that of all of them."""
     module, dm = make()
-    callbacks = [RegionMetricsCallback(k=5), ConceptRegionMaps(num_images=2, top_k=2, k=5)]
+    callbacks = [RegionMetricsCallback(), ConceptRegionMaps(num_images=2, top_k=2)]
     trainer = _fit(module, dm, callbacks, tmp_path, devices=2, strategy="ddp_spawn", limit_train_batches=1)
     assert trainer.world_size == 2
     dm.setup("fit")  # it ran in the spawned processes only

@@ -8,7 +8,7 @@ from cefam_lightning.models.classifier import build_classifier
 from cefam_lightning.models.components import ConceptScorer, Translator
 
 
-def _module(tiny_world, weights, lambda_sim=0.001, kind="clip", bias=0.0):
+def _module(tiny_world, weights, lambda_sim=0.001, kind="clip", bias=0.0, explain=None):
     store = tiny_world.store
     classifier = build_classifier("shapes_cnn", len(tiny_world.class_names), weights=weights)
     in_dim = sum(c for c, _, _ in classifier.layer_shapes(32).values())
@@ -22,6 +22,7 @@ def _module(tiny_world, weights, lambda_sim=0.001, kind="clip", bias=0.0):
         lambda_sim=lambda_sim,
         optimizer={"name": "adam", "lr": 1e-3},
         scheduler={"name": "none"},
+        explain=explain,
     )
 
 

@@ -8,11 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from cefam_lightning.cli.evaluate import EvaluateError, evaluate_on_world, load_checkpoint
 from cefam_lightning.data.shapes_world import key_object_concepts
+from cefam_lightning.methods.base import load_explainer as load_checkpoint
 from cefam_lightning.methods.baselines import SingleChannelBaseline, gradcam_maps
-from cefam_lightning.methods.cefam.evaluation import ContributionAccuracy, _padded_concepts, format_table
+from cefam_lightning.methods.cefam.evaluation import ContributionAccuracy, evaluate_on_world, format_table
+from cefam_lightning.methods.cefam.pipeline import padded_concepts as _padded_concepts
 from cefam_lightning.models.classifier import build_classifier
+from cefam_lightning.reporting.evaluations import EvaluateError
 
 ROOT = Path(__file__).resolve().parents[1]
 

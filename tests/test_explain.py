@@ -13,22 +13,19 @@ import pytest
 import torch
 from PIL import Image
 
-from cefam_lightning.cli.explain import (
-    ExplainError,
-    explain_images,
-    load_checkpoint,
-    main,
-    output_names,
-    read_concepts,
-)
+from cefam_lightning.cli.explain import main
 from cefam_lightning.data.concepts import make_concepts
 from cefam_lightning.data.embedding_store import EmbeddingStore
+from cefam_lightning.methods.base import load_explainer as load_checkpoint
+from cefam_lightning.methods.cefam.concept_sets import read_concepts
 from cefam_lightning.methods.cefam.pipeline import explain_batch
+from cefam_lightning.reporting.explanations import ExplainError, explain_images, output_names
 
 ROOT = Path(__file__).resolve().parents[1]
 REPORT_KEYS = {
     "image",
     "checkpoint",
+    "method",
     "predicted_class",
     "predicted_probability",
     "explained_class",
@@ -248,7 +245,7 @@ def test_bad_checkpoints_give_clear_errors(test_images, tmp_path, capsys):
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_text("not a checkpoint at all\n")
     for bad in (plain, lightning, garbage):
-        with pytest.raises(ExplainError, match="not a CE-FAM checkpoint") as exc:
+        with pytest.raises(ExplainError, match="not an explainer checkpoint") as exc:
             explain_images(bad, img, out_dir=tmp_path / "out")
         assert str(bad) in str(exc.value)
         with pytest.raises(SystemExit) as sysexit:

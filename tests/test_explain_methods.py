@@ -14,12 +14,13 @@ import torch
 from PIL import Image
 
 from cefam_lightning.cli.evaluate import main as evaluate_main
-from cefam_lightning.cli.explain import ExplainError, explain_images
 from cefam_lightning.cli.explain import main as explain_main
-from cefam_lightning.methods.checkpoints import CheckpointError, checkpoint_kind, load_explainer, method_name
+from cefam_lightning.methods.base import load_explainer
+from cefam_lightning.methods.checkpoints import CheckpointError, read_checkpoint
 from cefam_lightning.methods.lcam.module import LCAMModule
 from cefam_lightning.methods.siam.module import SIAMModule
 from cefam_lightning.metrics.functional.faithfulness import faithfulness_probabilities
+from cefam_lightning.reporting.explanations import ExplainError, explain_images
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,20 +40,21 @@ def _images(folder: Path, names=("img0", "img1", "img2")) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).float() / 255
 
 
-def test_checkpoint_kind_tells_the_three_methods_apart(tiny_checkpoint, tiny_method_run, tmp_path):
-    assert checkpoint_kind(tiny_checkpoint) == "cefam"
-    for method, kind in (("lcam_img", "lcam"), ("lcam_fm", "lcam"), ("siam", "siam")):
+def test_the_checkpoint_says_which_method_wrote_it(tiny_checkpoint, tiny_method_run, tmp_path):
+    assert load_explainer(tiny_checkpoint).method == "cefam"
+    for method, cls in (("lcam_img", LCAMModule), ("lcam_fm", LCAMModule), ("siam", SIAMModule)):
         ckpt = tiny_method_run(method)["best_checkpoint"]
-        assert checkpoint_kind(ckpt) == kind
-        assert method_name(load_explainer(ckpt)) == method
+        module = load_explainer(ckpt)
+        assert module.method == method and isinstance(module, cls)
+        assert read_checkpoint(ckpt)["hyper_parameters"]["arch"]["method"] == method  # one marker on disk
     garbage = tmp_path / "garbage.ckpt"
     garbage.write_text("no checkpoint\n")
-    with pytest.raises(CheckpointError, match=f"{garbage}: not a CE-FAM checkpoint"):
-        checkpoint_kind(garbage)
+    with pytest.raises(CheckpointError, match=f"{garbage}: not an explainer checkpoint"):
+        load_explainer(garbage)
     foreign = tmp_path / "foreign.ckpt"
     torch.save({"state_dict": {}, "hyper_parameters": {"arch": {"kind": "unet"}}}, foreign)
     with pytest.raises(CheckpointError, match="record no explainer architecture"):
-        checkpoint_kind(foreign)
+        load_explainer(foreign)
     with pytest.raises(CheckpointError, match="checkpoint not found"):
         load_explainer(tmp_path / "missing.ckpt")
 
@@ -112,29 +114,27 @@ def test_explain_a_siam_checkpoint_reports_every_attribute_and_draws_the_top_one
         assert magnitudes == sorted(magnitudes, reverse=True)
         # The contributions and the bias sum to the explained class's logit.
         total = sum(a["contribution"] for a in attributes) + report["bias"]
-        assert total == pytest.approx(float(ex["logits"][i, classes.index(target)]), abs=1e-4)
+        assert total == pytest.approx(float(ex.logits[i, classes.index(target)]), abs=1e-4)
         drawn = [a for a in attributes if "region" in a]
         assert [a["name"] for a in drawn] == [a["name"] for a in attributes[:3]]
         for a in drawn:
             j = names.index(a["name"])
             stored = maps[a["region"].split(":", 1)[1]].astype(np.float32)
-            np.testing.assert_allclose(stored, ex["maps"][i, j].numpy(), atol=2e-3, rtol=2e-3)
-            assert a["presence_probability"] == pytest.approx(float(ex["presence_probs"][i, j]), abs=1e-6)
-        np.testing.assert_allclose(
-            maps["class_map"].astype(np.float32), ex["class_map"][i].numpy(), atol=2e-3, rtol=2e-3
-        )
+            np.testing.assert_allclose(stored, ex.maps[i, j].numpy(), atol=2e-3, rtol=2e-3)
+            assert a["presence_probability"] == pytest.approx(float(ex.presence_probs[i, j]), abs=1e-6)
+        np.testing.assert_allclose(maps["class_map"].astype(np.float32), ex.class_map[i].numpy(), atol=2e-3, rtol=2e-3)
         assert (out / f"img{i}" / "figure.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_explain_rejects_cefam_options_for_other_methods(tiny_method_run, image_folder, tmp_path, capsys):
     ckpt = tiny_method_run("siam")["best_checkpoint"]
-    with pytest.raises(ExplainError, match="a SIAM checkpoint, which explains its own attributes"):
+    with pytest.raises(ExplainError, match=r"--concepts: not an option of SIAM checkpoints \(siam\); .* takes --top-n"):
         explain_images(ckpt, [image_folder], concepts="red", out_dir=tmp_path)
     with pytest.raises(SystemExit) as exc:
         explain_main(
             ["--checkpoint", tiny_method_run("lcam_img")["best_checkpoint"], "--concepts", "red", str(image_folder)]
         )
-    assert exc.value.code == 2 and "an L-CAM checkpoint" in capsys.readouterr().err
+    assert exc.value.code == 2 and "not an option of L-CAM-Img checkpoints" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("method", ["lcam_img", "siam"])
@@ -149,8 +149,8 @@ def test_evaluate_command_evaluates_lcam_and_siam_checkpoints(method, tiny_metho
         assert results["n_images"] == 20 and "attribute-presence AUROC" in table
         assert {"attr_auroc", "siam_acc", "classifier_acc", "top_attr_is_key"} <= set(results)
     else:
-        assert results["images"] == 20 and set(results["methods"]) == {"lcam", "gradcam", "random"}
-        assert "| L-CAM |" in table and "| Grad-CAM |" in table
+        assert results["images"] == 20 and set(results["methods"]) == {method, "gradcam", "random"}
+        assert "| L-CAM-Img |" in table and "| Grad-CAM |" in table
     # Same numbers as the run's own test-stage evaluation, on the same images.
     if method == "siam":
         full = evaluate_main(["--checkpoint", run["best_checkpoint"], "--out", str(tmp_path / "full")])
@@ -163,7 +163,7 @@ def test_evaluate_rejects_cefam_options_for_other_methods(tiny_method_run, tmp_p
         with pytest.raises(SystemExit) as exc:
             evaluate_main(["--checkpoint", ckpt, *extra, "--out", str(tmp_path / "ev")])
         err = capsys.readouterr().err.strip().splitlines()
-        assert exc.value.code == 2 and len(err) == 1 and "an L-CAM checkpoint" in err[0] and extra[0] in err[0]
+        assert exc.value.code == 2 and len(err) == 1 and "of L-CAM-Img checkpoints" in err[0] and extra[0] in err[0]
     assert not (tmp_path / "ev").exists()
 
 

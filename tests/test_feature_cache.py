@@ -318,7 +318,7 @@ def test_a_truncated_cache_is_rebuilt_and_serves_what_the_classifier_computes(
 
 
 def test_training_with_a_truncated_cache_equals_a_cache_free_run(cache_dir, tmp_path, caplog):
-    from cefam_lightning.training.run import main
+    from cefam_lightning.cli.train import main
     from tests.conftest import tiny_overrides
 
     features = tmp_path / "features"
@@ -361,7 +361,7 @@ def _image_cache_keys(spec, root, classifier):
     from omegaconf import OmegaConf
 
     from cefam_lightning.data.image_sources import WebDataSource, open_source
-    from cefam_lightning.training.run import _feature_caches
+    from cefam_lightning.methods.cefam.method import feature_caches as _feature_caches
 
     source = open_source(spec)
     ids = [k for ks in source.keys_by_shard() for k in ks] if isinstance(source, WebDataSource) else source.ids

@@ -329,7 +329,7 @@ def _train_overrides(tmp_path: Path, train: str, val: str, store: Path, run: str
         "classifier.allow_random_init=true",
         "classifier.image_size=32",
         "classifier.layers=[layer3,layer4]",
-        "model.hidden_dims=[32]",
+        "cefam.hidden_dims=[32]",
         "trainer.max_epochs=1",
         "trainer.limit_train_batches=2",
         "trainer.limit_val_batches=1",
@@ -358,8 +358,8 @@ def jpegs(tmp_path_factory):
 
 
 def test_train_from_a_jpeg_manifest(jpegs, tmp_path, capsys):
+    from cefam_lightning.cli.train import main
     from cefam_lightning.methods.cefam.module import CEFAMModule
-    from cefam_lightning.training.run import main
 
     overrides = _train_overrides(tmp_path, jpegs["train_csv"], jpegs["val_jsonl"], jpegs["store"], "manifest")
     metrics = main(overrides)
@@ -412,7 +412,7 @@ def test_train_py_from_tar_shards_on_two_ddp_processes(jpegs, tmp_path):
 
 
 def test_train_py_stops_on_a_truncated_shard_with_one_line(jpegs, tmp_path, capsys):
-    from cefam_lightning.training.run import main
+    from cefam_lightning.cli.train import main
     from tests.test_image_sources import truncate_shard
 
     shards = tmp_path / "shards"
@@ -425,8 +425,8 @@ def test_train_py_stops_on_a_truncated_shard_with_one_line(jpegs, tmp_path, caps
 
 
 def test_train_with_images_needs_weights_or_an_explicit_random_init(jpegs, tmp_path, capsys):
+    from cefam_lightning.cli.train import main
     from cefam_lightning.training.config import ConfigError, load_config
-    from cefam_lightning.training.run import main
 
     overrides = _train_overrides(tmp_path, jpegs["train_csv"], jpegs["val_jsonl"], jpegs["store"], "noweights")
     line = cli_error(main, [o for o in overrides if not o.startswith("classifier.allow_random_init")], capsys)

@@ -13,8 +13,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-import cefam_lightning.cli.explain as explain
 import cefam_lightning.data.transforms as transforms
+import cefam_lightning.reporting.explanations as explain
 from cefam_lightning.data.image_datamodule import ImageDataModule
 from cefam_lightning.data.image_io import gray_to_uint8, read_rgb, to_rgb
 from cefam_lightning.data.image_sources import ImageRecord, open_image, open_source

@@ -10,17 +10,17 @@ import torch
 import torchvision
 from PIL import Image
 
-from cefam_lightning.cli.evaluate import evaluate_on_world, load_checkpoint
 from cefam_lightning.cli.evaluate import main as evaluate_main
 from cefam_lightning.cli.explain import main as explain_main
+from cefam_lightning.cli.train import main as train_main
 from cefam_lightning.data.transforms import InputSpec
+from cefam_lightning.methods.base import load_explainer as load_checkpoint
 from cefam_lightning.methods.baselines import SingleChannelBaseline
-from cefam_lightning.methods.cefam.evaluation import format_table
+from cefam_lightning.methods.cefam.evaluation import evaluate_on_world, format_table
 from cefam_lightning.methods.cefam.pipeline import explain_batch
 from cefam_lightning.methods.cefam.relevance import parse_select_layers, selectable_layers, top_layer
 from cefam_lightning.models.classifier import FrozenClassifier
 from cefam_lightning.models.components import ShapesCNN
-from cefam_lightning.training.run import main as train_main
 from tests.cli import cli_error
 from tests.conftest import tiny_overrides
 
@@ -146,6 +146,6 @@ def test_commands_take_and_check_select_layers(tiny_checkpoint, tiny_world, tmp_
 
 
 def test_training_config_names_a_bad_select_layers(cache_dir, tmp_path, capsys):
-    overrides = [*tiny_overrides(cache_dir, tmp_path, "bad"), "evaluation.select_layers=[layer2,layer5]"]
-    assert re.search(r"evaluation.select_layers: .*'layer5' is not one", cli_error(train_main, overrides, capsys))
+    overrides = [*tiny_overrides(cache_dir, tmp_path, "bad"), "cefam.select_layers=[layer2,layer5]"]
+    assert re.search(r"cefam.select_layers: .*'layer5' is not one", cli_error(train_main, overrides, capsys))
     assert not Path(tmp_path / "bad").exists()  # checked before the run folder is made

@@ -9,7 +9,9 @@ import torch.nn.functional as F
 
 from cefam_lightning.data.shapes_datamodule import ShapesWorldDataModule
 from cefam_lightning.data.shapes_world import key_object_concepts
-from cefam_lightning.methods.lcam.evaluation import evaluate_lcam_on_world, format_lcam_table, key_object_masks
+from cefam_lightning.data.shapes_world import key_object_pixels as key_object_masks
+from cefam_lightning.methods.base import EvaluationSettings
+from cefam_lightning.methods.class_map import evaluate_class_maps, format_class_map_table
 from cefam_lightning.methods.lcam.module import (
     LCAMModule,
     area_loss,
@@ -224,9 +226,9 @@ def test_training_smoke_and_checkpoint_reload(tiny_spec, tiny_world, tiny_classi
 def test_from_checkpoint_rejects_other_checkpoints(tmp_path):
     cefam = tmp_path / "cefam.ckpt"
     torch.save({"hyper_parameters": {"arch": {"translator": {}, "classifier": {}}}, "state_dict": {}}, cefam)
-    with pytest.raises(ValueError, match="not an L-CAM checkpoint .a CE-FAM checkpoint"):
+    with pytest.raises(ValueError, match="not a L-CAM-Fm or L-CAM-Img checkpoint .a CE-FAM checkpoint"):
         LCAMModule.from_checkpoint(cefam)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ValueError, match="checkpoint not found"):
         LCAMModule.from_checkpoint(tmp_path / "missing.ckpt")
 
 
@@ -245,21 +247,21 @@ def test_evaluation_on_the_world_reports_every_method(tiny_spec, tiny_world, tin
         "shapes_cnn", len(tiny_spec.classes), ["layer4"], weights=tiny_classifier_weights, image_size=32
     )
     module = build_lcam_module(classifier, len(tiny_spec.classes), tiny_spec.classes, "img")
-    results = evaluate_lcam_on_world(module, tiny_world, "test", batch_size=5, max_images=12)
+    results = evaluate_class_maps(module, tiny_world, "test", EvaluationSettings(batch_size=5, max_images=12))
     assert results["images"] == 12 and results["layer"] == "layer4"
-    assert set(results["methods"]) == {"lcam", "gradcam", "random"}
+    assert set(results["methods"]) == {"lcam_img", "gradcam", "random"}
     for row in results["methods"].values():
         assert 0 <= row["nra"] <= 1 and row["scored"] == 12
         assert {"ad/100%", "ad/50%", "ad/15%", "ic/100%", "ic/50%", "ic/15%"} <= set(row)
     # Batching does not change the numbers (sum states).
-    again = evaluate_lcam_on_world(module, tiny_world, "test", batch_size=12, max_images=12)
+    again = evaluate_class_maps(module, tiny_world, "test", EvaluationSettings(batch_size=12, max_images=12))
     for method, row in results["methods"].items():
         for key, value in row.items():
             assert again["methods"][method][key] == pytest.approx(value, rel=1e-9, abs=1e-12), (method, key)
-    table = format_lcam_table(results)
-    assert "| L-CAM |" in table and "| Grad-CAM |" in table and "| random map |" in table and "AD 15%" in table
+    table = format_class_map_table(results)
+    assert "| L-CAM-Img |" in table and "| Grad-CAM |" in table and "| random map |" in table and "AD 15%" in table
     with pytest.raises(ValueError, match="split"):
-        evaluate_lcam_on_world(module, tiny_world, "holdout")
+        evaluate_class_maps(module, tiny_world, "holdout")
 
 
 # ---------------------------------------------------------------------- ResNet-50 and VGG-16 layouts (SPEC §5)

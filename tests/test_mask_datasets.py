@@ -16,14 +16,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from cefam_lightning.cli.evaluate import (
-    classifier_input_spec,
-    evaluate_on_masks,
-    load_checkpoint,
-    main,
-    open_evaluation_data,
-    resolve_dataset_concepts,
-)
+from cefam_lightning.cli.evaluate import main
 from cefam_lightning.data.concepts import make_concepts
 from cefam_lightning.data.embedding_store import EmbeddingStore, VLMInfo
 from cefam_lightning.data.mask_datasets import (
@@ -38,9 +31,11 @@ from cefam_lightning.data.mask_datasets import (
 from cefam_lightning.data.mask_datasets import (
     main as mask_datasets_main,
 )
+from cefam_lightning.data.mask_datasets import open_evaluation_splits as open_evaluation_data
 from cefam_lightning.data.shapes_world import WorldSpec
 from cefam_lightning.data.transforms import InputSpec
-from cefam_lightning.methods.cefam.evaluation import ExplanationEvaluation
+from cefam_lightning.methods.base import load_explainer as load_checkpoint
+from cefam_lightning.methods.cefam.evaluation import ExplanationEvaluation, evaluate_on_masks, resolve_dataset_concepts
 
 ROOT = Path(__file__).resolve().parents[1]
 RED, GRAY = (255, 0, 0), (128, 128, 128)
@@ -415,7 +410,7 @@ def module(tiny_checkpoint):
 
 
 def _evaluated_pairs(module, root: Path, split: str) -> int:
-    ds = open_mask_dataset(root, classifier_input_spec(module), split=split)
+    ds = open_mask_dataset(root, module.classifier.input_spec, split=split)
     known = set(module.hparams["concept_names"])
     return sum(sum(ds.concepts[c].name in known for c in ds[i]["concepts"].tolist()) for i in range(len(ds)))
 
@@ -462,7 +457,7 @@ def test_store_supplies_unknown_concepts_and_no_train_split_drops_the_single_cha
         concepts=make_concepts([("background", "object")]),
         vlm=VLMInfo(name="test", kind=module.scorer.kind, logit_scale=module.scorer.logit_scale),
     )
-    spec = classifier_input_spec(module)
+    spec = module.classifier.input_spec
     dataset, fit = open_evaluation_data(broden_shapes, spec, fit_split="none")
     assert dataset.split == "val" and fit is None
     cset, mapping, skipped = resolve_dataset_concepts(module, dataset.concepts, store)

@@ -14,10 +14,11 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from callbacks import NonFiniteLossError, StopOnNonFiniteLoss
+from cefam_lightning.cli.train import main
 from cefam_lightning.data.shapes_world import ShapesWorld, WorldSpec
 from cefam_lightning.errors import CefamError
 from cefam_lightning.training.config import load_config
-from cefam_lightning.training.run import main, run
+from cefam_lightning.training.run import run
 from tests.cli import cli_error
 from tests.conftest import TINY_WORLD, tiny_overrides
 
@@ -146,7 +147,7 @@ class _NaNGradientsAtEpoch(L.Callback):
 
 @pytest.mark.parametrize("method", ["cefam", "lcam_img", "siam"])
 def test_every_method_stops_on_nan_weights_and_keeps_best_ckpt_finite(method, cache_dir, tmp_path):
-    overrides = [*tiny_overrides(cache_dir, tmp_path, method), f"method={method}", "trainer.max_epochs=3"]
+    overrides = [*tiny_overrides(cache_dir, tmp_path, method, method=method), "trainer.max_epochs=3"]
     cfg = load_config(overrides=overrides)
     with pytest.raises(NonFiniteLossError, match=r"infinite values after the step at epoch 1, training batch 0"):
         run(cfg, extra_callbacks=[_NaNGradientsAtEpoch(1)])

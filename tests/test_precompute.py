@@ -15,11 +15,12 @@ import pytest
 import torch
 from PIL import Image
 
-import cefam_lightning.cli.precompute as pc
-from cefam_lightning.cli.precompute import PrecomputeError, load_concepts, main, partial_path, precompute
+import cefam_lightning.models.precompute as pc
+from cefam_lightning.cli.precompute import main
 from cefam_lightning.data.concepts import make_concepts
 from cefam_lightning.data.embedding_store import EmbeddingStore
 from cefam_lightning.data.image_sources import open_image, open_source
+from cefam_lightning.models.precompute import PrecomputeError, load_concepts, partial_path, precompute
 from cefam_lightning.models.vlm import OpenCLIPVLM
 from tests.test_vlm import TINY_CLIP, TINY_SIGMOID, write_tiny_configs
 

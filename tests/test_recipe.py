@@ -7,10 +7,9 @@ import json
 
 import numpy as np
 
-from cefam_lightning.cli import evaluate, precompute
+from cefam_lightning.cli import evaluate, precompute, train
 from cefam_lightning.data import toy_data
 from cefam_lightning.data.embedding_store import EmbeddingStore
-from cefam_lightning.training import run as train
 from tests.test_vlm import TINY_CLIP, write_tiny_configs
 
 
@@ -27,7 +26,7 @@ def _train(tmp_path, name, data_overrides):
             "classifier.name=resnet18",
             "classifier.allow_random_init=true",
             "classifier.image_size=32",
-            "model.hidden_dims=[32]",
+            "cefam.hidden_dims=[32]",
             "trainer.max_epochs=2",
             "trainer.accelerator=cpu",
             "trainer.enable_progress_bar=false",

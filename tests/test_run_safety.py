@@ -17,11 +17,12 @@ import torch
 
 from cefam_lightning.cli.evaluate import main as evaluate_main
 from cefam_lightning.cli.explain import main as explain_main
+from cefam_lightning.cli.train import main as train_main
+from cefam_lightning.methods.base import load_explainer
 from cefam_lightning.methods.cefam.module import CEFAMModule
-from cefam_lightning.methods.checkpoints import CheckpointError, checkpoint_kind, read_checkpoint
+from cefam_lightning.methods.checkpoints import CheckpointError, read_checkpoint
 from cefam_lightning.methods.lcam.module import LCAMModule
 from cefam_lightning.methods.siam.module import SIAMModule
-from cefam_lightning.training.run import main as train_main
 from cefam_lightning.training.run_folder import RunFolderError, claim_run_folder
 from tests.cli import cli_error
 from tests.conftest import tiny_overrides
@@ -65,14 +66,14 @@ def test_a_checkpoint_that_would_run_code_is_refused_everywhere(
     said = [
         cli_error(explain_main, ["--checkpoint", str(path), "--out", str(tmp_path / "ex"), str(image)], capsys),
         cli_error(evaluate_main, ["--checkpoint", str(path), "--out", str(tmp_path / "ev")], capsys),
-        cli_error(train_main, _overrides(cache_dir, tmp_path, "init", f"model.init_from={path}"), capsys),
+        cli_error(train_main, _overrides(cache_dir, tmp_path, "init", f"cefam.init_from={path}"), capsys),
         cli_error(train_main, _overrides(cache_dir, tmp_path, "resume", f"ckpt_path={path}"), capsys),
     ]
     for line in said:
         assert str(path) in line and "would call code" in line and "nothing from it was run" in line
         assert "weights_only=False" not in line  # torch's advice to load it unsafely is not passed on
-    assert said[2].startswith("model.init_from: ") and said[3].startswith("ckpt_path: ")
-    for load in (read_checkpoint, checkpoint_kind, CEFAMModule.from_checkpoint, LCAMModule.from_checkpoint):
+    assert said[2].startswith("cefam.init_from: ") and said[3].startswith("ckpt_path: ")
+    for load in (read_checkpoint, load_explainer, CEFAMModule.from_checkpoint, LCAMModule.from_checkpoint):
         with pytest.raises(CheckpointError, match="would call code"):
             load(path)
     with pytest.raises(CheckpointError, match="would call code"):
@@ -84,7 +85,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_everywhere(
 def test_last_ckpt_is_the_last_epoch_when_val_loss_stops_improving(cache_dir, tmp_path):
     # An LR of 1e-30 changes no weight (and without input standardization there are no running statistics):
     # val/loss is the same every epoch, so the best stays the first epoch.
-    flat = ["trainer.max_epochs=3", "optimizer.lr=1e-30", "model.input_norm=false"]
+    flat = ["trainer.max_epochs=3", "optimizer.lr=1e-30", "cefam.input_norm=false"]
     metrics = train_main(_overrides(cache_dir, tmp_path, "flat", *flat))
     folder = tmp_path / "flat" / "checkpoints"
     assert metrics["epochs_trained"] == 3
@@ -152,7 +153,7 @@ def test_a_run_folder_holding_a_run_is_reused_only_to_resume_or_overwrite(cache_
 
     # overwrite=true replaces the earlier run whole, but only once the new run starts: a failing one changes nothing.
     (run / "stale.txt").write_text("from the earlier run")
-    failing = _overrides(cache_dir, tmp_path, "named", "overwrite=true", "model.activation=x")
+    failing = _overrides(cache_dir, tmp_path, "named", "overwrite=true", "cefam.activation=x")
     assert "activation" in cli_error(train_main, failing, capsys)
     assert (run / "stale.txt").exists() and (run / "config.1.yaml").exists()
     train_main(_overrides(cache_dir, tmp_path, "named", "overwrite=true"))

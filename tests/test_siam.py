@@ -139,21 +139,21 @@ def test_explain_shapes_and_exact_decomposition(classifier, tiny_spec, tiny_worl
     batch = world_batch(tiny_world)
     ex = module.explain(batch["image"])
     b, n_attr = 8, tiny_spec.num_concepts
-    assert ex["maps"].shape == (b, n_attr, 32, 32)
-    assert ex["class_map"].shape == (b, 32, 32)
-    assert ex["contributions"].shape == ex["presence_probs"].shape == (b, n_attr)
-    assert ex["logits"].shape == (b, len(tiny_spec.classes))
-    torch.testing.assert_close(ex["target"], ex["logits"].argmax(1))
+    assert ex.maps.shape == (b, n_attr, 32, 32)
+    assert ex.class_map.shape == (b, 32, 32)
+    assert ex.contributions.shape == ex.presence_probs.shape == (b, n_attr)
+    assert ex.logits.shape == (b, len(tiny_spec.classes))
+    torch.testing.assert_close(ex.target, ex.logits.argmax(1))
     rows = torch.arange(b)
-    logit = ex["logits"][rows, ex["target"]]
+    logit = ex.logits[rows, ex.target]
     # contributions (final-layer weight x attribute score) + the bias = the explained logit
-    torch.testing.assert_close(ex["contributions"].sum(1) + ex["bias"], logit)
-    torch.testing.assert_close(ex["bias"], module.head.linear.bias[ex["target"]])
+    torch.testing.assert_close(ex.contributions.sum(1) + ex.bias, logit)
+    torch.testing.assert_close(ex.bias, module.head.linear.bias[ex.target])
     # the spatial decomposition on the grid sums to each contribution
-    torch.testing.assert_close(ex["contribution_maps"].sum((2, 3)), ex["contributions"])
+    torch.testing.assert_close(ex.contribution_maps.sum((2, 3)), ex.contributions)
     # another explained class
     ex2 = module.explain(batch["image"], target=2)
-    torch.testing.assert_close(ex2["contributions"].sum(1) + ex2["bias"], ex2["logits"][:, 2])
+    torch.testing.assert_close(ex2.contributions.sum(1) + ex2.bias, ex2.logits[:, 2])
     with pytest.raises(ValueError, match="target must lie in"):
         module.explain(batch["image"], target=len(tiny_spec.classes))
 
@@ -251,8 +251,8 @@ def test_regression_task(classifier, tiny_spec, tiny_world):
     assert losses[-1] < 0.5 * float(batch["target"].var(unbiased=False))
     torch.testing.assert_close(step.loss_task, F.mse_loss(step.out.outputs[:, 0], batch["target"]))
     ex = module.explain(images)
-    assert (ex["target"] == 0).all()
-    torch.testing.assert_close(ex["contributions"].sum(1) + ex["bias"], ex["logits"][:, 0])
+    assert (ex.target == 0).all()
+    torch.testing.assert_close(ex.contributions.sum(1) + ex.bias, ex.logits[:, 0])
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -290,7 +290,7 @@ def test_checkpoint_reload_gives_identical_outputs(trained, tiny_world, tmp_path
     images = world_batch(tiny_world)["image"]
     a, b = module.eval().explain(images), reloaded.explain(images)
     for key in ("logits", "presence_probs", "contributions", "maps", "class_map"):
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+        torch.testing.assert_close(getattr(a, key), getattr(b, key), rtol=0, atol=0)
     assert reloaded.attribute_maps.border == module.attribute_maps.border
     assert reloaded.hparams.attribute_names == module.hparams.attribute_names
 
@@ -298,9 +298,9 @@ def test_checkpoint_reload_gives_identical_outputs(trained, tiny_world, tmp_path
 def test_wrong_checkpoint_kind_is_a_clear_error(tmp_path):
     path = tmp_path / "cefam.ckpt"
     torch.save({"hyper_parameters": {"arch": {"translator": {}, "classifier": {}}}, "state_dict": {}}, path)
-    with pytest.raises(ValueError, match="not a SIAM checkpoint \\(a CE-FAM checkpoint"):
+    with pytest.raises(ValueError, match="not a SIAM checkpoint \\(a CE-FAM checkpoint\\)"):
         SIAMModule.from_checkpoint(path)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(ValueError, match="checkpoint not found"):
         SIAMModule.from_checkpoint(tmp_path / "missing.ckpt")
 
 

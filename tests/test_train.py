@@ -9,9 +9,9 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
+from cefam_lightning.cli.train import main
 from cefam_lightning.data.shapes_world import ShapesWorld, WorldSpec
 from cefam_lightning.methods.cefam.module import CEFAMModule
-from cefam_lightning.training.run import main
 from tests.conftest import TINY_WORLD, tiny_overrides
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,11 +18,11 @@ import pytest
 import torch
 from PIL import Image
 
+from cefam_lightning.cli.train import main
 from cefam_lightning.data.shapes_datamodule import ShapesWorldDataModule
 from cefam_lightning.data.shapes_world import WorldSpec
 from cefam_lightning.methods.cefam.module import CEFAMModule, CheckpointMismatchError, init_translator_from
 from cefam_lightning.training.loggers import read_offline_wandb_run
-from cefam_lightning.training.run import main
 from tests.cli import cli_error
 from tests.conftest import TINY_WORLD, tiny_overrides
 
@@ -109,7 +109,7 @@ def test_fine_tuning_starts_from_a_trained_branch(two_epochs, cache_dir, capsys)
     source = full["best_checkpoint"]
     trained = _translator(source)
     # Same classifier and VLM, new layers: the first linear layer (and the input standardization) start fresh.
-    new = main(_overrides(cache_dir, out, "ft", f"model.init_from={source}", "classifier.layers=[layer3,layer4]"))
+    new = main(_overrides(cache_dir, out, "ft", f"cefam.init_from={source}", "classifier.layers=[layer3,layer4]"))
     assert "trained anew (their shape changed)" in capsys.readouterr().out
     assert torch.isfinite(torch.tensor(new["test"]["test/cosine"]))
 
@@ -125,12 +125,12 @@ def test_fine_tuning_starts_from_a_trained_branch(two_epochs, cache_dir, capsys)
     # A new domain with a new classifier (other classes: the shapes CNN is fitted anew), same VLM and concepts:
     # every translator tensor fits and is loaded.
     classes = "world.classes=[red square,blue circle,yellow triangle]"
-    main(_overrides(cache_dir, out, "ft_domain", f"model.init_from={source}", classes, "trainer.max_epochs=1"))
+    main(_overrides(cache_dir, out, "ft_domain", f"cefam.init_from={source}", classes, "trainer.max_epochs=1"))
     said = capsys.readouterr().out
     assert f"translator initialized from {source}: {len(trained)} tensor(s) loaded\n" in said
 
     # Another VLM's embedding space (here: the oracle's embedding size) is refused, naming what differs.
-    other_vlm = _overrides(cache_dir, out, "ft2", f"model.init_from={source}", "world.embed_dim=24")
+    other_vlm = _overrides(cache_dir, out, "ft2", f"cefam.init_from={source}", "world.embed_dim=24")
     assert "vlm.embed_dim: checkpoint 32, this run 24" in cli_error(main, other_vlm, capsys)
 
 
@@ -154,7 +154,7 @@ def test_wandb_offline_run_holds_losses_region_maps_and_contribution_table(cache
     assert {"train/loss_step", "val/loss", "val/nra_mean"} <= keys
     losses = [row["val/loss"] for row in run["history"] if "val/loss" in row]
     assert losses[-1] == pytest.approx(metrics["best_val_loss"], rel=1e-5)
-    assert run["config"]["model"]["lambda_sim"] == 0.001 and "code_version" in run["config"]
+    assert run["config"]["cefam"]["lambda_sim"] == 0.001 and "code_version" in run["config"]
     assert any(f.startswith("media/images/val/region_maps") for f in run["files"])
     assert any(f.startswith("media/table/val/contributions") for f in run["files"])
     assert not (tmp_path / "wb" / "images").exists()  # the images went to W&B, not to files
@@ -221,7 +221,7 @@ def test_train_py_trains_and_evaluates_every_method(method, tiny_method_run):
     else:
         module = LCAMModule.from_checkpoint(metrics["best_checkpoint"])
         assert module.variant == method.removeprefix("lcam_") and module.layer == "layer4"
-        assert set(results["methods"]) == {"lcam", "gradcam", "random"}
+        assert set(results["methods"]) == {method, "gradcam", "random"}
         assert "Grad-CAM" in table and "AD 100%" in table
         assert {"test/masked_acc", "test/mask_area"} <= set(metrics["test"])
     assert results == metrics["evaluation"]

@@ -851,3 +851,41 @@ def _reason(e: BaseException) -> str:
 
 if __name__ == "__main__":
     main()
+
+
+EVAL_SPLITS = ("val", "validation")  # a mask dataset's default evaluation split, where it has one
+FIT_SPLITS = ("train", "train-semi")  # the split the single-channel baseline is fitted on, where it has one
+
+
+def open_evaluation_splits(
+    root: str | Path,
+    input_spec: InputSpec,
+    format: str = "auto",
+    split: str | None = None,
+    fit_split: str | None = None,
+    **options: Any,
+) -> tuple[MaskDataset, MaskDataset | None]:
+    """The evaluation split of a mask dataset and the split to fit the single-channel baseline on.
+
+    Args:
+        root, input_spec, format, options: see :func:`~cefam_lightning.data.mask_datasets.open_mask_dataset`.
+        split: the evaluation split; ``None``: ``val`` (ImageNet-S ``validation``) where the dataset has it, else
+            every image.
+        fit_split: ``None``: ``train`` (ImageNet-S ``train-semi``) where the dataset has it and a held-out split
+            is evaluated; ``"none"``: no fit split.
+    """
+    dataset = open_mask_dataset(root, input_spec, format, split=split, **options)
+    fmt = dataset.format
+    if split is None:
+        default = next((s for s in EVAL_SPLITS if s in dataset.splits), None)
+        if default != dataset.split:
+            dataset = open_mask_dataset(root, input_spec, fmt, split=default, **options)
+    if fit_split == "none":
+        return dataset, None
+    if fit_split is None:
+        # Only beside a held-out evaluation split: "every image" would include the training images.
+        candidates = [s for s in FIT_SPLITS if s in dataset.splits and s != dataset.split]
+        if dataset.split is None or not candidates:
+            return dataset, None
+        fit_split = candidates[0]
+    return dataset, open_mask_dataset(root, input_spec, fmt, split=fit_split, **options)

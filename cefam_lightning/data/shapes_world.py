@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -151,6 +152,20 @@ class WorldSplit:
     @property
     def presence(self) -> np.ndarray:
         return self.masks.any(axis=(2, 3))
+
+    def batches(
+        self, batch_size: int, limit: int | None = None, device: torch.device | str = "cpu"
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The split in order, ``(images, masks, labels)`` per batch, on ``device``: images ``(B, 3, H, W)`` float
+        in ``[0, 1]``, masks ``(B, C, H, W)`` bool, labels ``(B,)`` int64; the first ``limit`` images (``None``:
+        all). The one way evaluation code reads a split."""
+        n = len(self) if limit is None else min(int(limit), len(self))
+        for start in range(0, n, batch_size):
+            sl = slice(start, min(start + batch_size, n))
+            images = torch.from_numpy(np.array(self.images[sl])).to(device).permute(0, 3, 1, 2).float().div_(255)
+            masks = torch.from_numpy(np.array(self.masks[sl])).to(device)
+            labels = torch.from_numpy(np.asarray(self.labels[sl])).to(device)
+            yield images, masks, labels
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -350,10 +365,23 @@ def key_object_concepts(spec: WorldSpec, masks: np.ndarray | torch.Tensor, label
         labels: ``(B,)`` class indices.
     """
     masks = torch.as_tensor(np.asarray(masks) if not isinstance(masks, torch.Tensor) else masks).bool()
+    return (masks & key_object_pixels(spec, masks, labels)[:, None]).flatten(2).any(dim=2)
+
+
+def key_object_pixels(spec: WorldSpec, masks: np.ndarray | torch.Tensor, labels) -> torch.Tensor:
+    """The key object's pixels, ``(B, H, W)`` bool: ``mask[color] & mask[shape]`` of each image's class pair.
+
+    The one ground truth of a class map (L-CAM's, SIAM's, CE-FAM's fused one): the object that makes the class,
+    not the other objects that share its color or shape.
+
+    Args:
+        spec: the world (its concept order and classes).
+        masks: ``(B, C, H, W)`` concept masks.
+        labels: ``(B,)`` class indices.
+    """
+    masks = torch.as_tensor(np.asarray(masks) if not isinstance(masks, torch.Tensor) else masks).bool()
     labels = torch.as_tensor(labels, dtype=torch.long, device=masks.device)
     index = {c.name: i for i, c in enumerate(spec.concepts)}
     pairs = torch.tensor([[index[n] for n in cls.split()] for cls in spec.classes], device=masks.device)
-    color, shape = pairs[labels, 0], pairs[labels, 1]
     rows = torch.arange(len(labels), device=masks.device)
-    key_pixels = masks[rows, color] & masks[rows, shape]  # (B, H, W)
-    return (masks & key_pixels[:, None]).flatten(2).any(dim=2)
+    return masks[rows, pairs[labels, 0]] & masks[rows, pairs[labels, 1]]

@@ -8,32 +8,25 @@ in :func:`load_config` before anything is built.
 
 from __future__ import annotations
 
-import math
 import typing
-from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from lightning.fabric.utilities.seed import max_seed_value, min_seed_value
 from lightning.pytorch.callbacks import EarlyStopping
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
+from cefam_lightning.config_rules import ConfigError, CrossRule, Rule, above, at_least, between, one_of, rule_errors
 from cefam_lightning.data.embedding_store import VLM_KINDS
 from cefam_lightning.data.shapes_world import WorldSpec
-from cefam_lightning.errors import CefamError
-from cefam_lightning.methods.cefam.contributions import FILLS
-from cefam_lightning.methods.lcam.module import LABEL_SOURCES
 from cefam_lightning.methods.optim import OPTIMIZERS, SCHEDULERS
-from cefam_lightning.models.components.translator import ACTIVATIONS
+from cefam_lightning.methods.registry import MethodSpec, UnknownMethodError, get_method
+from cefam_lightning.training.loggers import check_logger_config
 
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.yaml"
-
-
-class ConfigError(CefamError):
-    """A configuration file or override is invalid."""
 
 
 @dataclass
@@ -55,16 +48,6 @@ class ClassifierSchema:
     image_size: int | None = MISSING
     allow_random_init: bool = MISSING
     fit: ClassifierFitSchema = field(default_factory=ClassifierFitSchema)
-
-
-@dataclass
-class ModelSchema:
-    hidden_dims: list[int] | None = MISSING
-    activation: str = MISSING
-    input_norm: bool = MISSING
-    lambda_sim: float = MISSING
-    auroc_thresholds: int | None = MISSING
-    init_from: str | None = MISSING
 
 
 @dataclass
@@ -140,9 +123,6 @@ class DemoSchema:
 @dataclass
 class EvaluationSchema:
     enabled: bool = MISSING
-    k: int = MISSING
-    fill: str = MISSING
-    select_layers: Any = MISSING  # "auto" | "all" | a list of layer names
     batch_size: int = MISSING
     max_images: int | None = MISSING
     seed: int = MISSING
@@ -197,34 +177,6 @@ class CallbacksSchema:
 
 
 @dataclass
-class LCAMSchema:
-    layer: str | None = MISSING
-    label_source: str = MISSING
-    bias_lr_factor: float = MISSING
-    ce_weight: float = MISSING
-    area_weight: float = MISSING
-    tv_weight: float = MISSING
-    area_eps: float = MISSING
-    area_power: float = MISSING
-    tv_border: float = MISSING
-
-
-@dataclass
-class SIAMSchema:
-    layer: str = MISSING
-    border: int | None = MISSING
-    grid: int | None = MISSING
-    n_templates: int = MISSING
-    template_init: float = MISSING
-    w_attr: float = MISSING
-    w_tmpl: float = MISSING
-    presence_tanh: bool = MISSING
-
-
-METHODS = ("cefam", "lcam_fm", "lcam_img", "siam")
-
-
-@dataclass
 class Config:
     method: str = MISSING
     run_name: str | None = MISSING
@@ -235,7 +187,6 @@ class Config:
     overwrite: bool = MISSING
     world: WorldSpec = field(default_factory=WorldSpec)
     classifier: ClassifierSchema = field(default_factory=ClassifierSchema)
-    model: ModelSchema = field(default_factory=ModelSchema)
     optimizer: OptimizerSchema = field(default_factory=OptimizerSchema)
     scheduler: SchedulerSchema = field(default_factory=SchedulerSchema)
     early_stopping: EarlyStoppingSchema = field(default_factory=EarlyStoppingSchema)
@@ -245,63 +196,8 @@ class Config:
     evaluation: EvaluationSchema = field(default_factory=EvaluationSchema)
     logger: LoggerSchema = field(default_factory=LoggerSchema)
     callbacks: CallbacksSchema = field(default_factory=CallbacksSchema)
-    lcam: LCAMSchema = field(default_factory=LCAMSchema)
-    siam: SIAMSchema = field(default_factory=SIAMSchema)
-
-
-# ------------------------------------------------------------------------------------------------ value rules
-@dataclass(frozen=True)
-class Rule:
-    """What the values of some config keys must be.
-
-    Attributes:
-        keys: the dotted keys the rule applies to.
-        test: whether a value is allowed.
-        expect: what ``test`` asks for, as the error says it: ``<key> must be <expect>, got <value>``.
-        optional: ``null`` is allowed too.
-        each: the value is a list, and each of its elements must pass ``test``.
-    """
-
-    keys: tuple[str, ...]
-    test: Callable[[Any], bool]
-    expect: str
-    optional: bool = False
-    each: bool = False
-
-
-def _number(v: Any) -> bool:
-    """A finite int or float (not a bool: YAML's ``true`` is no count)."""
-    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def at_least(low: float, *keys: str, optional: bool = False, each: bool = False) -> Rule:
-    """``keys`` hold finite numbers ``>= low`` (``null`` too if ``optional``; every element if ``each``)."""
-    return Rule(keys, lambda v: _number(v) and v >= low, f">= {low}", optional, each)
-
-
-def above(low: float, *keys: str) -> Rule:
-    """``keys`` hold finite numbers ``> low``."""
-    return Rule(keys, lambda v: _number(v) and v > low, f"> {low}")
-
-
-def between(low: float, high: float, *keys: str, low_open: bool = False, high_open: bool = False) -> Rule:
-    """``keys`` hold numbers in the interval from ``low`` to ``high``, each end closed unless said open."""
-
-    def test(v: Any) -> bool:
-        return _number(v) and (low < v if low_open else low <= v) and (v < high if high_open else v <= high)
-
-    return Rule(keys, test, f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}")
-
-
-def one_of(choices: Collection[str], *keys: str, ignore_case: bool = False) -> Rule:
-    """A fixed set of strings, the code's own list; ``ignore_case`` where the code lower-cases the value."""
-    allowed = tuple(choices)
-    folded = {c.lower() for c in allowed}
-    return Rule(
-        keys,
-        lambda v: isinstance(v, str) and (v.lower() in folded if ignore_case else v in allowed),
-        f"one of {allowed}",
-    )
+    # + the method's own section (``cefam``, ``lcam``, ``siam``, ...), added by :func:`load_config` from the
+    #   method's registration (:mod:`cefam_lightning.methods.registry`), with its defaults from configs/method/.
 
 
 def _lightning_precisions() -> tuple[str, ...] | None:
@@ -325,14 +221,13 @@ def _fraction_or_count(v: Any) -> bool:
 _PRECISIONS = _lightning_precisions()
 
 RULES: tuple[Rule, ...] = (
-    one_of(METHODS, "method"),
     one_of(DATA_SOURCES, "data.source"),
     Rule(("seed",), lambda v: min_seed_value <= v <= max_seed_value, f"in [{min_seed_value}, {max_seed_value}]"),
     at_least(0, "world.seed", "classifier.fit.seed", "evaluation.seed"),
     # Sizes and counts.
     at_least(1, "world.n_train", "world.n_val", "world.n_test", "classifier.fit.epochs", "classifier.fit.batch_size"),
-    at_least(1, "data.batch_size", "evaluation.k", "evaluation.batch_size", "trainer.num_nodes", "demo.top_k"),
-    at_least(1, "siam.n_templates", "callbacks.region_maps.num_images", "callbacks.region_maps.top_k"),
+    at_least(1, "data.batch_size", "evaluation.batch_size", "trainer.num_nodes", "demo.top_k"),
+    at_least(1, "callbacks.region_maps.num_images", "callbacks.region_maps.top_k"),
     at_least(1, "callbacks.contributions.num_images", "callbacks.contributions.top_n", "callbacks.contributions.top"),
     at_least(
         1,
@@ -341,14 +236,11 @@ RULES: tuple[Rule, ...] = (
         "callbacks.region_metrics.every_n_epochs",
     ),
     at_least(1, "classifier.fit.widths", each=True),
-    at_least(1, "model.hidden_dims", optional=True, each=True),
-    at_least(1, "classifier.num_classes", "classifier.image_size", "siam.grid", optional=True),
+    at_least(1, "classifier.num_classes", "classifier.image_size", optional=True),
     at_least(1, "evaluation.max_images", "callbacks.region_metrics.max_images", optional=True),
-    at_least(2, "model.auroc_thresholds", optional=True),  # torchmetrics' binned AUROC needs 2 thresholds
     Rule(("classifier.layers",), lambda v: len(v) > 0, "a non-empty list of layer names"),
     at_least(0, "data.num_workers", "data.shuffle_buffer", "demo.num_figures", "trainer.log_every_n_steps"),
     at_least(0, "scheduler.patience", "scheduler.warmup_epochs", "early_stopping.patience"),
-    at_least(0, "siam.border", optional=True),
     Rule(
         ("trainer.max_epochs",),
         lambda v: v >= 1 or v == -1,
@@ -365,10 +257,9 @@ RULES: tuple[Rule, ...] = (
         "true, false or a number of batches >= 0",
     ),
     # Rates, weights and other magnitudes.
-    above(0, "optimizer.lr", "classifier.fit.lr", "lcam.bias_lr_factor", "lcam.area_power", "world.logit_scale"),
-    at_least(0, "optimizer.weight_decay", "classifier.fit.weight_decay", "model.lambda_sim"),
-    at_least(0, "lcam.ce_weight", "lcam.area_weight", "lcam.tv_weight", "lcam.area_eps", "lcam.tv_border"),
-    at_least(0, "siam.template_init", "siam.w_attr", "siam.w_tmpl", "world.background_noise", "world.embedding_noise"),
+    above(0, "optimizer.lr", "classifier.fit.lr", "world.logit_scale"),
+    at_least(0, "optimizer.weight_decay", "classifier.fit.weight_decay"),
+    at_least(0, "world.background_noise", "world.embedding_noise"),
     between(0, 1, "optimizer.momentum", high_open=True),  # 1 would never forget a gradient
     between(0, 1, "scheduler.factor", low_open=True, high_open=True),
     at_least(1, "scheduler.warmup_factor"),  # the warm-up ramps the LR up to warmup_factor x lr
@@ -376,21 +267,10 @@ RULES: tuple[Rule, ...] = (
     # Fixed choices, from the code that reads them.
     one_of(OPTIMIZERS, "optimizer.name", ignore_case=True),
     one_of(SCHEDULERS, "scheduler.name", ignore_case=True),
-    one_of(ACTIVATIONS, "model.activation"),
-    one_of(LABEL_SOURCES, "lcam.label_source"),
-    one_of(FILLS, "evaluation.fill"),
     one_of(EarlyStopping.mode_dict, "early_stopping.mode"),
     one_of(VLM_KINDS, "world.vlm_kind"),
     *([one_of(_PRECISIONS, "trainer.precision")] if _PRECISIONS else []),
 )
-
-
-@dataclass(frozen=True)
-class CrossRule:
-    """A constraint between keys: ``test(cfg)`` must hold, else ``message(cfg)`` is the error."""
-
-    test: Callable[[DictConfig], bool]
-    message: Callable[[DictConfig], str]
 
 
 CROSS_RULES: tuple[CrossRule, ...] = (
@@ -413,34 +293,10 @@ CROSS_RULES: tuple[CrossRule, ...] = (
 )
 
 
-def _show(v: Any) -> str:
-    """A value as the error shows it: strings quoted, numbers and lists as they are."""
-    return repr(v) if isinstance(v, str) else str(v)
-
-
-def rule_errors(cfg: DictConfig) -> list[str]:
-    """Every value of ``cfg`` that breaks a rule of :data:`RULES` (then of :data:`CROSS_RULES`), as messages that
-    name the key and the value."""
-    errors = []
-    for rule in RULES:
-        for key in rule.keys:
-            value = OmegaConf.select(cfg, key)
-            if value is None and rule.optional:
-                continue
-            items = list(enumerate(value)) if rule.each else [(None, value)]
-            for i, v in items:
-                if not rule.test(v):
-                    where = key if i is None else f"{key}[{i}]"
-                    finite = "a finite number " if isinstance(v, float) and not math.isfinite(v) else ""
-                    errors.append(f"{where} must be {finite}{rule.expect}, got {_show(v)}")
-    if not errors:  # the cross rules compare values that passed their own rules
-        errors = [r.message(cfg) for r in CROSS_RULES if not r.test(cfg)]
-    return errors
-
-
 def check_values(cfg: DictConfig) -> None:
-    """Raise :class:`ConfigError` naming every key whose value breaks a rule (:func:`rule_errors`)."""
-    errors = rule_errors(cfg)
+    """Raise :class:`ConfigError` naming every key whose value breaks a rule: the run's (:data:`RULES`,
+    :data:`CROSS_RULES`) and its method's (the registration's ``rules``)."""
+    errors = rule_errors(cfg, [*RULES, *get_method(cfg.method).rules], CROSS_RULES)
     if errors:
         raise ConfigError("; ".join(errors))
 
@@ -466,24 +322,73 @@ def _load_yaml(path: Path) -> DictConfig:
     return cfg
 
 
+# Keys that moved, for a message that says where to (a config or override written for an earlier version).
+RENAMED = {
+    "model": "cefam",
+    "evaluation.k": "cefam.k",
+    "evaluation.fill": "cefam.fill",
+    "evaluation.select_layers": "cefam.select_layers",
+}
+
+
+def _renamed(cfg: DictConfig, source: str) -> None:
+    """Refuse keys of an earlier layout, naming where each went."""
+    plain = OmegaConf.to_container(cfg, resolve=False)
+    for old, new in RENAMED.items():
+        head, _, leaf = old.partition(".")
+        node = plain.get(head) if isinstance(plain, dict) else None
+        if (not leaf and node is not None) or (leaf and isinstance(node, dict) and leaf in node):
+            raise ConfigError(f"{source}: {old!r} is now {new!r} (the method's own section, configs/method/)")
+
+
+def method_spec(config_file: str | Path | None = None, overrides: list[str] | None = None) -> MethodSpec:
+    """The registration of the method a config names (overrides, then the file, then the default)."""
+    layers = [_load_yaml(DEFAULT_CONFIG)]
+    if config_file is not None:
+        layers.append(_load_yaml(Path(config_file)))
+    layers.append(_dotlist(overrides))
+    name = next((c.method for c in reversed(layers) if "method" in c), None)
+    try:
+        return get_method(name)
+    except UnknownMethodError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _dotlist(overrides: list[str] | None) -> DictConfig:
+    if not overrides:
+        return OmegaConf.create({})
+    bad = [o for o in overrides if "=" not in o]
+    if bad:
+        raise ConfigError(f"Overrides must look like key=value, got {bad}")
+    try:
+        return OmegaConf.from_dotlist(overrides)
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"command-line overrides: {e}") from None
+
+
 def load_config(config_file: str | Path | None = None, overrides: list[str] | None = None) -> DictConfig:
-    """Schema <- ``configs/default.yaml`` <- ``config_file`` (sparse) <- ``overrides`` (``key=value``).
+    """Schema <- ``configs/default.yaml`` <- the method's section defaults (``configs/method/<method>.yaml``) <-
+    ``config_file`` (sparse) <- ``overrides`` (``key=value``).
+
+    The method (``method:``, from whichever layer sets it last) adds its own typed section to the schema: its
+    registration's ``section``, ``schema`` and ``defaults``. A key of another method's section is unknown.
 
     Returns a read-only, fully resolved config.
     """
+    spec = method_spec(config_file, overrides)
     cfg = OmegaConf.structured(Config)
-    cfg = _merge(cfg, _load_yaml(DEFAULT_CONFIG), str(DEFAULT_CONFIG))
+    if spec.section is not None:
+        with open_dict(cfg):
+            cfg[spec.section] = OmegaConf.structured(spec.schema)
+    layers = [(_load_yaml(DEFAULT_CONFIG), str(DEFAULT_CONFIG))]
+    if spec.defaults is not None:
+        layers.append((_load_yaml(spec.defaults), str(spec.defaults)))
     if config_file is not None:
-        cfg = _merge(cfg, _load_yaml(Path(config_file)), str(config_file))
-    if overrides:
-        bad = [o for o in overrides if "=" not in o]
-        if bad:
-            raise ConfigError(f"Overrides must look like key=value, got {bad}")
-        try:
-            dot = OmegaConf.from_dotlist(overrides)
-        except OmegaConfBaseException as e:
-            raise ConfigError(f"command-line overrides: {e}") from None
-        cfg = _merge(cfg, dot, "command-line override")
+        layers.append((_load_yaml(Path(config_file)), str(config_file)))
+    layers.append((_dotlist(overrides), "command-line override"))
+    for layer, source in layers:
+        _renamed(layer, source)
+        cfg = _merge(cfg, layer, source)
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"Config keys without a value: {missing}")
@@ -495,9 +400,11 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] | No
     world = world_spec(cfg)  # the world's own checks: its concepts, classes and object counts
     del world
     check_data(cfg)
-    from cefam_lightning.training.loggers import check_logger_config  # loggers imports this module
-
     check_logger_config(to_dict(cfg.logger))
+    if cfg.data.source not in spec.data_sources:
+        raise ConfigError(
+            f"method={spec.name} trains on data.source {' or '.join(spec.data_sources)}, not {cfg.data.source!r}"
+        )
     OmegaConf.set_readonly(cfg, True)
     return cfg
 

@@ -40,8 +40,8 @@ from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from lightning.pytorch.loggers.logger import rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 
+from cefam_lightning.config_rules import ConfigError
 from cefam_lightning.io_utils import atomic_write_bytes
-from cefam_lightning.training.config import ConfigError
 
 log = logging.getLogger(__name__)
 

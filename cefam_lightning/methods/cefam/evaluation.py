@@ -30,16 +30,24 @@ All states are torchmetrics sums, so the numbers are the same whatever the batch
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Sequence
+from dataclasses import replace
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torchmetrics import Metric
 
+from cefam_lightning.data.mask_datasets import MaskBatch, MaskConcept, MaskDataset, MaskDatasetError, collate_masks
+from cefam_lightning.data.shapes_world import key_object_concepts
+from cefam_lightning.errors import one_line
+from cefam_lightning.methods.base import EvaluationSettings
 from cefam_lightning.methods.baselines import SingleChannelBaseline, gradcam_maps, random_maps
-from cefam_lightning.methods.cefam.contributions import concept_contributions
-from cefam_lightning.methods.cefam.pipeline import fused_class_map
+from cefam_lightning.methods.cefam.concept_sets import resolve_concepts
+from cefam_lightning.methods.cefam.contributions import FILLS, concept_contributions
+from cefam_lightning.methods.cefam.pipeline import fused_class_map, padded_concepts
 from cefam_lightning.methods.cefam.regions import (
     concept_regions,
     layer_slices,
@@ -50,6 +58,8 @@ from cefam_lightning.methods.cefam.regions import (
 from cefam_lightning.methods.cefam.relevance import layer_relevance, selectable_layers, top_layer
 from cefam_lightning.metrics import Faithfulness, RegionMetrics
 from cefam_lightning.metrics.functional.faithfulness import DEFAULT_KEEPS, faithfulness_probabilities, setting_name
+from cefam_lightning.reporting.evaluations import EvaluateError
+from cefam_lightning.reporting.explanations import ExplainError
 
 METHODS = ("cefam", "gradcam", "single_channel", "random")
 METHOD_TITLES = {
@@ -60,6 +70,7 @@ METHOD_TITLES = {
 }
 FAITHFULNESS_METHODS = ("cefam", "gradcam")
 FAITHFULNESS_TITLES = {"cefam": "CE-FAM class map", "gradcam": "Grad-CAM at that layer"}
+_MAX_NOTED = 20  # skipped concepts named at most in a note
 
 
 class ContributionAccuracy(Metric):
@@ -113,15 +124,6 @@ def _padded_pairs(image_index: Tensor, concept_ids: Tensor, batch_size: int) -> 
     concepts[image, position] = concept_ids[order]
     valid[image, position] = True
     return concepts, valid, order
-
-
-def _padded_concepts(present: Tensor) -> tuple[Tensor, Tensor]:
-    """``(B, C)`` presence -> ``(B, N)`` indices of the present concepts (padded with 0) and their validity."""
-    n = max(int(present.sum(dim=1).max()), 1) if present.numel() else 1
-    # Present concepts first (stable), so the first n columns hold them.
-    order = torch.sort((~present).to(torch.uint8), dim=1, stable=True).indices[:, :n]
-    valid = present.gather(1, order)
-    return torch.where(valid, order, 0), valid
 
 
 def _with_concepts(concepts: Tensor, valid: Tensor, wanted: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -230,7 +232,7 @@ class ExplanationEvaluation(nn.Module):
             key: ``(B, C)`` the key object's concepts; ``None`` skips the contribution accuracy.
         """
         masks = masks.bool()
-        concepts, valid = _padded_concepts(masks.flatten(2).any(dim=2))  # (B, N)
+        concepts, valid = padded_concepts(masks.flatten(2).any(dim=2))  # (B, N)
         rows = valid.nonzero(as_tuple=True)
         self._update(module, images, concepts, valid, masks[rows[0], concepts[rows]], labels, key)
 
@@ -426,6 +428,269 @@ class ExplanationEvaluation(nn.Module):
             # Images none of whose top concepts contributed positively: their class map is all zeros.
             "images_without_positive_contribution": int(self.class_map_empty),
         }
+
+
+@torch.no_grad()
+def evaluate_on_world(
+    module,
+    world: Any,
+    split: str = "test",
+    settings: EvaluationSettings | None = None,
+    *,
+    faithfulness_top_n: int | None = 8,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Evaluate ``module`` (a trained CEFAMModule) on a shapes-world split; returns the results dict.
+
+    The single-channel baseline is fitted on the world's training split first. This process evaluates the
+    whole split by itself (under DDP, call it on one rank), so the metrics do not sync across ranks.
+
+    Args:
+        module: the CE-FAM module (on its device), trained on ``world``'s concepts.
+        world: the shapes world.
+        split: ``train``, ``val`` or ``test``.
+        settings: ``k``, ``fill``, ``select_layers`` (``None``: the checkpoint's), ``per_layer_contributions``,
+            ``batch_size``, ``max_images``, ``seed`` (of the random maps).
+        faithfulness_top_n: the class map whose Average Drop / Increase in Confidence is scored fuses this many
+            top concepts (``explain``'s default 8); ``None`` leaves the faithfulness out.
+        **overrides: fields of ``settings`` to replace (``k=5``, ``max_images=16``, ...).
+    """
+    settings = replace(settings or EvaluationSettings(), **overrides)
+    k, fill, selectable = _explain_settings(module, settings)
+    names = [c.name for c in world.concepts]
+    if list(module.hparams.concept_names) != names:
+        raise EvaluateError(
+            f"the checkpoint's concepts {list(module.hparams.concept_names)} are not the world's concepts {names}"
+        )
+    device = module.device
+    module.eval()
+    t0 = time.time()
+    train = world.split("train")
+    baseline = SingleChannelBaseline.fit(
+        module.classifier,
+        ((x, m.flatten(2).any(dim=2)) for x, m, _ in train.batches(settings.batch_size, None, device)),
+    )
+    evaluation = ExplanationEvaluation(
+        module.classifier.layers,
+        [c.type for c in world.concepts],
+        baseline,
+        k=k,
+        fill=fill,
+        seed=settings.seed,
+        sync_on_compute=False,
+        per_layer_contributions=settings.per_layer_contributions,
+        faithfulness_top_n=faithfulness_top_n,
+        select_layers=selectable,
+    ).to(device)
+    data = world.split(split)
+    for images, masks, labels in data.batches(settings.batch_size, settings.max_images, device):
+        evaluation.update(module, images, masks, labels, key_object_concepts(world.spec, masks, labels))
+    results = evaluation.compute()
+    results["split"] = split
+    results["images"] = len(data) if settings.max_images is None else min(settings.max_images, len(data))
+    results["seconds"] = round(time.time() - t0, 1)
+    return results
+
+
+def _explain_settings(module, settings: EvaluationSettings) -> tuple[int, str, list[str]]:
+    """``(k, fill, selectable layers)``: the evaluation's, else the checkpoint's, checked."""
+    defaults = module.explain_defaults()
+    k = defaults["k"] if settings.k is None else settings.k
+    fill = defaults["fill"] if settings.fill is None else settings.fill
+    if fill not in FILLS:
+        raise EvaluateError(f"fill must be one of {FILLS}, got {fill!r}")
+    if k < 1:
+        raise EvaluateError(f"k must be >= 1, got {k}")
+    try:
+        return k, fill, module.selectable(settings.select_layers)
+    except ValueError as e:
+        raise EvaluateError(str(e)) from None
+
+
+def resolve_dataset_concepts(module, concepts: list[MaskConcept], store=None):
+    """Which of a dataset's concepts can be evaluated, with which text embeddings.
+
+    A concept the checkpoint knows by name uses its text embedding, one the embedding store (already opened and
+    checked, see :func:`~cefam_lightning.methods.cefam.concept_sets.open_store`) holds uses the store's; the
+    dataset's type is kept.
+
+    Returns:
+        ``(concept_set, mapping, skipped)``: the concept set to score, a ``(len(concepts),)`` tensor mapping each
+        dataset concept to its index in that set (``-1``: skipped), and the skipped concepts' names.
+    """
+    known = {str(n) for n in module.hparams["concept_names"]}
+    if store is not None:
+        known |= set(store.concept_names)
+    usable = [i for i, c in enumerate(concepts) if c.name in known]
+    skipped = [c.name for c in concepts if c.name not in known]
+    if not usable:
+        where = "the checkpoint's concept set" + (f" or the embedding store {store.path}" if store is not None else "")
+        raise EvaluateError(
+            f"none of the dataset's {len(concepts)} concepts (e.g. {', '.join(skipped[:5])}) is in {where}; give an "
+            "embedding store that holds them (--store, made with the checkpoint's VLM)"
+        )
+    try:
+        cset = resolve_concepts(module, [(concepts[i].name, concepts[i].type) for i in usable], store)
+    except ExplainError as e:
+        raise EvaluateError(str(e)) from None
+    mapping = torch.full((len(concepts),), -1, dtype=torch.long)
+    mapping[usable] = torch.arange(len(usable))
+    return cset, mapping, skipped
+
+
+def _mask_batches(dataset: MaskDataset, limit: int | None, batch_size: int, num_workers: int):
+    from torch.utils.data import DataLoader, Subset
+
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    loader = DataLoader(
+        Subset(dataset, range(n)), batch_size=batch_size, num_workers=num_workers, collate_fn=collate_masks
+    )
+    try:
+        yield from loader
+    except MaskDatasetError as e:  # re-raised from a worker with its traceback: keep the original message
+        raise MaskDatasetError(one_line(e)) from None
+
+
+def _mapped_pairs(batch: MaskBatch, mapping: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The batch's pairs of evaluated concepts: ``(image_index, concept (scored set's index), masks, keep)``."""
+    mapped = mapping[batch.concepts]
+    keep = mapped >= 0
+    return batch.image_index[keep], mapped[keep], batch.masks[keep], keep
+
+
+@torch.no_grad()
+def evaluate_on_masks(
+    module,
+    dataset: MaskDataset,
+    settings: EvaluationSettings | None = None,
+    store=None,
+    fit_dataset: MaskDataset | None = None,
+    max_fit_images: int | None = None,
+    num_workers: int = 0,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Evaluate ``module`` (a trained CEFAMModule) on a mask dataset; returns the results dict.
+
+    Args:
+        module: the CE-FAM module (on its device).
+        dataset: the evaluation split, opened with the classifier's input geometry (``classifier.input_spec``).
+        settings: ``k`` (channels deleted at most for layer relevance), ``fill`` (recorded; no contributions
+            here), ``select_layers``, ``batch_size``, ``max_images``, ``seed`` (of the random maps); ``None``: the
+            checkpoint's.
+        store: an opened embedding store holding text embeddings of concepts the checkpoint lacks.
+        fit_dataset: the split to fit the single-channel baseline on; ``None`` leaves that baseline out.
+        max_fit_images: fit the baseline on the first N images only.
+        num_workers: DataLoader workers.
+        **overrides: fields of ``settings`` to replace (``k=5``, ``batch_size=8``, ...).
+    """
+    from cefam_lightning.models.components import ConceptScorer
+
+    settings = replace(settings or EvaluationSettings(batch_size=16), **overrides)
+    k, fill, selectable = _explain_settings(module, settings)
+    batch_size, max_images, seed = settings.batch_size, settings.max_images, settings.seed
+    device = next(module.translator.parameters()).device
+    module.eval()
+    t0 = time.time()
+    cset, mapping, skipped = resolve_dataset_concepts(module, dataset.concepts, store)
+    s = module.scorer
+    scorer = ConceptScorer(cset.text, s.kind, s.logit_scale, s.logit_bias).to(device)
+    # What ExplanationEvaluation reads from a module, with the dataset's concept set as the scorer.
+    parts = SimpleNamespace(classifier=module.classifier, translator=module.translator, scorer=scorer)
+    notes = [
+        "contribution accuracy left out: it needs each image's key object, which only the shapes world defines",
+    ]
+    baseline, fit_info = None, None
+    if fit_dataset is not None:
+        baseline, fit_info = _fit_single_channel(
+            module.classifier, fit_dataset, mapping, len(cset.names), batch_size, max_fit_images, num_workers, device
+        )
+        notes.append(
+            f"single-channel baseline fitted on split {fit_dataset.split!r} ({fit_info['images']} images, "
+            f"{fit_info['concepts_present']} of {len(cset.names)} evaluated concepts present there)"
+        )
+    else:
+        notes.append(
+            "single-channel baseline left out: it is fitted on a training split, and there was none (the dataset "
+            "has no train/train-semi split besides the evaluated one, or --fit-split none)"
+        )
+    evaluation = ExplanationEvaluation(
+        module.classifier.layers,
+        cset.types,
+        baseline,
+        k=k,
+        fill=fill,
+        seed=seed,
+        sync_on_compute=False,
+        contributions=False,
+        select_layers=selectable,
+    ).to(device)
+    skipped_pairs = torch.zeros(len(dataset.concepts), dtype=torch.long)
+    n_images = 0
+    for batch in _mask_batches(dataset, max_images, batch_size, num_workers):
+        image_index, concepts, masks, keep = _mapped_pairs(batch, mapping)
+        skipped_pairs += torch.bincount(batch.concepts[~keep], minlength=len(dataset.concepts))
+        evaluation.update_pairs(
+            parts, batch.images.to(device), image_index.to(device), concepts.to(device), masks.to(device)
+        )
+        n_images += len(batch.ids)
+    results = evaluation.compute()
+    skipped_set = set(skipped)
+    skipped_by_name = {
+        c.name: int(n) for c, n in zip(dataset.concepts, skipped_pairs, strict=True) if c.name in skipped_set
+    }
+    n_skipped_pairs = sum(skipped_by_name.values())
+    if skipped:
+        unknown_to = (
+            "neither the checkpoint nor the embedding store knows"
+            if store is not None
+            else "the checkpoint does not know"
+        )
+        store_hint = "" if store is not None else "; an embedding store that holds them (--store) would add them"
+        notes.append(
+            f"{len(skipped)} of the dataset's {len(dataset.concepts)} concepts skipped: {unknown_to} them "
+            f"({', '.join(skipped[:_MAX_NOTED])}"
+            f"{', ...' if len(skipped) > _MAX_NOTED else ''}); their {n_skipped_pairs} (image, concept) pairs are "
+            f"not scored{store_hint}"
+        )
+    checkpoint_names = {str(n) for n in module.hparams["concept_names"]}
+    from_store = [n for n in cset.names if n not in checkpoint_names]
+    results["dataset"] = {**dataset.describe(), "images_evaluated": n_images}
+    results["concepts"] = {
+        "evaluated": len(cset.names),
+        "from_store": len(from_store),
+        "store": str(store.path) if store is not None else None,
+        "skipped": {"count": len(skipped), "pairs": n_skipped_pairs, "pairs_by_concept": skipped_by_name},
+    }
+    if fit_info is not None:
+        results["single_channel_fit"] = fit_info
+    results["notes"] = notes
+    results["split"] = dataset.split
+    results["images"] = n_images
+    results["seconds"] = round(time.time() - t0, 1)
+    return results
+
+
+def _fit_single_channel(classifier, dataset, mapping, num_concepts, batch_size, limit, num_workers, device):
+    presence_total = torch.zeros(num_concepts, dtype=torch.long)
+    n_images = 0
+
+    def batches():
+        nonlocal presence_total, n_images
+        for batch in _mask_batches(dataset, limit, batch_size, num_workers):
+            image_index, concepts, _, _ = _mapped_pairs(batch, mapping)
+            presence = torch.zeros(len(batch.ids), num_concepts)
+            presence[image_index, concepts] = 1.0
+            presence_total += presence.sum(0).long()
+            n_images += len(batch.ids)
+            yield batch.images.to(device), presence
+
+    try:
+        baseline = SingleChannelBaseline.fit(classifier, batches())
+    except ValueError as e:
+        if isinstance(e, MaskDatasetError):
+            raise
+        raise EvaluateError(f"cannot fit the single-channel baseline on split {dataset.split!r}: {e}") from None
+    return baseline, {"split": dataset.split, "images": n_images, "concepts_present": int((presence_total > 0).sum())}
 
 
 def _title(setting: str) -> str:

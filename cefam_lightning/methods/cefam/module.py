@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
@@ -30,10 +29,20 @@ from cefam_lightning.data.feature_cache import (
     state_dict_digest,
 )
 from cefam_lightning.errors import CefamError
+from cefam_lightning.methods.base import (
+    EvaluationSettings,
+    ExplainerModule,
+    ExplainSettings,
+    ImageExplainer,
+    RegionPanels,
+    constructor_kwargs,
+)
+from cefam_lightning.methods.cefam.pipeline import BatchExplanation, explain_batch
 from cefam_lightning.methods.cefam.regions import concept_regions, pool_activations, score_jacobian, upsample_regions
+from cefam_lightning.methods.cefam.relevance import selectable_layers
 from cefam_lightning.methods.checkpoints import CheckpointError, read_checkpoint
 from cefam_lightning.methods.optim import configure_optimization
-from cefam_lightning.models.classifier import FrozenClassifier, build_classifier
+from cefam_lightning.models.classifier import FrozenClassifier
 from cefam_lightning.models.components import ConceptScorer, Translator
 
 STAGES = ("train", "val", "test")
@@ -60,6 +69,7 @@ def identity_differences(
 @dataclass
 class CEFAMStep:
     loss: Tensor
+    batch_size: int
     loss_emb: Tensor
     loss_sim: Tensor
     embedding: Tensor  # translated embedding h(z), (B, d)
@@ -67,7 +77,7 @@ class CEFAMStep:
     logits: Tensor | None  # the frozen classifier's logits, (B, num_classes); None where z came from a cache
 
 
-class CEFAMModule(L.LightningModule):
+class CEFAMModule(ExplainerModule):
     """Train CE-FAM's translator on a frozen classifier.
 
     Args:
@@ -84,7 +94,19 @@ class CEFAMModule(L.LightningModule):
         config: the run's resolved configuration, kept in the checkpoint.
         vlm: the VLM's identity (``name``, ``pretrained``, ...: an embedding store's ``VLMInfo`` as a dict),
             recorded in checkpoints so that resuming or fine-tuning in another VLM's space is an error.
+        explain: the explanation settings the run was trained with (``k``, ``fill``, ``select_layers``), the
+            defaults of ``explain``, ``evaluate`` and the training callbacks for this checkpoint.
+        method: the registry name the checkpoint records.
     """
+
+    summary_metrics = (
+        ("classifier accuracy", "test/classifier_acc"),
+        ("concept-presence AUROC", "test/concept_auroc"),
+        ("cosine(predicted, VLM) embed.", "test/cosine"),
+        ("test loss", "test/loss"),
+    )
+    explain_options = frozenset({"top_n", "concepts", "store", "k", "fill", "select_layers"})
+    evaluate_options = frozenset({"k", "fill", "select_layers", "per_layer_contributions", "data"})
 
     def __init__(
         self,
@@ -100,26 +122,29 @@ class CEFAMModule(L.LightningModule):
         auroc_thresholds: int | None = None,
         config: dict[str, Any] | None = None,
         vlm: dict[str, Any] | None = None,
+        explain: dict[str, Any] | None = None,
+        method: str = "cefam",
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["classifier", "translator", "scorer"])
-        self.hparams["arch"] = {
-            "classifier": dict(getattr(classifier, "spec", {"name": classifier.name}), layers=classifier.layers),
-            "translator": {
+        self.save_hyperparameters(ignore=["classifier", "translator", "scorer", "method"])
+        self.record_arch(
+            method,
+            classifier,
+            translator={
                 "in_dim": translator.in_dim,
                 "out_dim": translator.out_dim,
                 "hidden_dims": translator.hidden_dims,
                 "activation": translator.activation,
                 "input_norm": translator.input_norm,
             },
-            "scorer": {
+            scorer={
                 "kind": scorer.kind,
                 "logit_scale": scorer.logit_scale,
                 "logit_bias": scorer.logit_bias,
                 "num_concepts": scorer.num_concepts,
                 "embed_dim": int(scorer.text.shape[1]),
             },
-        }
+        )
         if len(concept_names) != scorer.num_concepts or len(concept_types) != scorer.num_concepts:
             raise ValueError(
                 f"{len(concept_names)} concept names / {len(concept_types)} types "
@@ -187,7 +212,7 @@ class CEFAMModule(L.LightningModule):
                 "The checkpoint was trained with another setup than this run's: "
                 + "; ".join(differences)
                 + ". Resume with the checkpoint's own classifier, layers, VLM and concepts, or start a new run "
-                "from it with model.init_from (fine-tuning)."
+                "from it with cefam.init_from (fine-tuning)."
             )
 
     # ------------------------------------------------------------------ forward
@@ -264,16 +289,11 @@ class CEFAMModule(L.LightningModule):
         loss_emb = F.mse_loss(emb, target)
         loss_sim = F.mse_loss(scores, self.scorer(target)) if self.hparams.lambda_sim > 0 else emb.new_zeros(())
         loss = loss_emb + self.hparams.lambda_sim * loss_sim
-        return CEFAMStep(loss, loss_emb, loss_sim, emb, scores, logits)
+        return CEFAMStep(loss, int(target.shape[0]), loss_emb, loss_sim, emb, scores, logits)
 
     # ------------------------------------------------------------------ steps
-    def _shared_step(self, batch: dict, stage: str) -> Tensor:
-        out = self.model_step(batch, stage)
-        bs = batch["embedding"].shape[0]
-        on_step = stage == "train"
-        self.log(
-            f"{stage}/loss", out.loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=bs, sync_dist=True
-        )
+    def log_step(self, out: CEFAMStep, batch: dict, stage: str) -> None:
+        bs = out.batch_size
         self.log(f"{stage}/loss_emb", out.loss_emb, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
         self.log(f"{stage}/loss_sim", out.loss_sim, on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
         self.cosine[f"{stage}_"](F.cosine_similarity(out.embedding, batch["embedding"].float(), dim=-1))
@@ -286,21 +306,9 @@ class CEFAMModule(L.LightningModule):
                 raise RuntimeError("the test stage needs the classifier's logits; do not serve it from a feature cache")
             self.classifier_acc(out.logits, batch["label"])
             self.log("test/classifier_acc", self.classifier_acc, on_step=False, on_epoch=True)
-        return out.loss
 
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        return self._shared_step(batch, "train")
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._shared_step(batch, "val")
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._shared_step(batch, "test")
-
-    def on_train_start(self) -> None:
-        # Sanity-check batches must not leak into the first validation epoch's metrics.
-        self.cosine["val_"].reset()
-        self.auroc["val_"].reset()
+    def validation_metrics(self) -> list[Any]:
+        return [self.cosine["val_"], self.auroc["val_"]]
 
     # ------------------------------------------------------------------ optimization
     def configure_optimizers(self) -> Any:
@@ -311,38 +319,124 @@ class CEFAMModule(L.LightningModule):
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> CEFAMModule:
-        """Rebuild the module (classifier, translator, scorer) from a checkpoint written by training."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"Checkpoint not found: {path}")
-        ckpt = read_checkpoint(path, map_location=map_location)
-        hp = ckpt.get("hyper_parameters", {})
-        if "arch" not in hp or "translator" not in hp.get("arch", {}):
-            raise ValueError(f"{path}: not a CE-FAM checkpoint (no CE-FAM architecture in its hyper-parameters)")
-        arch = hp["arch"]
-        c = arch["classifier"]
-        size = None
-        if c.get("input_spec") is None and c["name"] == "shapes_cnn":  # written before input specs were recorded
-            config = hp.get("config")
-            size = ((config.get("world") or {}) if isinstance(config, dict) else {}).get("image_size")
-        classifier = build_classifier(
-            c["name"],
-            c["num_classes"],
-            c["layers"],
-            widths=c.get("widths", (16, 32, 64, 128)),
-            input_spec=c.get("input_spec"),
-            image_size=size,
-        )
+    def from_arch(cls, arch: dict[str, Any], classifier: FrozenClassifier, hparams: dict[str, Any]) -> CEFAMModule:
         translator = Translator(**arch["translator"])
         s = arch["scorer"]
         scorer = ConceptScorer(
             torch.zeros(s["num_concepts"], s["embed_dim"]), s["kind"], s["logit_scale"], s["logit_bias"]
         )
-        kwargs = {k: v for k, v in hp.items() if k != "arch"}
-        module = cls(classifier, translator, scorer, **kwargs)
-        module.load_state_dict(ckpt["state_dict"])
-        return module.eval()
+        return cls(classifier, translator, scorer, **constructor_kwargs(cls, hparams))
+
+    # ------------------------------------------------------------------ explaining
+    def explain_defaults(self) -> dict[str, Any]:
+        """The explanation settings of the run that trained this module: ``k``, ``fill``, ``select_layers``.
+
+        Recorded as ``hyper_parameters["explain"]``; a checkpoint written before that takes them from its run's
+        ``evaluation`` config section, where they were kept then.
+        """
+        recorded = self.hparams.get("explain") or {}
+        legacy = ((self.hparams.get("config") or {}).get("evaluation") or {}) if not recorded else {}
+        merged = {**DEFAULT_EXPLAIN, **{k: legacy[k] for k in DEFAULT_EXPLAIN if k in legacy}, **recorded}
+        return merged
+
+    def selectable(self, select_layers: str | Sequence[str] | None = None) -> list[str]:
+        """The layers a concept's layer is chosen from: ``select_layers`` (``None``: the run's), resolved against
+        the classifier once per setting (``auto`` probes which layers are read only through global pooling).
+
+        Raises:
+            ValueError: a setting that names no explained layer, naming the setting.
+        """
+        setting = self.explain_defaults()["select_layers"] if select_layers is None else select_layers
+        key = setting if isinstance(setting, str) else tuple(setting)
+        cache = self.__dict__.setdefault("_selectable", {})
+        if key not in cache:
+            try:
+                cache[key] = selectable_layers(self.classifier, setting)
+            except ValueError as e:
+                raise ValueError(f"select_layers: {e}") from None
+        return list(cache[key])
+
+    def explain(
+        self,
+        images: Tensor,
+        target: Tensor | None = None,
+        *,
+        concepts: Tensor | None = None,
+        top_n: int = 8,
+        k: int | None = None,
+        fill: str | None = None,
+        select_layers: str | Sequence[str] | None = None,
+        scorer: ConceptScorer | None = None,
+        contributions: bool = True,
+    ) -> BatchExplanation:
+        """CE-FAM's explanation of a batch (what, where, at which layer, how much): the one pipeline every use
+        goes through (:func:`~cefam_lightning.methods.cefam.pipeline.explain_batch`). ``None`` settings are the
+        run's (:meth:`explain_defaults`); ``scorer``: another concept set's (``explain --concepts``)."""
+        defaults = self.explain_defaults()
+        return explain_batch(
+            self,
+            images,
+            concepts=concepts,
+            top_n=top_n,
+            k=defaults["k"] if k is None else k,
+            target=target,
+            fill=defaults["fill"] if fill is None else fill,
+            select_layers=self.selectable(select_layers),
+            scorer=scorer,
+            contributions=contributions,
+        )
+
+    def image_explainer(self, settings: ExplainSettings, checkpoint: str | None = None) -> ImageExplainer:
+        from cefam_lightning.methods.cefam.reports import CEFAMImageExplainer
+
+        return CEFAMImageExplainer(self, settings, checkpoint)
+
+    def region_panels(self, images: Tensor, top_k: int) -> RegionPanels:
+        """The ``top_k`` concepts by score, each region at its selected layer, titled with score and layer."""
+        expl = self.explain(images, top_n=top_k, contributions=False)
+        concept_names = list(self.hparams["concept_names"])
+        concepts, scores = expl.concepts.cpu(), expl.scores.gather(1, expl.concepts).cpu()
+        titles, captions = [], []
+        for i in range(images.shape[0]):
+            names = [concept_names[int(c)] for c in concepts[i]]
+            layers = [expl.layers[int(li)] for li in expl.layer_index[i].cpu()]
+            shown = list(zip(names, scores[i].tolist(), layers, strict=True))
+            titles.append([f"{n} S={s:.2f}\n{layer}" for n, s, layer in shown])
+            captions.append([f"{n} (S={s:.2f} at {layer})" for n, s, layer in shown])
+        return RegionPanels(
+            expl.regions.cpu().numpy(), titles, captions, concepts, expl.target.cpu(), expl.class_prob.cpu()
+        )
+
+    # ------------------------------------------------------------------ evaluating
+    def evaluate_on_world(self, world: Any, split: str, settings: EvaluationSettings) -> tuple[dict[str, Any], str]:
+        from cefam_lightning.methods.cefam.evaluation import evaluate_on_world, format_table
+
+        results = evaluate_on_world(self, world, split, settings)
+        return results, format_table(results)
+
+    def evaluate_on_masks(
+        self, dataset: Any, settings: EvaluationSettings, store: Any = None, **options: Any
+    ) -> tuple[dict[str, Any], str]:
+        """``store``: an embedding store (path or opened) with the text embeddings of concepts this checkpoint
+        does not know; ``options``: ``fit_dataset``, ``max_fit_images``, ``num_workers``
+        (:func:`~cefam_lightning.methods.cefam.evaluation.evaluate_on_masks`)."""
+        from cefam_lightning.methods.cefam.concept_sets import open_store
+        from cefam_lightning.methods.cefam.evaluation import evaluate_on_masks, format_table
+
+        opened = open_store(store, self.translator.out_dim) if store is not None else None
+        results = evaluate_on_masks(self, dataset, settings, store=opened, **options)
+        return results, format_table(results)
+
+    def evaluation_headline(self, results: dict[str, Any]) -> dict[str, Any]:
+        """Top-1-layer NRA, hit rate and EPG per compared method, the contribution accuracy, the image count."""
+        regions = {
+            method: {m: per["top1"][f"{m}/mean"] for m in ("nra", "hit_rate", "epg")}
+            for method, per in results["regions"].items()
+        }
+        return {"top1_layer": regions, "contribution": results["contribution"], "images": results["images"]}
+
+
+DEFAULT_EXPLAIN = {"k": 20, "fill": "spatial_mean", "select_layers": "auto"}
 
 
 @dataclass
@@ -375,14 +469,14 @@ def init_translator_from(module: CEFAMModule, path: str | Path) -> InitReport:
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise FileNotFoundError(f"model.init_from: checkpoint not found: {path}")
+        raise FileNotFoundError(f"cefam.init_from: checkpoint not found: {path}")
     try:
         ckpt = read_checkpoint(path)
     except CheckpointError as e:
-        raise CheckpointError(f"model.init_from: {e}") from None
+        raise CheckpointError(f"cefam.init_from: {e}") from None
     hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
     if "translator" not in (hp.get("arch") or {}) or "state_dict" not in ckpt:
-        raise ValueError(f"model.init_from: {path} is not a CE-FAM checkpoint (no CE-FAM translator in it)")
+        raise ValueError(f"cefam.init_from: {path} is not a CE-FAM checkpoint (no CE-FAM translator in it)")
     saved = ckpt.get(IDENTITY_KEY) or {
         "vlm": {"embed_dim": hp["arch"]["scorer"]["embed_dim"], "name": (hp.get("vlm") or {}).get("name")}
     }
@@ -394,7 +488,7 @@ def init_translator_from(module: CEFAMModule, path: str | Path) -> InitReport:
     )
     if differences:
         raise CheckpointMismatchError(
-            f"model.init_from: {path} maps into another VLM's embedding space than this run's: "
+            f"cefam.init_from: {path} maps into another VLM's embedding space than this run's: "
             + "; ".join(differences)
         )
     own = module.translator.state_dict()

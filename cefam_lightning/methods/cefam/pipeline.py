@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -24,6 +25,7 @@ from cefam_lightning.methods.cefam.regions import (
     upsample_regions,
 )
 from cefam_lightning.methods.cefam.relevance import layer_relevance, selectable_layers, top_layer
+from cefam_lightning.metrics.functional.maps import minmax_normalize
 
 
 @dataclass
@@ -54,6 +56,8 @@ def explain_batch(
     target: Tensor | None = None,
     fill: str = "spatial_mean",
     select_layers: str | Sequence[str] = "auto",
+    scorer: Any = None,
+    contributions: bool = True,
 ) -> BatchExplanation:
     """Explain ``images`` (``B x 3 x H x W`` in ``[0, 1]``) with a trained CE-FAM module.
 
@@ -68,8 +72,11 @@ def explain_batch(
         select_layers: the layers a concept's top-1 layer is chosen from (see :func:`selectable_layers`):
             ``"auto"`` (default) leaves out a layer read only through global average pooling, where every
             contribution is 0; ``"all"``; or a list of layer names.
+        scorer: another concept set's scorer (its text embeddings) instead of the module's.
+        contributions: compute the contributions (``False``: zeros, for uses that draw or score regions only).
     """
-    classifier, translator, scorer = module.classifier, module.translator, module.scorer
+    classifier, translator = module.classifier, module.translator
+    scorer = module.scorer if scorer is None else scorer
     layers = list(classifier.layers)
     selectable = selectable_layers(classifier, select_layers)
     was_training = translator.training
@@ -93,9 +100,12 @@ def explain_batch(
         slices = layer_slices(out.activations, layers)
         relevance = layer_relevance(z, jac, slices, translator, scorer, concepts, k=k)
         layer_index = top_layer(relevance, layers, selectable)
-        contributions = concept_contributions(
-            classifier, out.activations, logits, jac, z, slices, concepts, layer_index, target, k=k, fill=fill
-        )
+        if contributions:
+            contrib = concept_contributions(
+                classifier, out.activations, logits, jac, z, slices, concepts, layer_index, target, k=k, fill=fill
+            )
+        else:
+            contrib = torch.zeros(concepts.shape, device=logits.device)
         # Region maps only for the explained concepts: gather their Jacobian rows first.
         jac_sel = jac.gather(1, concepts[:, :, None].expand(-1, -1, jac.shape[2]))
         per_layer = concept_regions(out.activations, layers, jac_sel)
@@ -118,7 +128,7 @@ def explain_batch(
         concepts=concepts,
         relevance=relevance,
         layer_index=layer_index,
-        contributions=contributions,
+        contributions=contrib,
         regions=regions,
     )
 
@@ -149,9 +159,15 @@ def fused_class_map(regions: Tensor, contributions: Tensor) -> Tensor:
             f"expected regions (B, N, H, W) and contributions (B, N), got {tuple(regions.shape)} and "
             f"{tuple(contributions.shape)}"
         )
-    flat = regions.float().flatten(2)
-    low = flat.amin(2, keepdim=True)
-    span = flat.amax(2, keepdim=True) - low
-    normalized = ((flat - low) / torch.where(span > 0, span, torch.ones_like(span))).view_as(regions)
+    normalized = minmax_normalize(regions.float(), dims=2)
     weights = contributions.float().nan_to_num(0.0).clamp_min(0.0)
     return (weights[:, :, None, None] * normalized).sum(1)
+
+
+def padded_concepts(present: Tensor) -> tuple[Tensor, Tensor]:
+    """``(B, C)`` presence -> ``(B, N)`` indices of the present concepts (padded with 0) and their validity."""
+    n = max(int(present.sum(dim=1).max()), 1) if present.numel() else 1
+    # Present concepts first (stable), so the first n columns hold them.
+    order = torch.sort((~present).to(torch.uint8), dim=1, stable=True).indices[:, :n]
+    valid = present.gather(1, order)
+    return torch.where(valid, order, 0), valid

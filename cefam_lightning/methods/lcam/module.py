@@ -19,10 +19,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
@@ -30,14 +28,14 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from cefam_lightning.methods.checkpoints import read_checkpoint
+from cefam_lightning.methods.base import constructor_kwargs
+from cefam_lightning.methods.class_map import ClassMapExplainer, select_class
 from cefam_lightning.methods.optim import configure_optimization
-from cefam_lightning.models.classifier import ClassifierOutput, FrozenClassifier, build_classifier
+from cefam_lightning.models.classifier import ClassifierOutput, FrozenClassifier
 
 STAGES = ("train", "val", "test")
 VARIANTS = ("fm", "img")
 LABEL_SOURCES = ("prediction", "target")
-ARCH_KIND = "lcam"
 
 # The authors' loss constants (SPEC §5).
 DEFAULT_LOSS = {"ce_weight": 1.5, "area_weight": 2.0, "tv_weight": 0.01, "area_eps": 0.0005, "area_power": 0.3}
@@ -85,21 +83,10 @@ def area_loss(a: Tensor, eps: float = DEFAULT_LOSS["area_eps"], power: float = D
     return (a + eps).pow(power).mean()
 
 
-def normalize_maps(maps: Tensor, size: Sequence[int] | None = None) -> Tensor:
-    """``(B, h, w)`` maps min-max normalized per map to ``[0, 1]`` (constant maps become 0), then upsampled
-    bilinearly to ``size`` (which keeps them in ``[0, 1]``)."""
-    flat = maps.flatten(1).float()
-    low = flat.amin(1, keepdim=True)
-    span = flat.amax(1, keepdim=True) - low
-    out = ((flat - low) / torch.where(span > 0, span, torch.ones_like(span))).view_as(maps)
-    if size is not None and tuple(out.shape[-2:]) != tuple(size):
-        out = F.interpolate(out[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
-    return out
-
-
 @dataclass
 class LCAMStep:
     loss: Tensor
+    batch_size: int
     loss_ce: Tensor
     loss_area: Tensor
     loss_tv: Tensor
@@ -109,7 +96,7 @@ class LCAMStep:
     attention: Tensor  # a_y, (B, h, w)
 
 
-class LCAMModule(L.LightningModule):
+class LCAMModule(ClassMapExplainer):
     """Train L-CAM's attention on a frozen classifier.
 
     Args:
@@ -126,7 +113,14 @@ class LCAMModule(L.LightningModule):
             "bias_lr_factor"}``; default the authors' (:data:`AUTHORS_OPTIMIZER`).
         scheduler: ``{"name": "none"|"cosine"|"plateau", "factor", "patience", "monitor"}``.
         config: the run's resolved configuration, kept in the checkpoint.
+        method: the registry name the checkpoint records (``lcam_img`` or ``lcam_fm``).
     """
+
+    summary_metrics = (
+        ("accuracy on masked inputs", "test/masked_acc"),
+        ("mean attention (mask area)", "test/mask_area"),
+        ("test loss", "test/loss"),
+    )
 
     def __init__(
         self,
@@ -139,6 +133,7 @@ class LCAMModule(L.LightningModule):
         optimizer: Mapping[str, Any] | None = None,
         scheduler: Mapping[str, Any] | None = None,
         config: dict[str, Any] | None = None,
+        method: str | None = None,
     ):
         super().__init__()
         if variant not in VARIANTS:
@@ -161,13 +156,13 @@ class LCAMModule(L.LightningModule):
             raise ValueError(f"{len(class_names)} class names for a classifier with {outputs} outputs")
         shapes = classifier.layer_shapes()
         in_channels = shapes[layer][0]
-        self.save_hyperparameters(ignore=["classifier"])
+        self.save_hyperparameters(ignore=["classifier", "method"])
         self.hparams["layer"] = layer
-        self.hparams["arch"] = {
-            "kind": ARCH_KIND,
-            "classifier": dict(getattr(classifier, "spec", {"name": classifier.name}), layers=classifier.layers),
-            "attention": {"in_channels": in_channels, "num_classes": len(class_names)},
-        }
+        self.record_arch(
+            method or f"lcam_{variant}",
+            classifier,
+            attention={"in_channels": in_channels, "num_classes": len(class_names)},
+        )
         self.classifier, self.layer, self.variant, self.label_source = classifier, layer, variant, label_source
         self.attention = nn.Conv2d(in_channels, len(class_names), kernel_size=1, bias=True)
         self.loss_cfg = {
@@ -181,6 +176,13 @@ class LCAMModule(L.LightningModule):
         self.area = nn.ModuleDict({f"{s}_": MeanMetric() for s in STAGES})
 
     # ------------------------------------------------------------------ forward
+    @property
+    def map_layer(self) -> str:
+        return self.layer
+
+    def class_maps_at_layer(self, images: Tensor) -> tuple[ClassifierOutput, Tensor]:
+        return self.attend(images)
+
     def attend(self, images: Tensor) -> tuple[ClassifierOutput, Tensor]:
         """One frozen classifier pass and the attention's pre-activation maps.
 
@@ -194,21 +196,6 @@ class LCAMModule(L.LightningModule):
             out = self.classifier(images)
         return out, self.attention(out.activations[self.layer].float())
 
-    @torch.no_grad()
-    def class_maps(self, images: Tensor, target: Tensor | None = None) -> Tensor:
-        """L-CAM's explanation in one forward pass: ``c_t`` min-max normalized per image and upsampled.
-
-        Args:
-            images: ``(B, 3, H, W)`` in ``[0, 1]``.
-            target: ``(B,)`` the explained classes; default the classifier's prediction.
-
-        Returns:
-            ``(B, H, W)`` maps in ``[0, 1]``.
-        """
-        out, c = self.attend(images)
-        target = out.logits.argmax(dim=1) if target is None else target.to(c.device).long()
-        return normalize_maps(select_class(c, target), images.shape[-2:])
-
     def masked_logits(self, images: Tensor, out: ClassifierOutput, a_y: Tensor) -> Tensor:
         """The frozen classifier's logits on the input masked by ``a_y`` (``(B, h, w)``), per the variant."""
         if self.variant == "img":
@@ -218,7 +205,7 @@ class LCAMModule(L.LightningModule):
         masked = features * a_y[:, None].to(features.dtype)
         return self.classifier.tail(self.layer)(masked, out.activations.prefix_tokens.get(self.layer))
 
-    def model_step(self, batch: Mapping[str, Tensor]) -> LCAMStep:
+    def model_step(self, batch: Mapping[str, Tensor], stage: str | None = None) -> LCAMStep:
         images = batch["image"]
         out, c = self.attend(images)
         if self.label_source == "target":
@@ -234,42 +221,20 @@ class LCAMModule(L.LightningModule):
         loss_area = area_loss(a_y, cfg["area_eps"], cfg["area_power"])
         loss_tv = total_variation(a_y, cfg["tv_border"])
         loss = cfg["ce_weight"] * loss_ce + cfg["area_weight"] * loss_area + cfg["tv_weight"] * loss_tv
-        return LCAMStep(loss, loss_ce, loss_area, loss_tv, label, masked_logits, out.logits, a_y)
+        return LCAMStep(loss, int(images.shape[0]), loss_ce, loss_area, loss_tv, label, masked_logits, out.logits, a_y)
 
     # ------------------------------------------------------------------ steps
-    def _shared_step(self, batch: Mapping[str, Tensor], stage: str) -> Tensor:
-        out = self.model_step(batch)
-        bs = batch["image"].shape[0]
-        self.log(
-            f"{stage}/loss",
-            out.loss,
-            on_step=stage == "train",
-            on_epoch=True,
-            prog_bar=True,
-            batch_size=bs,
-            sync_dist=True,
-        )
+    def log_step(self, out: LCAMStep, batch: Mapping[str, Tensor], stage: str) -> None:
+        bs = out.batch_size
         for name in ("loss_ce", "loss_area", "loss_tv"):
             self.log(f"{stage}/{name}", getattr(out, name), on_step=False, on_epoch=True, batch_size=bs, sync_dist=True)
         self.masked_acc[f"{stage}_"](out.masked_logits.detach(), out.label)
         self.log(f"{stage}/masked_acc", self.masked_acc[f"{stage}_"], on_step=False, on_epoch=True, prog_bar=True)
         self.area[f"{stage}_"](out.attention.detach().mean(dim=(1, 2)))
         self.log(f"{stage}/mask_area", self.area[f"{stage}_"], on_step=False, on_epoch=True)
-        return out.loss
 
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        return self._shared_step(batch, "train")
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._shared_step(batch, "val")
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._shared_step(batch, "test")
-
-    def on_train_start(self) -> None:
-        # Sanity-check batches must not leak into the first validation epoch's metrics.
-        self.masked_acc["val_"].reset()
-        self.area["val_"].reset()
+    def validation_metrics(self) -> list[Any]:
+        return [self.masked_acc["val_"], self.area["val_"]]
 
     # ------------------------------------------------------------------ optimization
     def configure_optimizers(self) -> Any:
@@ -290,39 +255,8 @@ class LCAMModule(L.LightningModule):
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> LCAMModule:
-        """Rebuild the module (classifier and attention) from a checkpoint written by training.
-
-        Raises:
-            FileNotFoundError: If there is no file at ``path``.
-            ValueError: If the checkpoint is not an L-CAM one (e.g. a CE-FAM checkpoint).
-        """
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"Checkpoint not found: {path}")
-        ckpt = read_checkpoint(path, map_location=map_location)
-        hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, Mapping) else {}
-        arch = hp.get("arch") if isinstance(hp, Mapping) else None
-        if not isinstance(arch, Mapping) or arch.get("kind") != ARCH_KIND:
-            what = "a CE-FAM checkpoint" if isinstance(arch, Mapping) and "translator" in arch else "no L-CAM hparams"
-            raise ValueError(f"{path}: not an L-CAM checkpoint ({what}); load it with the module that wrote it")
-        c = arch["classifier"]
-        classifier = build_classifier(
-            c["name"],
-            c["num_classes"],
-            c["layers"],
-            widths=c.get("widths", (16, 32, 64, 128)),
-            input_spec=c.get("input_spec"),
-        )
-        kwargs = {k: v for k, v in hp.items() if k != "arch"}
-        module = cls(classifier, **kwargs)
-        module.load_state_dict(ckpt["state_dict"])
-        return module.eval()
-
-
-def select_class(c: Tensor, classes: Tensor) -> Tensor:
-    """``(B, K, h, w)`` maps and ``(B,)`` class indices -> ``(B, h, w)``: each image's map of its class."""
-    return c[torch.arange(c.shape[0], device=c.device), classes.to(c.device)]
+    def from_arch(cls, arch: Mapping[str, Any], classifier: FrozenClassifier, hparams: Mapping[str, Any]) -> LCAMModule:
+        return cls(classifier, **constructor_kwargs(cls, hparams))
 
 
 def build_lcam_module(
@@ -345,7 +279,7 @@ def build_lcam_module(
     names = list(class_names) if class_names is not None else [f"class_{i}" for i in range(num_classes)]
     if len(names) != num_classes:
         raise ValueError(f"{len(names)} class names for a classifier with {num_classes} classes")
-    known = {"layer", "label_source", "loss", "optimizer", "scheduler", "config"}
+    known = {"layer", "label_source", "loss", "optimizer", "scheduler", "config", "method"}
     unknown = sorted(set(options) - known)
     if unknown:
         raise ValueError(f"lcam: unknown option(s) {unknown}; valid options: {sorted(known)}")

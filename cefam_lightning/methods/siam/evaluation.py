@@ -10,18 +10,18 @@ are the world's concepts over one split and measures:
   the predicted class is a concept of the key object (:func:`~cefam_lightning.data.shapes_world.key_object_concepts`:
   its color, shape or texture), the ground truth of what must drive the class;
 - where: each present concept's attribute map against its mask (:class:`~cefam_lightning.metrics.RegionMetrics`:
-  EPG, NRA, hit rate per concept type), and the class map's NRA against the key object's pixels.
+  EPG, NRA, hit rate per concept type), and the class map's NRA against the key object's pixels
+  (:func:`~cefam_lightning.data.shapes_world.key_object_pixels`, the one ground truth of every class map).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 from torchmetrics.classification import MultilabelAUROC
 
-from cefam_lightning.data.shapes_world import ShapesWorld, key_object_concepts
+from cefam_lightning.data.shapes_world import ShapesWorld, key_object_concepts, key_object_pixels
 from cefam_lightning.metrics import RegionMetrics
 from cefam_lightning.metrics.functional.region import nra
 
@@ -67,28 +67,23 @@ def evaluate_siam_on_world(
     regions = RegionMetrics([c.type for c in concepts]).to(device)
     counts = dict.fromkeys(("siam_correct", "classifier_correct", "agree", "key_first"), 0)
     class_map_nra: list[torch.Tensor] = []
-    for start in range(0, n, batch_size):
-        stop = min(start + batch_size, n)
-        images = torch.from_numpy(np.array(data.images[start:stop])).to(device).permute(0, 3, 1, 2).float() / 255
-        masks = torch.from_numpy(np.array(data.masks[start:stop])).to(device)
-        labels = torch.from_numpy(np.asarray(data.labels[start:stop])).to(device)
+    for images, masks, labels in data.batches(batch_size, n, device):
         presence = masks.flatten(2).any(2)
         logits, features = module.backbone(images)
         ex = module.explain_features(features, image_size=tuple(images.shape[-2:]))
-        pred, classifier_pred = ex["target"], logits.argmax(1)
-        auroc.update(ex["presence_probs"], presence.long())
+        pred, classifier_pred = ex.target, logits.argmax(1)
+        auroc.update(ex.presence_probs, presence.long())
         correct = pred == labels
         counts["siam_correct"] += int(correct.sum())
         counts["classifier_correct"] += int((classifier_pred == labels).sum())
         counts["agree"] += int((classifier_pred == pred).sum())
         key = key_object_concepts(world.spec, masks, labels)  # (B, C)
-        top = ex["contributions"].argmax(1)
+        top = ex.contributions.argmax(1)
         rows = torch.arange(len(labels), device=device)
         counts["key_first"] += int((key[rows, top] & correct).sum())
         image_index, concept_ids = presence.nonzero(as_tuple=True)
-        regions.update(ex["maps"][image_index, concept_ids], masks[image_index, concept_ids], concept_ids)
-        key_pixels = (masks & key[:, :, None, None]).any(1)
-        class_map_nra.append(nra(ex["class_map"], key_pixels))
+        regions.update(ex.maps[image_index, concept_ids], masks[image_index, concept_ids], concept_ids)
+        class_map_nra.append(nra(ex.class_map, key_object_pixels(world.spec, masks, labels)))
     module.train(was_training)
     nra_values = torch.cat(class_map_nra)
     return {

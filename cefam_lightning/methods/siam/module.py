@@ -27,10 +27,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
@@ -38,9 +36,16 @@ from torch import Tensor, nn
 from torchmetrics import MeanSquaredError
 from torchmetrics.classification import MulticlassAccuracy, MultilabelAUROC
 
-from cefam_lightning.methods.checkpoints import read_checkpoint
+from cefam_lightning.methods.base import (
+    EvaluationSettings,
+    ExplainerModule,
+    ExplainSettings,
+    ImageExplainer,
+    RegionPanels,
+    constructor_kwargs,
+)
 from cefam_lightning.methods.optim import configure_optimization
-from cefam_lightning.models.classifier import FrozenClassifier, build_classifier
+from cefam_lightning.models.classifier import FrozenClassifier
 from cefam_lightning.models.components.siam_head import AttributeMaps, SIAMHead, attribute_presence
 
 STAGES = ("train", "val", "test")
@@ -62,6 +67,7 @@ class SIAMOutput:
 @dataclass
 class SIAMStep:
     loss: Tensor
+    batch_size: int
     loss_task: Tensor
     loss_attr: Tensor
     loss_tmpl: Tensor
@@ -75,7 +81,7 @@ def default_border(map_size: int) -> int:
     return max(0, round(AUTHORS_BORDER * map_size / AUTHORS_MAP_SIZE))
 
 
-class SIAMModule(L.LightningModule):
+class SIAMModule(ExplainerModule):
     """Train SIAM's attribute maps and head on a frozen classifier's activation map.
 
     Args:
@@ -96,7 +102,15 @@ class SIAMModule(L.LightningModule):
             ``scheduler`` section; a warm-up is an error).
         auroc_thresholds: ``None`` for exact attribute AUROC, or a bin count for constant memory.
         config: the run's resolved configuration, kept in the checkpoint.
+        method: the registry name the checkpoint records.
     """
+
+    summary_metrics = (
+        ("SIAM class accuracy", "test/acc"),
+        ("attribute-presence AUROC", "test/attr_auroc"),
+        ("test loss", "test/loss"),
+    )
+    explain_options = frozenset({"top_n"})
 
     def __init__(
         self,
@@ -116,9 +130,10 @@ class SIAMModule(L.LightningModule):
         scheduler: dict[str, Any] | None = None,
         auroc_thresholds: int | None = None,
         config: dict[str, Any] | None = None,
+        method: str = "siam",
     ):
         super().__init__()
-        self.save_hyperparameters(ignore=["classifier", "attribute_maps", "head"])
+        self.save_hyperparameters(ignore=["classifier", "attribute_maps", "head", "method"])
         if task not in TASKS:
             raise ValueError(f"siam.task: unknown task {task!r}; choose {' or '.join(TASKS)}")
         if layer not in classifier.layers:
@@ -138,21 +153,21 @@ class SIAMModule(L.LightningModule):
             if value < 0:
                 raise ValueError(f"siam.{key} must be >= 0, got {value}")
         self.hparams["target_key"] = target_key or ("label" if task == "classification" else "target")
-        self.hparams["arch"] = {
-            "method": "siam",
-            "classifier": dict(getattr(classifier, "spec", {"name": classifier.name}), layers=classifier.layers),
-            "attribute_maps": {
+        self.record_arch(
+            method,
+            classifier,
+            attribute_maps={
                 "in_channels": attribute_maps.in_channels,
                 "n_attr": n_attr,
                 "border": attribute_maps.border,
             },
-            "head": {
+            head={
                 "n_attr": head.n_attr,
                 "n_out": head.n_out,
                 "grid": list(head.grid),
                 "n_templates": head.n_templates,
             },
-        }
+        )
         self.classifier, self.attribute_maps, self.head = classifier, attribute_maps, head
         n_out = head.n_out
         # ModuleDict keys may not be "train" (an nn.Module attribute), hence the "_" suffix.
@@ -187,14 +202,14 @@ class SIAMModule(L.LightningModule):
         return self.forward_features(self.backbone(images)[1])
 
     @torch.no_grad()
-    def explain(self, images: Tensor, target: Tensor | int | None = None) -> dict[str, Tensor]:
+    def explain(self, images: Tensor, target: Tensor | int | None = None, **settings: Any) -> AttributeExplanation:
         """Explain SIAM's output for ``images`` (``(B, 3, H, W)`` in ``[0, 1]``); see :meth:`explain_features`."""
         return self.explain_features(self.backbone(images)[1], target, image_size=tuple(images.shape[-2:]))
 
     @torch.no_grad()
     def explain_features(
         self, features: Tensor, target: Tensor | int | None = None, image_size: tuple[int, int] | None = None
-    ) -> dict[str, Tensor]:
+    ) -> AttributeExplanation:
         """What, where and how much, from the classifier's map at ``layer``.
 
         Args:
@@ -204,7 +219,8 @@ class SIAMModule(L.LightningModule):
             image_size: size the maps are upsampled to (default: the classifier's input crop).
 
         Returns:
-            ``logits`` ``(B, n_out)``; ``presence_probs`` ``(B, n_attr)``; ``target`` ``(B,)``;
+            An :class:`AttributeExplanation`: ``logits`` ``(B, n_out)``; ``presence_probs`` ``(B, n_attr)``;
+            ``target`` ``(B,)``;
             ``contributions`` ``(B, n_attr)`` = final-layer weight x attribute score (they sum with ``bias`` to
             ``logits[target]``); ``bias`` ``(B,)``; ``scores`` ``(B, n_attr)``; ``maps`` ``(B, n_attr, H, W)``,
             the attribute maps upsampled; ``contribution_maps`` ``(B, n_attr, gh, gw)`` on the template grid;
@@ -216,17 +232,17 @@ class SIAMModule(L.LightningModule):
         weight = self.head.linear.weight[target]  # (B, n_attr)
         contribution_maps = self.head.contribution_maps(out.maps, weight)
         size = image_size or (self.classifier.input_spec.crop,) * 2
-        return {
-            "logits": out.outputs,
-            "presence_probs": out.presence,
-            "target": target,
-            "scores": out.scores,
-            "contributions": weight * out.scores,
-            "bias": self.head.linear.bias[target],
-            "maps": _upsample(out.maps, size),
-            "contribution_maps": contribution_maps,
-            "class_map": _upsample(contribution_maps.sum(1, keepdim=True), size).view(b, *size),
-        }
+        return AttributeExplanation(
+            logits=out.outputs,
+            presence_probs=out.presence,
+            target=target,
+            scores=out.scores,
+            contributions=weight * out.scores,
+            bias=self.head.linear.bias[target],
+            maps=_upsample(out.maps, size),
+            contribution_maps=contribution_maps,
+            class_map=_upsample(contribution_maps.sum(1, keepdim=True), size).view(b, *size),
+        )
 
     def _explained_target(self, outputs: Tensor, target: Tensor | int | None) -> Tensor:
         b, n_out = outputs.shape
@@ -272,7 +288,7 @@ class SIAMModule(L.LightningModule):
         target = target.float()
         return target.unsqueeze(1) if target.ndim == 1 else target
 
-    def model_step(self, batch: dict) -> SIAMStep:
+    def model_step(self, batch: dict, stage: str | None = None) -> SIAMStep:
         out = self.forward_features(self.batch_features(batch))
         attributes, target = self.attribute_labels(batch), self.batch_target(batch)
         if self.hparams.task == "classification":
@@ -284,14 +300,10 @@ class SIAMModule(L.LightningModule):
         loss_attr = F.binary_cross_entropy(out.presence.clamp(_EPS, 1 - _EPS), attributes)
         loss_tmpl = self.head.template_l1()
         loss = loss_task + self.hparams.w_attr * loss_attr + self.hparams.w_tmpl * loss_tmpl
-        return SIAMStep(loss, loss_task, loss_attr, loss_tmpl, out, target, attributes)
+        return SIAMStep(loss, int(target.shape[0]), loss_task, loss_attr, loss_tmpl, out, target, attributes)
 
-    def _shared_step(self, batch: dict, stage: str) -> Tensor:
-        step = self.model_step(batch)
-        bs = step.target.shape[0]
-        on_step = stage == "train"
-        log = {"batch_size": bs, "sync_dist": True, "on_epoch": True}
-        self.log(f"{stage}/loss", step.loss, on_step=on_step, prog_bar=True, **log)
+    def log_step(self, step: SIAMStep, batch: dict, stage: str) -> None:
+        log = {"batch_size": step.batch_size, "sync_dist": True, "on_epoch": True}
         self.log(f"{stage}/loss_task", step.loss_task, on_step=False, **log)
         self.log(f"{stage}/loss_attr", step.loss_attr, on_step=False, **log)
         self.log(f"{stage}/loss_tmpl", step.loss_tmpl, on_step=False, **log)
@@ -302,21 +314,9 @@ class SIAMModule(L.LightningModule):
         if stage != "train":
             self.auroc[f"{stage}_"](step.out.presence, (step.attributes >= 0.5).long())
             self.log(f"{stage}/attr_auroc", self.auroc[f"{stage}_"], on_step=False, on_epoch=True, prog_bar=True)
-        return step.loss
 
-    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        return self._shared_step(batch, "train")
-
-    def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._shared_step(batch, "val")
-
-    def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._shared_step(batch, "test")
-
-    def on_train_start(self) -> None:
-        # Sanity-check batches must not leak into the first validation epoch's metrics.
-        self.task_metric["val_"].reset()
-        self.auroc["val_"].reset()
+    def validation_metrics(self) -> list[Any]:
+        return [self.task_metric["val_"], self.auroc["val_"]]
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         # After the optimizer step: the templates stay non-negative (SPEC §6). Between accumulated batches the
@@ -332,31 +332,52 @@ class SIAMModule(L.LightningModule):
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_checkpoint(cls, path: str | Path, map_location: str | torch.device = "cpu") -> SIAMModule:
-        """Rebuild the module (classifier, attribute maps, head) from a checkpoint written by training."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"Checkpoint not found: {path}")
-        ckpt = read_checkpoint(path, map_location=map_location)
-        hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
-        arch = hp.get("arch") if isinstance(hp.get("arch"), dict) else {}
-        if arch.get("method") != "siam":
-            kind = "a CE-FAM" if "translator" in arch else "another kind of"
-            raise ValueError(f"{path}: not a SIAM checkpoint ({kind} checkpoint; its architecture has no SIAM head)")
-        c = arch["classifier"]
-        classifier = build_classifier(
-            c["name"],
-            c["num_classes"],
-            c["layers"],
-            widths=c.get("widths", (16, 32, 64, 128)),
-            input_spec=c.get("input_spec"),
-        )
+    def from_arch(cls, arch: dict[str, Any], classifier: FrozenClassifier, hparams: dict[str, Any]) -> SIAMModule:
         attribute_maps = AttributeMaps(**arch["attribute_maps"])
         head = SIAMHead(**arch["head"])
-        kwargs = {k: v for k, v in hp.items() if k != "arch"}
-        module = cls(classifier, attribute_maps, head, **kwargs)
-        module.load_state_dict(ckpt["state_dict"])
-        return module.eval()
+        return cls(classifier, attribute_maps, head, **constructor_kwargs(cls, hparams))
+
+    # ------------------------------------------------------------------ explaining, evaluating
+    def image_explainer(self, settings: ExplainSettings, checkpoint: str | None = None) -> ImageExplainer:
+        from cefam_lightning.methods.siam.reports import SIAMImageExplainer
+
+        return SIAMImageExplainer(self, settings, checkpoint)
+
+    def region_panels(self, images: Tensor, top_k: int) -> RegionPanels:
+        """The ``top_k`` attributes by contribution to the predicted class, each with its attribute map."""
+        ex = self.explain(images)
+        b = images.shape[0]
+        n = min(top_k, ex.contributions.shape[1])
+        top = ex.contributions.topk(n, dim=1).indices
+        names = list(self.hparams["attribute_names"])
+        contrib = ex.contributions.gather(1, top).cpu()
+        regions = ex.maps.gather(1, top[:, :, None, None].expand(-1, -1, *ex.maps.shape[-2:]))
+        pairs = [list(zip(top[i].cpu().tolist(), contrib[i].tolist(), strict=True)) for i in range(b)]
+        titles = [[f"{names[a]} c={c:.2f}\nattribute map" for a, c in row] for row in pairs]
+        captions = [[f"{names[a]} (contribution {c:.2f})" for a, c in row] for row in pairs]
+        prob = ex.logits.float().softmax(1).gather(1, ex.target[:, None])[:, 0]
+        return RegionPanels(regions.cpu().numpy(), titles, captions, top.cpu(), ex.target.cpu(), prob.cpu())
+
+    def evaluate_on_world(self, world: Any, split: str, settings: EvaluationSettings) -> tuple[dict[str, Any], str]:
+        from cefam_lightning.methods.siam.evaluation import evaluate_siam_on_world, format_siam_table
+
+        results = evaluate_siam_on_world(self, world, split, settings.batch_size, settings.max_images)
+        return results, format_siam_table(results)
+
+
+@dataclass
+class AttributeExplanation:
+    """SIAM's explanation of ``B`` images (see :meth:`SIAMModule.explain_features`)."""
+
+    logits: Tensor  # (B, n_out)
+    presence_probs: Tensor  # (B, n_attr)
+    target: Tensor  # (B,) the explained output
+    scores: Tensor  # (B, n_attr) attribute scores
+    contributions: Tensor  # (B, n_attr) final-layer weight x score; with ``bias`` they sum to logits[target]
+    bias: Tensor  # (B,)
+    maps: Tensor  # (B, n_attr, H, W) attribute maps, upsampled
+    contribution_maps: Tensor  # (B, n_attr, gh, gw) on the template grid
+    class_map: Tensor  # (B, H, W) their sum over attributes, upsampled
 
 
 def _upsample(maps: Tensor, size: Sequence[int]) -> Tensor:

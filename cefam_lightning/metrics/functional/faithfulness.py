@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from cefam_lightning.metrics.functional.maps import minmax_normalize
+
 # Fractions of the map's pixels kept: all of them ("100%"), the top half ("50%"), the top 15 % ("15%"),
 # i.e. p in {0, 0.5, 0.85} in the SPEC's "top (1 - p)" form.
 DEFAULT_KEEPS = (1.0, 0.5, 0.15)
@@ -74,10 +76,7 @@ def masked_inputs(images: Tensor, maps: Tensor, keep: float = 1.0) -> Tensor:
     m = maps[:, None].to(images.dtype)
     if m.shape[-2:] != size:
         m = F.interpolate(m, size=size, mode="bilinear", align_corners=False)
-    flat = m.flatten(1)
-    low = flat.amin(1, keepdim=True)
-    span = flat.amax(1, keepdim=True) - low
-    flat = (flat - low) / torch.where(span > 0, span, torch.ones_like(span))
+    flat = minmax_normalize(m.flatten(1))
     if keep < 1.0:
         k = max(1, round(keep * flat.shape[1]))
         kept = torch.zeros_like(flat, dtype=torch.bool).scatter_(1, flat.topk(k, dim=1).indices, True)

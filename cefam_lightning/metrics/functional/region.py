@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from cefam_lightning.metrics.functional.maps import minmax_normalize
+
 # Rows go through in chunks of about this many pixels, so that the float64 temporaries of a few hundred
 # 224x224 maps stay in the low hundreds of MB.
 _CHUNK_PIXELS = 1 << 21
@@ -49,12 +51,8 @@ def _mask_sizes(masks: Tensor) -> Tensor:
 
 
 def _epg_rows(maps: Tensor, masks: Tensor) -> Tensor:
-    maps = maps.to(torch.float64)
-    low = maps.amin(1, keepdim=True)
-    span = maps.amax(1, keepdim=True) - low
-    # A constant map would be 0/0 after min-max normalization; dividing by 1 instead makes it all zeros, and
-    # then its energy and its energy inside the mask are both 0, which the spec scores 0.
-    maps = (maps - low) / torch.where(span > 0, span, 1.0)
+    # A constant map becomes all zeros: its energy and its energy inside the mask are both 0, which scores 0.
+    maps = minmax_normalize(maps.to(torch.float64))
     energy = maps.sum(1)
     return (maps * masks).sum(1) / torch.where(energy > 0, energy, 1.0)
 

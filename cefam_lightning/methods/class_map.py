@@ -1,0 +1,290 @@
+"""The class-map family: explainers whose explanation is one map per image of where the evidence for a class is.
+
+L-CAM-Fm and L-CAM-Img are of this family, and so is any method that gives per-class maps at one layer of the
+classifier: :class:`ClassMapExplainer` implements everything but the maps themselves (:meth:`~ClassMapExplainer.
+class_maps_at_layer`), namely
+
+- the explanation (:class:`ClassMapExplanation`): the explained class's map min-max normalized per image and
+  upsampled to the image;
+- what ``explain`` writes: the map, and how much of the class it holds (the explained class's probability on the
+  image kept where the map is high, 100 / 50 / 15 % of the pixels, and the relative drop from the whole image);
+- the maps the region-map callback draws;
+- the evaluation on the shapes world (:func:`evaluate_class_maps`): NRA, hit rate and EPG against the key object's
+  pixels (:func:`~cefam_lightning.data.shapes_world.key_object_pixels`, the one ground truth of a class map), and
+  Average Drop / Increase in Confidence, beside Grad-CAM at the same layer and a random map.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cefam_lightning.data.shapes_world import key_object_pixels
+from cefam_lightning.methods.base import (
+    EvaluationSettings,
+    ExplainerModule,
+    ExplainSettings,
+    ImageReport,
+    RegionPanels,
+)
+from cefam_lightning.methods.baselines import gradcam_maps, random_maps
+from cefam_lightning.metrics import Faithfulness, RegionMetrics
+from cefam_lightning.metrics.functional.faithfulness import DEFAULT_KEEPS, faithfulness_probabilities, setting_name
+from cefam_lightning.metrics.functional.maps import minmax_normalize
+from cefam_lightning.reporting import figures
+from cefam_lightning.reporting.explanations import class_entry, float16_map, image_title, json_number, region
+from cefam_lightning.reporting.tables import markdown_table
+
+KEY_OBJECT = "key object"
+
+
+def normalize_maps(maps: Tensor, size: Sequence[int] | None = None) -> Tensor:
+    """``(B, h, w)`` maps min-max normalized per map to ``[0, 1]`` (constant maps become 0), then upsampled
+    bilinearly to ``size`` (which keeps them in ``[0, 1]``)."""
+    out = minmax_normalize(maps.float(), dims=2)
+    if size is not None and tuple(out.shape[-2:]) != tuple(size):
+        out = F.interpolate(out[:, None], size=tuple(size), mode="bilinear", align_corners=False)[:, 0]
+    return out
+
+
+def select_class(c: Tensor, classes: Tensor) -> Tensor:
+    """``(B, K, h, w)`` maps and ``(B,)`` class indices -> ``(B, h, w)``: each image's map of its class."""
+    return c[torch.arange(c.shape[0], device=c.device), classes.to(c.device)]
+
+
+@dataclass
+class ClassMapExplanation:
+    """Class maps of ``B`` images: the classifier's logits, the explained class and its map."""
+
+    logits: Tensor  # (B, num_classes), the frozen classifier's
+    target: Tensor  # (B,) the explained class (the predicted one unless given)
+    class_map: Tensor  # (B, H, W) in [0, 1], at the image size
+    layer: str  # the classifier layer the maps come from
+
+
+class ClassMapExplainer(ExplainerModule):
+    """An explainer whose explanation is a class map at one layer (see the module docstring).
+
+    Subclasses implement :meth:`class_maps_at_layer` and set :attr:`map_layer`.
+    """
+
+    @property
+    def map_layer(self) -> str:
+        """The classifier layer the maps are computed at (Grad-CAM is compared at the same layer)."""
+        raise NotImplementedError
+
+    def class_maps_at_layer(self, images: Tensor) -> tuple[Any, Tensor]:
+        """One frozen classifier pass and the per-class maps at :attr:`map_layer`.
+
+        Returns:
+            ``(classifier output, maps)`` with maps ``(B, num_classes, h, w)`` before normalization.
+        """
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def explain(self, images: Tensor, target: Tensor | None = None, **settings: Any) -> ClassMapExplanation:
+        out, c = self.class_maps_at_layer(images)
+        logits = out.logits.float()
+        target = logits.argmax(dim=1) if target is None else target.to(c.device).long()
+        return ClassMapExplanation(
+            logits, target, normalize_maps(select_class(c, target), images.shape[-2:]), self.map_layer
+        )
+
+    @torch.no_grad()
+    def class_maps(self, images: Tensor, target: Tensor | None = None) -> Tensor:
+        """The explanation's maps alone: ``(B, H, W)`` in ``[0, 1]``."""
+        return self.explain(images, target).class_map
+
+    def image_explainer(self, settings: ExplainSettings, checkpoint: str | None = None) -> ClassMapImageExplainer:
+        return ClassMapImageExplainer(self, checkpoint)
+
+    def region_panels(self, images: Tensor, top_k: int) -> RegionPanels:
+        expl = self.explain(images)
+        probs = expl.logits.softmax(1)
+        b = images.shape[0]
+        title = f"{self.title} class map\n{self.map_layer}"
+        caption = [f"{self.title} class map (at {self.map_layer})"]
+        return RegionPanels(
+            expl.class_map[:, None].cpu().numpy(),
+            [[title]] * b,
+            [caption] * b,
+            None,
+            expl.target.cpu(),
+            probs.gather(1, expl.target[:, None])[:, 0].cpu(),
+        )
+
+    def evaluate_on_world(self, world: Any, split: str, settings: EvaluationSettings) -> tuple[dict[str, Any], str]:
+        results = evaluate_class_maps(self, world, split, settings)
+        return results, format_class_map_table(results)
+
+
+class ClassMapImageExplainer:
+    """``explain``'s reports of a class-map explainer: the map and how much of the class it holds."""
+
+    def __init__(self, module: ClassMapExplainer, checkpoint: str | None = None):
+        self.module, self.checkpoint = module, checkpoint
+        self.settings: dict[str, Any] = {"layer": module.map_layer}
+
+    def __call__(self, images: Tensor, target: Tensor | None, paths: Sequence[str]) -> list[ImageReport]:
+        module = self.module
+        expl = module.explain(images, target)
+        y, o = faithfulness_probabilities(
+            module.classifier, images, expl.class_map, expl.target, DEFAULT_KEEPS, logits=expl.logits
+        )
+        probs = expl.logits.softmax(dim=1).cpu()
+        maps, y, o, tgt = expl.class_map.cpu(), y.cpu(), o.cpu(), expl.target.cpu()
+        results = []
+        for i, image in enumerate(paths):
+            kept = {setting_name(k): json_number(o[i, s]) for s, k in enumerate(DEFAULT_KEEPS)}
+            report = {
+                "image": image,
+                "checkpoint": self.checkpoint,
+                "method": module.method,
+                **class_entry(probs, i, module.class_names, int(tgt[i])),
+                "layer": module.map_layer,
+                "class_map": {
+                    "region": "regions.npz:class_map",
+                    "title": f"{module.title} class map at {module.map_layer}",
+                    "probability_kept": kept,
+                    "drop_kept": {
+                        n: None if v is None or not y[i] else json_number(max(0.0, float(y[i]) - v) / float(y[i]))
+                        for n, v in kept.items()
+                    },
+                },
+            }
+            results.append(ImageReport(report, {"class_map": float16_map(maps[i])}))
+        return results
+
+    @staticmethod
+    def render(image: Tensor, result: ImageReport, dpi: int = 110) -> bytes:
+        """The image with its prediction, the class map overlaid, and the explained class's probability on the
+        whole image and on the image kept where the map is high (100 / 50 / 15 %)."""
+        report, maps = result.report, result.maps
+        cm = report["class_map"]
+        fig, axes = figures.new_figure(3)
+        img = figures.tensor_image(image)
+        figures.image_panel(axes[0], img, image_title(report))
+        figures.overlay(axes[1], img, region(maps, cm["region"]), cm["title"].replace(" at ", "\nat "))
+        kept = cm["probability_kept"]
+        figures.bars(
+            axes[2],
+            ["image", *[("image x map" if n == "100%" else f"top {n} of map") for n in kept]],
+            [report["explained_probability"], *kept.values()],
+            f"p({report['explained_class']})",
+            fmt="%.3f",
+        )
+        return figures.to_png(fig, dpi)
+
+
+# ---------------------------------------------------------------------- evaluation
+
+COMPARED = ("method", "gradcam", "random")
+
+
+class ClassMapEvaluation(nn.Module):
+    """Accumulate region and faithfulness metrics of a class-map explainer, Grad-CAM at its layer and random maps.
+
+    Args:
+        keeps: kept pixel fractions of the faithfulness metrics.
+        seed: seed of the random maps.
+        sync_on_compute: sum the states over DDP ranks in :meth:`compute` (every rank must then call it).
+    """
+
+    def __init__(self, keeps: Sequence[float] = DEFAULT_KEEPS, seed: int = 0, sync_on_compute: bool = True):
+        super().__init__()
+        self.keeps = list(keeps)
+        self.region = nn.ModuleDict({m: RegionMetrics([KEY_OBJECT], sync_on_compute=sync_on_compute) for m in COMPARED})
+        self.faithfulness = nn.ModuleDict(
+            {m: Faithfulness(self.keeps, sync_on_compute=sync_on_compute) for m in COMPARED}
+        )
+        self.generator = torch.Generator().manual_seed(seed)
+
+    @torch.no_grad()
+    def update(self, module: ClassMapExplainer, images: Tensor, key_masks: Tensor) -> None:
+        """Score one batch: ``images`` ``(B, 3, H, W)`` in ``[0, 1]``, ``key_masks`` ``(B, H, W)`` the key object."""
+        size = images.shape[-2:]
+        out, c = module.class_maps_at_layer(images)
+        pred = out.logits.argmax(dim=1)
+        layer = module.map_layer
+        maps = {
+            "method": normalize_maps(select_class(c, pred), size),
+            "gradcam": normalize_maps(gradcam_maps(module.classifier, out.activations, pred, [layer])[layer], size),
+            "random": random_maps((len(images), *size), self.generator, images.device),
+        }
+        concept_ids = torch.zeros(len(images), dtype=torch.long, device=images.device)
+        for method, m in maps.items():
+            self.region[method].update(m, key_masks, concept_ids)
+            y, o = faithfulness_probabilities(module.classifier, images, m, pred, self.keeps, logits=out.logits)
+            self.faithfulness[method].update(y, o)
+
+    def compute(self) -> dict[str, dict[str, float]]:
+        """``{method: {"nra", "epg", "hit_rate", "scored", "ad/100%", "ic/100%", ...}}`` as plain numbers."""
+        results = {}
+        for method in COMPARED:
+            regions = self.region[method].compute()
+            row = {name: float(regions[f"{name}/mean"]) for name in ("nra", "epg", "hit_rate")}
+            row["scored"] = int(regions[f"count/{KEY_OBJECT}"])  # images with a non-empty key-object mask
+            row.update({k: float(v) for k, v in self.faithfulness[method].compute().items()})
+            results[method] = row
+        return results
+
+
+@torch.no_grad()
+def evaluate_class_maps(
+    module: ClassMapExplainer, world: Any, split: str = "test", settings: EvaluationSettings | None = None
+) -> dict[str, Any]:
+    """Evaluate a trained class-map explainer on a shapes-world split, beside Grad-CAM at its layer and a random
+    map. This process evaluates the whole split by itself (under DDP, call it on one rank).
+
+    Returns:
+        ``{"methods": {<the module's method> | "gradcam" | "random": metrics}, "title", "split", "images", "layer",
+        "keeps", "seconds"}``.
+
+    Raises:
+        ValueError: a split that is not ``train``/``val``/``test``, or a module whose classes are not the world's.
+    """
+    settings = settings or EvaluationSettings()
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"split must be train, val or test, got {split!r}")
+    if module.class_names != list(world.class_names):
+        raise ValueError(f"the module's classes {module.class_names} are not the world's classes {world.class_names}")
+    device = module.device
+    module.eval()
+    t0 = time.time()
+    evaluation = ClassMapEvaluation(DEFAULT_KEEPS, seed=settings.seed, sync_on_compute=False).to(device)
+    for images, masks, labels in world.split(split).batches(settings.batch_size, settings.max_images, device):
+        evaluation.update(module, images, key_object_pixels(world.spec, masks, labels))
+    rows = evaluation.compute()
+    return {
+        "methods": {module.method: rows.pop("method"), **rows},  # the explainer's row under its method's name
+        "title": module.title,
+        "split": split,
+        "images": int(evaluation.faithfulness["method"].total),
+        "layer": module.map_layer,
+        "keeps": list(DEFAULT_KEEPS),
+        "seconds": round(time.time() - t0, 1),
+    }
+
+
+def format_class_map_table(results: dict[str, Any]) -> str:
+    """A Markdown table: NRA, hit rate, EPG against the key object's pixels and AD/IC per kept fraction."""
+    names = [setting_name(k) for k in results.get("keeps", DEFAULT_KEEPS)]
+    head = ["method", "NRA", "hit rate", "EPG", *[f"AD {n} ↓" for n in names], *[f"IC {n} ↑" for n in names]]
+    explainer = next(iter(results["methods"]))
+    titles = {explainer: results.get("title", explainer), "gradcam": "Grad-CAM", "random": "random map"}
+    rows = []
+    for method, row in results["methods"].items():
+        cells = [f"{row['nra']:.3f}", f"{row['hit_rate']:.3f}", f"{row['epg']:.3f}"]
+        cells += [f"{row[f'ad/{n}']:.2f}" for n in names] + [f"{row[f'ic/{n}']:.1f}" for n in names]
+        rows.append([titles.get(method, method), *cells])
+    title = (
+        f"{titles[explainer]} at {results.get('layer')} vs Grad-CAM at the same layer, {results.get('images')} "
+        f"{results.get('split')} images (regions: the key object's pixels)"
+    )
+    return markdown_table(head, rows, title=title) + "\n"
