@@ -1,4 +1,4 @@
-"""Concept sets: names, types and the prompts a VLM's text encoder reads (SPEC §2.2)."""
+"""Concept sets: names, types and the prompts a VLM's text encoder reads (docs/method.md#concept-scores)."""
 
 from __future__ import annotations
 

@@ -49,7 +49,7 @@ class EmbeddingStoreError(CefamError):
 
 @dataclass(frozen=True)
 class VLMInfo:
-    """Identity and scoring constants of the VLM that produced a store (SPEC §2.2).
+    """Identity and scoring constants of the VLM that produced a store (docs/method.md#concept-scores).
 
     ``kind`` is ``"clip"`` (softmax over concepts) or ``"siglip"`` (sigmoid per concept, with a bias).
     """

@@ -1,9 +1,9 @@
 """A memory-mapped cache of the frozen classifier's pooled activations, so later epochs skip the classifier.
 
-CE-FAM's translator reads only ``z``, the globally pooled activations (SPEC §2.1), and the classifier is frozen.
-Without augmentation ``z`` of a sample is the same every epoch, so it is computed once: during the first epoch
-the module writes each sample's ``z`` to the cache, and from then on the dataset serves the cached ``z`` instead
-of decoding the image, and the module never runs the classifier for it.
+CE-FAM's translator reads only ``z``, the globally pooled activations (docs/method.md#translator), and the
+classifier is frozen. Without augmentation ``z`` of a sample is the same every epoch, so it is computed once: during
+the first epoch the module writes each sample's ``z`` to the cache, and from then on the dataset serves the cached
+``z`` instead of decoding the image, and the module never runs the classifier for it.
 
 On disk, one folder per identity (``<root>/<key>/``)::
 

@@ -1,4 +1,5 @@
-"""Evaluation data with ground-truth concept masks: one dataset interface over three on-disk layouts (SPEC §3, §8).
+"""Evaluation data with ground-truth concept masks: one dataset interface over three on-disk layouts
+(docs/method.md#evaluation-data-with-masks).
 
 :func:`open_mask_dataset` opens a folder in one of these layouts and returns a map-style
 :class:`MaskDataset`. Item ``i`` is a dict:

@@ -1,4 +1,5 @@
-"""The shapes world (SPEC §7): a seeded synthetic world with exact concept masks and an oracle VLM.
+"""The shapes world (docs/method.md#the-shapes-world): a seeded synthetic world with exact concept masks and an
+oracle VLM.
 
 Each image shows 1-3 non-overlapping objects on a noisy background. Every object has a color, a shape and a
 texture; every attribute value is a concept with an exact pixel mask. The class of an image is the

@@ -1,6 +1,7 @@
 """Write a small image dataset in every layout the framework reads, to try the real-data path without real data.
 
-``python -m cefam_lightning.data.toy_data OUT`` renders shapes-world scenes (SPEC §7) as JPEG files and writes::
+``python -m cefam_lightning.data.toy_data OUT`` renders shapes-world scenes (docs/method.md#the-shapes-world) as
+JPEG files and writes::
 
     OUT/images/<class>/<split>_<n>.jpg     an image folder (class per sub-folder)
     OUT/train.csv, OUT/val.csv             manifests: id, path (relative to OUT), label (class name)

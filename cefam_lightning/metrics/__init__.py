@@ -1,4 +1,4 @@
-"""Evaluation metrics (SPEC §3): torchmetrics classes here, pure functions in :mod:`.functional`."""
+"""Evaluation metrics (docs/method.md#metrics): torchmetrics classes here, pure functions in :mod:`.functional`."""
 
 from cefam_lightning.metrics.region import RegionMetrics
 

@@ -1,4 +1,5 @@
-"""Average Drop and Increase in Confidence of class maps (SPEC §4), accumulated as DDP-synced sums."""
+"""Average Drop and Increase in Confidence of class maps (docs/method.md#faithfulness), accumulated as DDP-synced
+sums."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Region metrics per concept type (SPEC §3), accumulated as DDP-synced sums."""
+"""Region metrics per concept type (docs/method.md#per-type-and-macro-average), accumulated as DDP-synced sums."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""A frozen classifier that returns its logits and named activation maps in one forward pass (SPEC §1).
+"""A frozen classifier that returns its logits and named activation maps in one forward pass
+(docs/method.md#frozen-classifier-and-activation-maps).
 
 Families (:func:`build_classifier`): the shapes world's ``shapes_cnn``; torchvision's ``resnet18/34/50/101``,
 ``vgg16``, ``vgg16_bn`` and ``vit_b_16``; and any timm model as ``timm:<name>`` (``timm:resnet50.a1_in1k``: a tag
@@ -9,10 +10,10 @@ selects that pretrained configuration's input transform). Weights always come fr
 functions, exactly what timm's own FX feature extractor, ``features_only=True, feature_cls="fx"``, uses). The
 graph returns the requested layers *and* the logits, so one pass gives both, no hooks exist, and the same graph
 can be cut after any layer into the rest of the network (:meth:`FrozenClassifier.tail`), which contributions
-(SPEC §2.6) and Grad-CAM need. timm's ``forward_intermediates`` was the alternative; it returns intermediates and
-final features in one pass but offers no way to run the network *from* an intermediate layer, so a tail would
-need per-architecture code. timm models' default layers are their ``feature_info`` module names, the same maps
-``features_only`` returns.
+(docs/method.md#contribution) and Grad-CAM need. timm's ``forward_intermediates`` was the alternative; it returns
+intermediates and final features in one pass but offers no way to run the network *from* an intermediate layer, so a
+tail would need per-architecture code. timm models' default layers are their ``feature_info`` module names, the same
+maps ``features_only`` returns.
 
 **What a layer returns.** Every layer is delivered as a ``(B, C, H, W)`` map:
 
@@ -274,9 +275,10 @@ class FrozenClassifier(nn.Module):
         """The wrapped layers where replacing every channel map by its spatial mean leaves the logits unchanged.
 
         That is a layer the rest of the network reads only through global average pooling (a ResNet's or the shapes
-        CNN's ``layer4``, a ViT's last tokens when its head reads the class token): SPEC §2.6's contribution, which
-        masks channels with their spatial means, is 0 there for every concept. Found once, on a seeded random image
-        of the input size, by running each layer's :meth:`tail` on its own maps and on their spatial means.
+        CNN's ``layer4``, a ViT's last tokens when its head reads the class token): the contribution
+        (docs/method.md#contribution), which masks channels with their spatial means, is 0 there for every concept.
+        Found once, on a seeded random image of the input size, by running each layer's :meth:`tail` on its own maps
+        and on their spatial means.
         """
         if self._mean_invariant is None:
             crop = self.input_spec.crop
@@ -457,9 +459,9 @@ def _torchvision_model(name: str, num_classes: int, crop: int | None) -> tuple[n
     Default layers: ResNets ``layer1..layer4``. VGG-16: the last ReLU of conv blocks 2 to 5 (``features.8``,
     ``.15``, ``.22``, ``.29``; ``vgg16_bn``: ``.12``, ``.22``, ``.32``, ``.42``), i.e. each block's output before
     its max-pool: four maps at strides 2-16 like a ResNet's four stages, each at its block's full resolution
-    (``features.29`` is ``features[:30]``, the map L-CAM and Grad-CAM use, SPEC §5); block 1 runs at the input
-    resolution and is left out (low-level and memory-heavy). ViT-B/16: ``encoder.ln``, the last block's tokens
-    after the encoder's final LayerNorm (SPEC §1).
+    (``features.29`` is ``features[:30]``, the map L-CAM and Grad-CAM use, docs/method.md#l-cam); block 1 runs at
+    the input resolution and is left out (low-level and memory-heavy). ViT-B/16: ``encoder.ln``, the last block's tokens
+    after the encoder's final LayerNorm (docs/method.md#frozen-classifier-and-activation-maps).
     """
     import torchvision
 

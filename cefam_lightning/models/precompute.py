@@ -12,8 +12,8 @@ Usage::
 shards (see :mod:`cefam_lightning.data.image_sources`; the sample ids written are the ones the training DataModule
 looks up). Without ``--images`` only the concepts are encoded (a store with 0 images: a vocabulary for
 zero-shot explanation). ``FILE`` lists one concept per line, ``name,type`` (or ``name``, typed
-``--default-type``); each prompt comes from its type's template (SPEC §2.2 defaults, replaced by ``--templates``
-(a YAML/JSON mapping ``type: template``) and ``--template type=template``; ``{}`` marks the name).
+``--default-type``); each prompt comes from its type's template (the defaults of docs/method.md#concept-scores, replaced
+by ``--templates`` (a YAML/JSON mapping ``type: template``) and ``--template type=template``; ``{}`` marks the name).
 
 The store (:class:`~cefam_lightning.data.embedding_store.EmbeddingStore`) holds raw (not normalized) image
 embeddings of open_clip's evaluation preprocessing of each image, float32 (``--float16`` halves the size), and

@@ -1,4 +1,5 @@
-"""A vision-language model from open_clip: image and text encoders plus the scoring constants (SPEC §2.2).
+"""A vision-language model from open_clip: image and text encoders plus the scoring constants
+(docs/method.md#concept-scores).
 
 :class:`OpenCLIPVLM` wraps any open_clip architecture (``open_clip.list_models()``, a config registered with
 :func:`register_model_config`, or a ``local-dir:`` folder) with weights from

@@ -1,4 +1,4 @@
-"""Faithfulness of class maps (SPEC §4): Average Drop and Increase in Confidence.
+"""Faithfulness of class maps (docs/method.md#faithfulness): Average Drop and Increase in Confidence.
 
 ``Y`` is the softmax probability of the explained class on the image, ``O`` the same class's probability on the
 image multiplied by its (min-max normalized, upsampled, optionally thresholded) class map. The metrics take
@@ -21,7 +21,7 @@ from torch import Tensor
 from cefam_lightning.metrics.functional.maps import minmax_normalize
 
 # Fractions of the map's pixels kept: all of them ("100%"), the top half ("50%"), the top 15 % ("15%"),
-# i.e. p in {0, 0.5, 0.85} in the SPEC's "top (1 - p)" form.
+# i.e. p in {0, 0.5, 0.85} when written as keeping the "top (1 - p)" (docs/method.md#faithfulness).
 DEFAULT_KEEPS = (1.0, 0.5, 0.15)
 
 
@@ -48,7 +48,7 @@ def masked_inputs(images: Tensor, maps: Tensor, keep: float = 1.0) -> Tensor:
     Args:
         images: ``(B, 3, H, W)`` in ``[0, 1]``.
         maps: ``(B, h, w)`` class maps at any resolution, any range.
-        keep: the fraction of pixels kept, in ``(0, 1]`` (1.0, 0.5 and 0.15 are the SPEC's 100/50/15 %).
+        keep: the fraction of pixels kept, in ``(0, 1]`` (1.0, 0.5 and 0.15 are the reported 100/50/15 %).
 
     Returns:
         ``(B, 3, H, W)`` masked images.

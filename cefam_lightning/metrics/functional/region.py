@@ -1,4 +1,4 @@
-"""Region metrics against ground-truth masks (SPEC §3): EPG, the IoU-curve AUC and NRA.
+"""Region metrics against ground-truth masks (docs/method.md#region-metrics): EPG, the IoU-curve AUC and NRA.
 
 Every function takes a batch of saliency maps ``(n, H, W)`` and binary masks of the same shape (a single
 ``(H, W)`` pair counts as ``n = 1``) and returns one float64 value per map, on the maps' device. An empty
@@ -370,7 +370,7 @@ def auc_high(mask_sizes: Tensor | int, num_pixels: Tensor | int) -> Tensor:
 
 
 def auc_low(mask_sizes: Tensor | int, num_pixels: Tensor | int) -> Tensor:
-    """AUC of a random map as the spec defines it, ``r/2`` with ``r = m/N``.
+    """AUC of a random map, ``r/2`` with ``r = m/N`` (docs/method.md#auc_high-and-auc_low).
 
     Args:
         mask_sizes: Mask sizes ``m`` (any shape).

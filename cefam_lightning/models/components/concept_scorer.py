@@ -1,4 +1,4 @@
-"""Concept scores from an embedding (SPEC §2.2): ``S_c = s * cos(e, t_c) + b``."""
+"""Concept scores from an embedding (docs/method.md#concept-scores): ``S_c = s * cos(e, t_c) + b``."""
 
 from __future__ import annotations
 

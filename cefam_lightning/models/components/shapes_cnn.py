@@ -1,4 +1,4 @@
-"""The small CNN that plays the frozen classifier in the shapes world (SPEC §7)."""
+"""The small CNN that plays the frozen classifier in the shapes world (docs/method.md#shapes-classifier)."""
 
 from __future__ import annotations
 

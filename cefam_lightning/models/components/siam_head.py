@@ -1,4 +1,4 @@
-"""SIAM's trainable parts as plain ``nn.Module`` s (SPEC §6; Marcos, Lobry, Tuia, ICCV-W 2019).
+"""SIAM's trainable parts as plain ``nn.Module`` s (docs/method.md#siam; Marcos, Lobry, Tuia, ICCV-W 2019).
 
 - :class:`AttributeMaps`: a 1x1 conv from the backbone's activation map to one non-negative map per attribute
   (ReLU), with an optional zeroed border; an attribute's presence is the global average of its map

@@ -1,4 +1,5 @@
-"""CE-FAM's translator ``h`` (SPEC §2.1): an MLP from pooled multi-layer activations to the VLM space."""
+"""CE-FAM's translator ``h`` (docs/method.md#translator): an MLP from pooled multi-layer activations to the VLM
+space."""
 
 from __future__ import annotations
 
