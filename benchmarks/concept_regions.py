@@ -1,4 +1,4 @@
-"""Concept regions for 1000 concepts: batched Jacobian vs per-concept loops (SPEC §2.4, issue 3).
+"""Concept regions for 1000 concepts: batched Jacobian vs per-concept loops (docs/method.md#concept-regions, issue 3).
 
 ResNet-50 (random init), 224 px, batch 8, 1000 concepts, layers layer1..layer4, translator 3840-2048-1024-512.
 

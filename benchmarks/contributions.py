@@ -1,5 +1,5 @@
 """Concept contributions: masked variants batched through the layers after the mask vs one forward pass
-from the input per masked variant (SPEC §2.6, issue 3).
+from the input per masked variant (docs/method.md#contribution, issue 3).
 
 ResNet-50 (random init), 224 px. Each (image, concept) pair has K masked variants. The per-variant baseline is
 timed on a subset of variants and scaled. Run: ``python benchmarks/contributions.py``.

@@ -17,7 +17,7 @@ NUM_MAPS, SIDE, LOOP_MAPS = 1000, 224, 3
 
 
 def loop_nra(map_: torch.Tensor, mask: torch.Tensor) -> float:
-    """NRA of one map, one pixel at a time, as SPEC §3 reads (ties broken by pixel order)."""
+    """NRA of one map, pixel by pixel, as docs/method.md#nra-and-hit-rate defines it (ties broken by pixel order)."""
     r = map_.flatten().tolist()
     m = mask.flatten().tolist()
     n, size = len(r), sum(m)

@@ -1,4 +1,5 @@
-"""Per class, the concepts that push its score up and down the most (SPEC §2.6), on fixed validation images."""
+"""Per class, the concepts that push its score up and down the most (docs/method.md#contribution), on fixed
+validation images."""
 
 from __future__ import annotations
 

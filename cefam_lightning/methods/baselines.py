@@ -1,4 +1,5 @@
-"""Region baselines that CE-FAM is evaluated against, side by side on the same images (issue 3, SPEC §3).
+"""Region baselines that CE-FAM is evaluated against, side by side on the same images (issue 3,
+docs/method.md#ce-fam-evaluation).
 
 - **Grad-CAM** of the class score at a layer: one class map per image, used for every concept of that image.
 - **Single channel** (in the spirit of CLIP-Dissect): each concept is tied to the one channel, per layer,

@@ -1,7 +1,8 @@
 """Optimizer and LR schedule of every trainable explainer, from the run's ``optimizer`` and ``scheduler`` sections.
 
 One place builds them for CE-FAM, L-CAM and SIAM, so that every method accepts the same keys (SGD/Adam/AdamW,
-plateau/cosine/none, the optional linear warm-up of SPEC §2.3) and says the same things about bad values.
+plateau/cosine/none, the optional linear warm-up of docs/method.md#training-loss) and says the same things about
+bad values.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Fit the shapes world's small CNN, the classifier that CE-FAM then explains frozen (SPEC §7).
+"""Fit the shapes world's small CNN, the classifier that CE-FAM then explains frozen
+(docs/method.md#shapes-classifier).
 
 The fitted weights are cached beside the world, keyed by the world and the fitting settings, so a second
 run reuses them.

@@ -1,9 +1,9 @@
-"""How much each concept moves the class score (SPEC §2.6).
+"""How much each concept moves the class score (docs/method.md#contribution).
 
 For a concept at its selected layer ``l``, its ``K`` most important channels there (importance
-``beta^c_k * mean_ij A^l_k``, as in §2.5) are masked *inside the classifier*, cumulatively: for ``i = 1..K`` the
-first ``i`` channel maps are replaced by their spatial means, the rest of the classifier runs from ``l`` on, and
-the softmax probability ``p_{y,i}`` of the explained class is recorded.
+``beta^c_k * mean_ij A^l_k``, as in docs/method.md#layer-relevance) are masked *inside the classifier*, cumulatively:
+for ``i = 1..K`` the first ``i`` channel maps are replaced by their spatial means, the rest of the classifier runs from
+``l`` on, and the softmax probability ``p_{y,i}`` of the explained class is recorded.
 Contribution ``= (1/K) sum_i (p_y - p_{y,i}) / p_y``; negative values (the concept pushes against ``y``) are
 kept. All masked variants of all concepts selecting a layer go through the layers after it as one batch.
 """
@@ -48,8 +48,8 @@ def concept_contributions(
         target: ``(B,)`` explained class; default the predicted class.
         k: channels masked at most.
         chunk: masked variants per pass through a tail (bounds memory).
-        fill: what replaces a masked channel map: ``"spatial_mean"`` (SPEC §2.6) or ``"zero"``. Right before
-            global average pooling (a ResNet's ``layer4``) the spatial mean changes nothing, so every
+        fill: what replaces a masked channel map: ``"spatial_mean"`` (docs/method.md#contribution) or ``"zero"``.
+            Right before global average pooling (a ResNet's ``layer4``) the spatial mean changes nothing, so every
             contribution there is 0; ``"zero"`` ablates the channel instead.
 
     Returns:

@@ -1,24 +1,27 @@
-"""Evaluate CE-FAM's explanations against ground-truth masks, beside three baselines (issue 3, SPEC §3).
+"""Evaluate CE-FAM's explanations against ground-truth masks, beside three baselines (issue 3,
+docs/method.md#ce-fam-evaluation).
 
 For every (image, present concept) pair, region maps from:
 
-- ``cefam``: the concept's region at each explained layer, and at its top-1 layer (highest relevance, §2.5, among
-  the selectable layers: see :func:`~cefam_lightning.methods.cefam.relevance.selectable_layers`);
+- ``cefam``: the concept's region at each explained layer, and at its top-1 layer (highest relevance,
+  docs/method.md#layer-relevance, among the selectable layers: see
+  :func:`~cefam_lightning.methods.cefam.relevance.selectable_layers`);
 - ``gradcam``: Grad-CAM of the predicted class at the same layer (at CE-FAM's selected layer for ``top1``);
 - ``single_channel``: the concept's best-tracking channel at that layer (at its own best selectable layer for
   ``top1``);
 - ``random``: uniform noise (layer-independent, reported once under ``top1``);
 
 scored with EPG, NRA and hit rate per concept type and macro-averaged over types. Also the contribution
-accuracy (§2.6): on correctly classified images that show at least one concept outside the key object, how
-often the top contributor among the present concepts is one of the key object's concepts
+accuracy (docs/method.md#contribution-accuracy): on correctly classified images that show at least one concept
+outside the key object, how often the top contributor among the present concepts is one of the key object's concepts
 (``contribution/top1_key``), and how often all of the key object's concepts rank above every other present
 concept (``contribution/all_key_first``). These are reported with each concept masked at its top-1 layer
-(the spec's contribution) and, for comparison, with every concept masked at one and the same layer.
+(docs/method.md#contribution) and, for comparison, with every concept masked at one and the same layer.
 
-Optionally (``faithfulness_top_n``) the faithfulness of a CE-FAM class map (SPEC §4): for the predicted class,
-the top-N concepts by score (what ``explain`` reports), each region at its selected layer, min-max normalized and
-weighted by the concept's positive contribution (:func:`~cefam_lightning.methods.cefam.pipeline.fused_class_map`),
+Optionally (``faithfulness_top_n``) the faithfulness of a CE-FAM class map (docs/method.md#faithfulness): for the
+predicted class, the top-N concepts by score (what ``explain`` reports), each region at its selected layer, min-max
+normalized and weighted by the concept's positive contribution
+(:func:`~cefam_lightning.methods.cefam.pipeline.fused_class_map`),
 beside
 Grad-CAM at the layer that carries most of that weight, scored with Average Drop and Increase in Confidence at
 100/50/15 % of the pixels kept. The top-N concepts share the present concepts' relevance and contribution
@@ -155,8 +158,8 @@ class ExplanationEvaluation(nn.Module):
         layers: the classifier's explained layers.
         concept_types: type of each concept, in concept order.
         single_channel: the fitted single-channel baseline (``None`` leaves it out).
-        k: channels deleted/masked at most (SPEC's ``K``).
-        fill: masked-channel fill for contributions (``"spatial_mean"`` per SPEC, or ``"zero"``).
+        k: channels deleted/masked at most (``K`` of docs/method.md#layer-relevance).
+        fill: masked-channel fill for contributions (``"spatial_mean"``, docs/method.md#contribution, or ``"zero"``).
         seed: seed of the random maps.
         sync_on_compute: sum the states over DDP ranks in :meth:`compute` (every rank must then call it);
             ``False`` when one process evaluates the whole split.
@@ -205,7 +208,8 @@ class ExplanationEvaluation(nn.Module):
                 if m != "random" or s == "top1"
             }
         )
-        # Contributions at CE-FAM's top-1 layer (the spec's), and, for comparison, with every concept at one layer.
+        # Contributions at CE-FAM's top-1 layer (docs/method.md#contribution), and, for comparison, with every
+        # concept at one layer.
         contribution_settings = (self.settings if per_layer_contributions else ["top1"]) if contributions else []
         self.contribution = nn.ModuleDict(
             {s: ContributionAccuracy(sync_on_compute=sync_on_compute) for s in contribution_settings}

@@ -1,4 +1,5 @@
-"""The CE-FAM LightningModule: a frozen classifier plus a trainable translator to a VLM's space (SPEC §2.1-2.3).
+"""The CE-FAM LightningModule: a frozen classifier plus a trainable translator to a VLM's space
+(docs/method.md#ce-fam).
 
 Loss: ``L = MSE(h(z), E_image(x)) + lambda * MSE(S, S_VLM)`` with ``z`` the concatenated globally pooled
 activations of the classifier's layers, ``S`` the concept scores of the translated embedding and ``S_VLM`` those
@@ -236,7 +237,7 @@ class CEFAMModule(ExplainerModule):
         layers: Sequence[str] | None = None,
         upsample: bool = True,
     ) -> dict[str, Tensor]:
-        """Region maps of all (or the given) concepts at all (or the given) layers (SPEC §2.4).
+        """Region maps of all (or the given) concepts at all (or the given) layers (docs/method.md#concept-regions).
 
         Returns ``{layer: (B, C', H, W)}`` at the image size when ``upsample`` else at each layer's resolution.
         """

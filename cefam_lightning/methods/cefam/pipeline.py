@@ -1,9 +1,11 @@
-"""One CE-FAM explanation of a batch of images (SPEC §2.7): what, where, which layer, how much.
+"""One CE-FAM explanation of a batch of images: what, where, which layer, how much
+(docs/method.md#what-an-explanation-holds).
 
 For each image: the explained class and its probability; the concepts' scores and probabilities; for each
-explained concept (the top-N by score unless given) its relevance at every layer (§2.5), the selected layer
-(highest relevance), its region map at that layer upsampled to the image (§2.4) and its contribution to the
-explained class (§2.6). Every step is batched: one Jacobian for all concepts, one translator pass for every
+explained concept (the top-N by score unless given) its relevance at every layer (docs/method.md#layer-relevance),
+the selected layer (highest relevance), its region map at that layer upsampled to the image
+(docs/method.md#concept-regions) and its contribution to the explained class (docs/method.md#contribution). Every
+step is batched: one Jacobian for all concepts, one translator pass for every
 deletion step, one pass through the classifier's tail per layer for every masked variant.
 """
 
@@ -66,7 +68,7 @@ def explain_batch(
         images: the images, on the module's device.
         concepts: ``(B, N)`` or ``(N,)`` concept indices to explain; default the ``top_n`` by score per image.
         top_n: how many concepts when ``concepts`` is not given (at most the number of concepts).
-        k: channels deleted (relevance) and masked (contribution) at most, SPEC's ``K``.
+        k: channels deleted (relevance) and masked (contribution) at most, ``K`` of docs/method.md#layer-relevance.
         target: ``(B,)`` class to explain; default the predicted class.
         fill: how a masked channel is filled for contributions (see :func:`concept_contributions`).
         select_layers: the layers a concept's top-1 layer is chosen from (see :func:`selectable_layers`):
@@ -140,7 +142,7 @@ def fused_class_map(regions: Tensor, contributions: Tensor) -> Tensor:
     normalized to ``[0, 1]`` (a constant region counts as 0). Concepts that push against the class, or do not move
     it (every concept at a layer right before global average pooling, with the spatial-mean fill), add nothing;
     when no concept contributes positively the map is all zeros. This is the map the faithfulness metrics
-    (SPEC §4) score beside L-CAM's and Grad-CAM's.
+    (docs/method.md#faithfulness) score beside L-CAM's and Grad-CAM's.
 
     Args:
         regions: ``(B, N, H, W)`` region maps (:attr:`BatchExplanation.regions`).

@@ -1,4 +1,4 @@
-"""Concept regions for every concept at once (SPEC §2.4).
+"""Concept regions for every concept at once, by the direct-path gradient (docs/method.md#concept-regions).
 
 Per concept ``c`` and layer ``l``: ``beta^c_k = (1/gamma) sum_ij dS_c/dA^l_k(i,j)`` and
 ``R^l_c = ReLU(sum_k beta^c_k A^l_k)``. The translator sees only pooled activations, so
@@ -23,7 +23,7 @@ from cefam_lightning.models.components import ConceptScorer
 
 
 def pool_activations(activations: Mapping[str, Tensor], layers: Sequence[str]) -> Tensor:
-    """``z = concat_l AvgPool(A^l)``: ``(B, sum_l K_l)`` in float32 (SPEC §2.1)."""
+    """``z = concat_l AvgPool(A^l)``: ``(B, sum_l K_l)`` in float32 (docs/method.md#translator)."""
     return torch.cat([activations[layer].float().mean(dim=(2, 3)) for layer in layers], dim=1)
 
 

@@ -1,4 +1,5 @@
-"""Which layer shows concept ``c`` (SPEC §2.5): a deletion curve over each layer's most important channels.
+"""Which layer shows concept ``c`` (docs/method.md#layer-relevance): a deletion curve over each layer's most
+important channels.
 
 Channel importance at layer ``l`` is ``beta^c_k * mean_ij A^l_k``. For ``i = 0..K`` the pooled values of the
 ``i`` most important channels are replaced by the layer's mean over channels in the translator's input, and the
@@ -19,15 +20,15 @@ SELECT_MODES = ("auto", "all")
 
 
 def selectable_layers(classifier, select: str | Sequence[str] = "auto") -> list[str]:
-    """The explained layers a concept's top-1 layer (SPEC §2.5) may be chosen from.
+    """The explained layers a concept's top-1 layer (docs/method.md#layer-relevance) may be chosen from.
 
     Args:
         classifier: the :class:`~cefam_lightning.models.classifier.FrozenClassifier` (its ``layers``, in ``z``'s order).
         select: ``"auto"``: every layer but those the classifier reads only through global average pooling
-            (:meth:`~cefam_lightning.models.classifier.FrozenClassifier.mean_invariant_layers`), where SPEC §2.6's
-            spatial-mean masking cannot move the logits, so every concept's contribution would be 0 (all layers if
-            that leaves none); ``"all"``: every layer; or a list of layer names (SPEC §2.4: regions for any subset
-            of the layers), a subset of ``classifier.layers``.
+            (:meth:`~cefam_lightning.models.classifier.FrozenClassifier.mean_invariant_layers`), where the spatial-mean
+            masking of docs/method.md#contribution cannot move the logits, so every concept's contribution would be 0
+            (all layers if that leaves none); ``"all"``: every layer; or a list of layer names (regions exist at every
+            layer: docs/method.md#concept-regions), a subset of ``classifier.layers``.
 
     Returns:
         The layer names, in ``classifier.layers`` order.

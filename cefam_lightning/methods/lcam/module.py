@@ -1,4 +1,5 @@
-"""L-CAM-Fm and L-CAM-Img: a learned 1x1-conv attention that explains a frozen classifier in one forward pass (SPEC §5).
+"""L-CAM-Fm and L-CAM-Img: a learned 1x1-conv attention that explains a frozen classifier in one forward pass
+(docs/method.md#l-cam).
 
 A ``Conv2d(C_in, n_classes, 1)`` on the classifier's last conv block gives pre-activation maps ``c``
 (``B x n_classes x h x w``) and attention ``a = sigmoid(c)``. For the training label ``y`` (the frozen classifier's
@@ -37,7 +38,7 @@ STAGES = ("train", "val", "test")
 VARIANTS = ("fm", "img")
 LABEL_SOURCES = ("prediction", "target")
 
-# The authors' loss constants (SPEC §5).
+# The authors' loss constants (docs/method.md#l-cam-loss).
 DEFAULT_LOSS = {"ce_weight": 1.5, "area_weight": 2.0, "tv_weight": 0.01, "area_eps": 0.0005, "area_power": 0.3}
 DEFAULT_TV_BORDER = 0.3
 # The authors' optimizer. On the shapes world it barely moves the attention in a few epochs; the demo config
@@ -60,7 +61,7 @@ def total_variation(a: Tensor, border_weight: float = DEFAULT_TV_BORDER) -> Tens
 
     Args:
         a: ``(B, h, w)`` attention maps.
-        border_weight: weight of the border term (the SPEC's 0.3).
+        border_weight: weight of the border term (the authors' 0.3).
 
     Returns:
         A scalar.

@@ -1,4 +1,4 @@
-"""SIAM on the shapes world (SPEC §6, §7): are its attributes, outputs and contributions right?
+"""SIAM on the shapes world (docs/method.md#siam-evaluation): are its attributes, outputs and contributions right?
 
 :func:`evaluate_siam_on_world` runs a trained :class:`~cefam_lightning.methods.siam.module.SIAMModule` whose attributes
 are the world's concepts over one split and measures:

@@ -1,4 +1,5 @@
-"""SIAM as a LightningModule: an interpretable-by-design head on a frozen classifier's activation map (SPEC §6).
+"""SIAM as a LightningModule: an interpretable-by-design head on a frozen classifier's activation map
+(docs/method.md#siam).
 
 The frozen classifier's map at one layer (``layer4`` by default) feeds :class:`~cefam_lightning.models.components.
 siam_head.AttributeMaps` (one non-negative map per attribute) and :class:`~cefam_lightning.models.components.siam_head.
@@ -319,8 +320,8 @@ class SIAMModule(ExplainerModule):
         return [self.task_metric["val_"], self.auroc["val_"]]
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        # After the optimizer step: the templates stay non-negative (SPEC §6). Between accumulated batches the
-        # weights have not moved and the projection changes nothing.
+        # After the optimizer step: the templates stay non-negative (docs/method.md#templates-and-attribute-scores).
+        # Between accumulated batches the weights have not moved and the projection changes nothing.
         self.head.clamp_templates_()
 
     # ------------------------------------------------------------------ optimization
