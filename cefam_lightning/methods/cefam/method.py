@@ -142,7 +142,7 @@ def feature_caches(cfg: Any, dm: Any, classifier: Any, images: bool) -> dict[str
     return caches
 
 
-SPEC = register_method(
+REGISTRATION = register_method(
     "cefam",
     CEFAMModule,
     title="CE-FAM",

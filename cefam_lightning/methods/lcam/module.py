@@ -42,7 +42,7 @@ LABEL_SOURCES = ("prediction", "target")
 DEFAULT_LOSS = {"ce_weight": 1.5, "area_weight": 2.0, "tv_weight": 0.01, "area_eps": 0.0005, "area_power": 0.3}
 DEFAULT_TV_BORDER = 0.3
 # The authors' optimizer. On the shapes world it barely moves the attention in a few epochs; the demo config
-# uses Adam instead (configs/experiment/lcam_*.yaml and the lead's `lcam.optimizer` defaults).
+# uses Adam instead (configs/experiment/lcam_*.yaml set the run's optimizer).
 AUTHORS_OPTIMIZER = {
     "name": "sgd",
     "lr": 1e-4,

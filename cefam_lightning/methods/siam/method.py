@@ -53,7 +53,7 @@ def build(ctx: BuildContext, spec: MethodSpec) -> SIAMModule:
     )
 
 
-SPEC = register_method(
+REGISTRATION = register_method(
     "siam",
     SIAMModule,
     title="SIAM",
