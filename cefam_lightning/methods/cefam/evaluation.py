@@ -52,6 +52,7 @@ from cefam_lightning.metrics import Faithfulness, RegionMetrics
 from cefam_lightning.metrics.functional.faithfulness import DEFAULT_KEEPS, faithfulness_probabilities, setting_name
 from cefam_lightning.reporting.evaluations import EvaluateError
 from cefam_lightning.reporting.explanations import ExplainError
+from cefam_lightning.reporting.tables import markdown_table
 
 METHODS = ("cefam", "gradcam", "single_channel", "random")
 METHOD_TITLES = {
@@ -656,25 +657,26 @@ def _title(setting: str) -> str:
 
 def _faithfulness_lines(faith: dict[str, Any]) -> list[str]:
     names = [setting_name(k) for k in faith["keeps"]]
-    head = [*[f"AD {n} ↓" for n in names], *[f"IC {n} ↑" for n in names]]
+    head = ["method", *[f"AD {n} ↓" for n in names], *[f"IC {n} ↑" for n in names]]
     layers = ", ".join(f"{k} {v:.2f}" for k, v in faith["gradcam_layer"].items())
-    lines = [
+    title = (
         f"Faithfulness of the class map (predicted class, {faith['images']} images): CE-FAM's top-{faith['top_n']} "
         "concepts' regions weighted by their positive contributions, beside Grad-CAM at the layer carrying most of "
-        "that weight\n",
-        "| method | " + " | ".join(head) + " |",
-        "|---" * (len(head) + 1) + "|",
-    ]
-    for method, row in faith["methods"].items():
-        cells = [f"{row[f'ad/{n}']:.2f}" for n in names] + [f"{row[f'ic/{n}']:.1f}" for n in names]
-        lines.append(f"| {FAITHFULNESS_TITLES.get(method, method)} | " + " | ".join(cells) + " |")
-    lines.append("")
-    lines.append(
-        f"Grad-CAM's layer (share of images): {layers}; images whose top concepts contribute nothing positive "
-        f"(an all-zero class map): {faith['images_without_positive_contribution']}"
+        "that weight"
     )
-    lines.append("")
-    return lines
+    rows = [
+        [FAITHFULNESS_TITLES.get(method, method)]
+        + [f"{row[f'ad/{n}']:.2f}" for n in names]
+        + [f"{row[f'ic/{n}']:.1f}" for n in names]
+        for method, row in faith["methods"].items()
+    ]
+    return [
+        markdown_table(head, rows, title=title),
+        "",
+        f"Grad-CAM's layer (share of images): {layers}; images whose top concepts contribute nothing positive "
+        f"(an all-zero class map): {faith['images_without_positive_contribution']}",
+        "",
+    ]
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -684,35 +686,30 @@ def format_table(results: dict[str, Any]) -> str:
     settings = [s for s in settings if s != "top1"] + ["top1"]
     lines = []
     for metric, title in (("nra", "NRA"), ("hit_rate", "hit rate"), ("epg", "EPG")):
-        lines.append(f"{title} (mean over concept types)\n")
-        lines.append("| method | " + " | ".join(_title(s) for s in settings) + " |")
-        lines.append("|---" * (len(settings) + 1) + "|")
-        for method, per_setting in regions.items():
-            cells = []
-            for s in settings:
-                # The random map does not depend on the layer: one value, shown in every column.
-                value = per_setting.get(s, per_setting.get("top1"))[f"{metric}/mean"]
-                cells.append(f"{value:.3f}")
-            lines.append(f"| {METHOD_TITLES.get(method, method)} | " + " | ".join(cells) + " |")
-        lines.append("")
+        # The random map does not depend on the layer: one value, shown in every column.
+        rows = [
+            [METHOD_TITLES.get(method, method)]
+            + [f"{per_setting.get(s, per_setting.get('top1'))[f'{metric}/mean']:.3f}" for s in settings]
+            for method, per_setting in regions.items()
+        ]
+        columns = ["method", *map(_title, settings)]
+        lines += [markdown_table(columns, rows, title=f"{title} (mean over concept types)"), ""]
     contribution = results.get("contribution", {})
     top1 = contribution.get("top1", {})
     if top1.get("images_scored", 0):
-        lines.append(
-            f"Contribution accuracy of CE-FAM (fill={results['settings']['fill']}, K={results['settings']['k']}), "
-            f"on {int(top1['images_scored'])} correctly classified images with concepts outside the key object:\n"
-        )
         masked_at = [s for s in settings if s in contribution]
-        lines.append("| concepts masked at | " + " | ".join(_title(s) for s in masked_at) + " |")
-        lines.append("|---" * (len(masked_at) + 1) + "|")
-        rows = (
-            ("top1_key", "top contributor is a key-object concept"),
-            ("all_key_first", "all key-object concepts first"),
+        rows = [
+            [title, *[f"{contribution[s][name]:.3f}" for s in masked_at]]
+            for name, title in (
+                ("top1_key", "top contributor is a key-object concept"),
+                ("all_key_first", "all key-object concepts first"),
+            )
+        ]
+        title = (
+            f"Contribution accuracy of CE-FAM (fill={results['settings']['fill']}, K={results['settings']['k']}), "
+            f"on {int(top1['images_scored'])} correctly classified images with concepts outside the key object:"
         )
-        for name, title in rows:
-            cells = " | ".join(f"{contribution[s][name]:.3f}" for s in masked_at)
-            lines.append(f"| {title} | {cells} |")
-        lines.append("")
+        lines += [markdown_table(["concepts masked at", *map(_title, masked_at)], rows, title=title), ""]
     faith = results.get("faithfulness")
     if faith and faith.get("images"):
         lines.extend(_faithfulness_lines(faith))
