@@ -66,9 +66,10 @@ def _eval_mode(module: nn.Module) -> Iterator[None]:
 class ExplanationPass:
     """CE-FAM's steps on one batch of images, sharing one classifier pass and one Jacobian.
 
-    Built once per batch: it runs the frozen classifier, pools its activations into ``z`` (SPEC §2.1) and computes
-    ``dS/dz`` for every concept (§2.4); each step is then a method on those. The translator is used in eval mode
-    (its BatchNorm's running statistics, no dropout) and left in its own mode.
+    Built once per batch: it runs the frozen classifier, pools its activations into ``z``
+    (docs/method.md#translator) and computes ``dS/dz`` for every concept (docs/method.md#concept-regions); each
+    step is then a method on those. The translator is used in eval mode (its BatchNorm's running statistics, no
+    dropout) and left in its own mode.
 
     Args:
         module: a :class:`~cefam_lightning.methods.cefam.module.CEFAMModule`, or anything with its
@@ -159,7 +160,7 @@ class ExplanationPass:
 
     @torch.no_grad()
     def relevance(self, concepts: Tensor, k: int = 20, rows: Tensor | None = None) -> Tensor:
-        """Layer relevance (SPEC §2.5) of ``(B, N)`` concepts, ``(B, N, L)``.
+        """Layer relevance (docs/method.md#layer-relevance) of ``(B, N)`` concepts, ``(B, N, L)``.
 
         With ``rows`` (``(R,)`` image indices), ``concepts`` is ``(R, N)``: the concepts of those images only
         (e.g. a few extra concepts of some images), ``(R, N, L)``.
@@ -173,7 +174,7 @@ class ExplanationPass:
 
     @torch.no_grad()
     def layer_regions(self, concepts: Tensor) -> dict[str, Tensor]:
-        """Region maps (SPEC §2.4) of ``(B, N)`` concepts at every layer, at its own resolution:
+        """Region maps (docs/method.md#concept-regions) of ``(B, N)`` concepts at every layer, at its own resolution:
         ``{layer: (B, N, h, w)}`` (the Jacobian rows of just these concepts)."""
         jac = self.jacobian.gather(1, concepts[:, :, None].expand(-1, -1, self.jacobian.shape[2]))
         return concept_regions(self.activations, self.layers, jac)
@@ -205,8 +206,8 @@ class ExplanationPass:
     def contributions(
         self, concepts: Tensor, layer_index: Tensor, target: Tensor, k: int = 20, fill: str = "spatial_mean"
     ) -> Tensor:
-        """Contributions (SPEC §2.6) of ``(B, N)`` concepts to the ``(B,)`` ``target`` class, each masked at its
-        ``layer_index`` (``-1``: not computed, 0); ``k`` channels at most, filled by ``fill``
+        """Contributions (docs/method.md#contribution) of ``(B, N)`` concepts to the ``(B,)`` ``target`` class,
+        each masked at its ``layer_index`` (``-1``: not computed, 0); ``k`` channels at most, filled by ``fill``
         (see :func:`concept_contributions`)."""
         return concept_contributions(
             self.classifier,
