@@ -119,11 +119,14 @@ def test_evaluation_on_the_tiny_world_is_complete_and_independent_of_batching(ti
     assert "CE-FAM" in table and "single channel" in table and "top-1 layer" in table
 
 
-def test_cefam_faithfulness_scores_the_class_map_explain_would_draw(tiny_checkpoint, tiny_world):
-    """The evaluation's CE-FAM class map is explain's: the top-8 concepts' regions at their selected layers,
-    fused by positive contribution; its AD/IC are those of that map, computed here by hand."""
+def test_evaluation_scores_what_explain_batch_explains(tiny_checkpoint, tiny_world):
+    """The evaluation and explain_batch share one ExplanationPass: for the present concepts, the evaluation's
+    selected layers, CE-FAM region metrics and contribution accuracy are those of explain_batch's explanation of
+    the same concepts; its CE-FAM class map is explain's (the top-8 concepts' regions at their selected layers,
+    fused by positive contribution), whose AD/IC are computed here by hand."""
     from cefam_lightning.methods.cefam.evaluation import ExplanationEvaluation
-    from cefam_lightning.methods.cefam.pipeline import explain_batch, fused_class_map
+    from cefam_lightning.methods.cefam.pipeline import ExplanationPass, explain_batch, fused_class_map
+    from cefam_lightning.metrics import RegionMetrics
     from cefam_lightning.metrics.functional.faithfulness import (
         average_drop,
         faithfulness_probabilities,
@@ -135,7 +138,34 @@ def test_cefam_faithfulness_scores_the_class_map_explain_would_draw(tiny_checkpo
     images = torch.from_numpy(np.array(split.images[:12])).permute(0, 3, 1, 2).float() / 255
     masks = torch.from_numpy(np.array(split.masks[:12]))
     labels = torch.from_numpy(np.asarray(split.labels[:12]))
+    key = key_object_concepts(tiny_world.spec, masks, labels)
     types = [c.type for c in tiny_world.concepts]
+    evaluation = ExplanationEvaluation(module.classifier.layers, types, None, k=20, sync_on_compute=False)
+    evaluation.update(module, images, masks, labels, key)
+    results = evaluation.compute()
+
+    concepts, valid = _padded_concepts(masks.flatten(2).any(dim=2))
+    rows = valid.nonzero(as_tuple=True)
+    expl = explain_batch(module, images, concepts=concepts, k=20)
+    selected = torch.bincount(expl.layer_index[rows], minlength=len(expl.layers)).tolist()
+    assert results["layer_selection"] == {
+        layer: n / len(rows[0]) for layer, n in zip(expl.layers, selected, strict=True)
+    }
+    reference = RegionMetrics(types)
+    reference.update(expl.regions[rows], masks[rows[0], concepts[rows]].bool(), concepts[rows])
+    want = {k: float(v) for k, v in reference.compute().items()}
+    assert results["regions"]["cefam"]["top1"] == pytest.approx(want, rel=0, abs=0, nan_ok=True)
+    accuracy = ContributionAccuracy()
+    accuracy.update(expl.contributions, valid, key.bool().gather(1, concepts) & valid, expl.target == labels)
+    want = {k: float(v) for k, v in accuracy.compute().items()}
+    assert results["contribution"]["top1"] == pytest.approx(want, nan_ok=True)
+
+    # The pass's relevance of some rows only (the evaluation's extra class-map concepts) is theirs in the batch.
+    p = ExplanationPass(module, images)
+    torch.testing.assert_close(p.relevance(concepts, k=20), expl.relevance, rtol=0, atol=0)
+    some = torch.tensor([0, 3, 7])
+    torch.testing.assert_close(p.relevance(concepts[some, :2], k=20, rows=some), expl.relevance[some, :2])
+
     evaluation = ExplanationEvaluation(
         module.classifier.layers, types, None, k=20, sync_on_compute=False, contributions=False, faithfulness_top_n=8
     )

@@ -49,20 +49,13 @@ from cefam_lightning.errors import one_line
 from cefam_lightning.methods.base import EvaluationSettings
 from cefam_lightning.methods.baselines import SingleChannelBaseline, gradcam_maps, random_maps
 from cefam_lightning.methods.cefam.concept_sets import resolve_concepts
-from cefam_lightning.methods.cefam.contributions import FILLS, concept_contributions
-from cefam_lightning.methods.cefam.pipeline import fused_class_map, padded_concepts
-from cefam_lightning.methods.cefam.regions import (
-    concept_regions,
-    layer_slices,
-    pool_activations,
-    score_jacobian,
-    upsample_regions,
-)
-from cefam_lightning.methods.cefam.relevance import layer_relevance, selectable_layers, top_layer
+from cefam_lightning.methods.cefam.contributions import FILLS
+from cefam_lightning.methods.cefam.pipeline import ExplanationPass, fused_class_map, padded_concepts
 from cefam_lightning.metrics import Faithfulness, RegionMetrics
 from cefam_lightning.metrics.functional.faithfulness import DEFAULT_KEEPS, faithfulness_probabilities, setting_name
 from cefam_lightning.reporting.evaluations import EvaluateError
 from cefam_lightning.reporting.explanations import ExplainError
+from cefam_lightning.reporting.tables import markdown_table
 
 METHODS = ("cefam", "gradcam", "single_channel", "random")
 METHOD_TITLES = {
@@ -269,54 +262,43 @@ class ExplanationEvaluation(nn.Module):
     ) -> None:
         """Score the ``(B, N)`` padded concepts (``valid`` marks real ones) whose masks, in ``valid.nonzero()``
         order, are ``pair_masks`` ``(P, H, W)``."""
-        classifier, translator, scorer = module.classifier, module.translator, module.scorer
-        size = images.shape[-2:]
-        out = classifier(images)
-        logits = out.logits.float()
-        pred = logits.argmax(dim=1)
-        z = pool_activations(out.activations, self.layers)
-        jac = score_jacobian(translator, scorer, z)
-        slices = layer_slices(out.activations, self.layers)
+        # The one CE-FAM pass explain_batch composes too: the same relevance, layers, regions and contributions.
+        p = ExplanationPass(module, images, select_layers=self.selectable or self.select_layers, layers=self.layers)
+        self.selectable = p.selectable  # resolved against the classifier at the first batch
+        pred = p.predicted
         rows = valid.nonzero(as_tuple=True)
         ids = concepts[rows]
         n = concepts.shape[1]
         faithfulness = bool(self.faithfulness)
-        if self.selectable is None:
-            self.selectable = selectable_layers(classifier, self.select_layers)
-        relevance = layer_relevance(z, jac, slices, translator, scorer, concepts, k=self.k)
-        top = top_layer(relevance, self.layers, self.selectable)  # (B, N)
+        top = p.selected_layers(p.relevance(concepts, k=self.k))  # (B, N)
         self.selected += torch.bincount(top[rows], minlength=len(self.layers)).to(self.selected.device)
         union, union_valid, union_top, slot = concepts, valid, top, None
         if faithfulness:
             # The class map's top-N predicted concepts join the present ones; only those not present cost extra
             # (their relevance as sparse pairs, their contributions in the same pass as the present ones').
-            scores = scorer(translator(z)).float()
-            wanted = scores.topk(min(self.faithfulness_top_n, scores.shape[1]), dim=1).indices  # (B, T)
+            wanted = p.top_concepts(self.faithfulness_top_n)  # (B, T)
             union, union_valid, slot = _with_concepts(concepts, valid, wanted)
             extra = union_valid[:, n:].nonzero(as_tuple=True)
             union_top = torch.cat([top, torch.zeros_like(union[:, n:])], dim=1)
             if len(extra[0]):
                 pi, ids_extra = extra[0], union[:, n:][extra]
-                rel = layer_relevance(z[pi], jac[pi], slices, translator, scorer, ids_extra[:, None], k=self.k)
-                union_top[pi, n + extra[1]] = top_layer(rel[:, 0], self.layers, self.selectable)
-        jac_sel = jac.gather(1, union[:, :, None].expand(-1, -1, jac.shape[2]))
-        union_low = concept_regions(out.activations, self.layers, jac_sel)  # {layer: (B, N + E, h, w)}
+                rel = p.relevance(ids_extra[:, None], k=self.k, rows=pi)
+                union_top[pi, n + extra[1]] = p.selected_layers(rel[:, 0])
+        union_low = p.layer_regions(union)  # {layer: (B, N + E, h, w)}
         cefam_low = {layer: maps[:, :n] for layer, maps in union_low.items()}  # the present concepts
-        gradcam_low = gradcam_maps(classifier, out.activations, pred, self.layers)  # {layer: (B, h, w)}
+        gradcam_low = gradcam_maps(p.classifier, p.activations, pred, self.layers)  # {layer: (B, h, w)}
 
         # Per method, the pair maps at every layer, stacked: (L, P, H, W).
         per_layer = {
-            "cefam": torch.stack([upsample_regions(cefam_low[layer], size)[rows] for layer in self.layers]),
-            "gradcam": torch.stack(
-                [upsample_regions(gradcam_low[layer][:, None], size)[:, 0][rows[0]] for layer in self.layers]
-            ),
+            "cefam": torch.stack([p.upsample(cefam_low[layer])[rows] for layer in self.layers]),
+            "gradcam": torch.stack([p.upsample(gradcam_low[layer][:, None])[:, 0][rows[0]] for layer in self.layers]),
         }
         # The top-1 layer: CE-FAM's selection for CE-FAM and Grad-CAM, the baseline's own best layer for it.
         top_layer_of = {"cefam": top[rows], "gradcam": top[rows]}
         if self.single_channel is not None:
             sc = self.single_channel
             per_layer["single_channel"] = torch.stack(
-                [upsample_regions(sc.maps(out.activations, concepts, layer), size)[rows] for layer in self.layers]
+                [p.upsample(sc.maps(p.activations, concepts, layer))[rows] for layer in self.layers]
             )
             top_layer_of["single_channel"] = sc.best_layer_among(self.selectable).to(ids.device)[ids]
         pair = torch.arange(len(ids), device=ids.device)
@@ -328,9 +310,7 @@ class ExplanationEvaluation(nn.Module):
 
         def contributions_at(chosen: Tensor, which: Tensor, which_valid: Tensor) -> Tensor:
             chosen = torch.where(which_valid, chosen, -1)  # padding slots select no layer: not computed (0)
-            return concept_contributions(
-                classifier, out.activations, logits, jac, z, slices, which, chosen, pred, k=self.k, fill=self.fill
-            )
+            return p.contributions(which, chosen, pred, k=self.k, fill=self.fill)
 
         scored = key is not None and bool(self.contribution)
         union_contributions = None
@@ -347,23 +327,12 @@ class ExplanationEvaluation(nn.Module):
                 self.contribution[setting].update(contributions, valid, key_present, correct)
         if faithfulness:
             self._update_faithfulness(
-                classifier,
-                images,
-                logits,
-                pred,
-                union_low,
-                gradcam_low,
-                union_top.gather(1, slot),
-                union_contributions.gather(1, slot),
-                slot,
+                p, union_low, gradcam_low, union_top.gather(1, slot), union_contributions.gather(1, slot), slot
             )
 
     def _update_faithfulness(
         self,
-        classifier,
-        images: Tensor,
-        logits: Tensor,
-        pred: Tensor,
+        p: ExplanationPass,
         union_low: dict[str, Tensor],
         gradcam_low: dict[str, Tensor],
         chosen: Tensor,
@@ -372,30 +341,19 @@ class ExplanationEvaluation(nn.Module):
     ) -> None:
         """AD / IC of CE-FAM's class map of the top-N concepts (``slot``: their columns in ``union_low``, ``chosen``
         their selected layers, ``contributions`` theirs) and of Grad-CAM at the layer carrying most of its weight."""
-        size = images.shape[-2:]
-        b, t = slot.shape
-        regions = images.new_zeros(b, t, *size, dtype=torch.float32)
-        for li, layer in enumerate(self.layers):
-            at_layer = chosen == li
-            if at_layer.any():
-                low = union_low[layer]
-                picked = low.gather(1, slot[:, :, None, None].expand(-1, -1, *low.shape[2:]))
-                regions = torch.where(at_layer[:, :, None, None], upsample_regions(picked, size), regions)
-        class_map = fused_class_map(regions, contributions)
+        b = slot.shape[0]
+        pred = p.predicted
+        class_map = fused_class_map(p.selected_regions(union_low, chosen, columns=slot), contributions)
         weight = contributions.float().nan_to_num(0.0).clamp_min(0.0)
         per_layer = weight.new_zeros(b, len(self.layers)).scatter_add_(1, chosen, weight)
         empty = per_layer.sum(dim=1) <= 0
         # Grad-CAM's layer: the one carrying most of the class map's weight (the top concept's when it is empty).
         main = torch.where(empty, chosen[:, 0], per_layer.argmax(dim=1))
-        gradcam = images.new_zeros(b, *size, dtype=torch.float32)
-        for li, layer in enumerate(self.layers):
-            if (main == li).any():
-                up = upsample_regions(gradcam_low[layer][:, None], size)[:, 0]
-                gradcam = torch.where((main == li)[:, None, None], up, gradcam)
+        gradcam = p.selected_regions({layer: maps[:, None] for layer, maps in gradcam_low.items()}, main[:, None])
         self.class_map_layer += torch.bincount(main, minlength=len(self.layers)).to(self.class_map_layer.device)
         self.class_map_empty += empty.sum().to(self.class_map_empty.device)
-        for method, maps in (("cefam", class_map), ("gradcam", gradcam)):
-            y, o = faithfulness_probabilities(classifier, images, maps, pred, self.keeps, logits=logits)
+        for method, maps in (("cefam", class_map), ("gradcam", gradcam[:, 0])):
+            y, o = faithfulness_probabilities(p.classifier, p.images, maps, pred, self.keeps, logits=p.logits)
             self.faithfulness[method].update(y, o)
 
     def compute(self) -> dict[str, Any]:
@@ -703,25 +661,26 @@ def _title(setting: str) -> str:
 
 def _faithfulness_lines(faith: dict[str, Any]) -> list[str]:
     names = [setting_name(k) for k in faith["keeps"]]
-    head = [*[f"AD {n} ↓" for n in names], *[f"IC {n} ↑" for n in names]]
+    head = ["method", *[f"AD {n} ↓" for n in names], *[f"IC {n} ↑" for n in names]]
     layers = ", ".join(f"{k} {v:.2f}" for k, v in faith["gradcam_layer"].items())
-    lines = [
+    title = (
         f"Faithfulness of the class map (predicted class, {faith['images']} images): CE-FAM's top-{faith['top_n']} "
         "concepts' regions weighted by their positive contributions, beside Grad-CAM at the layer carrying most of "
-        "that weight\n",
-        "| method | " + " | ".join(head) + " |",
-        "|---" * (len(head) + 1) + "|",
-    ]
-    for method, row in faith["methods"].items():
-        cells = [f"{row[f'ad/{n}']:.2f}" for n in names] + [f"{row[f'ic/{n}']:.1f}" for n in names]
-        lines.append(f"| {FAITHFULNESS_TITLES.get(method, method)} | " + " | ".join(cells) + " |")
-    lines.append("")
-    lines.append(
-        f"Grad-CAM's layer (share of images): {layers}; images whose top concepts contribute nothing positive "
-        f"(an all-zero class map): {faith['images_without_positive_contribution']}"
+        "that weight"
     )
-    lines.append("")
-    return lines
+    rows = [
+        [FAITHFULNESS_TITLES.get(method, method)]
+        + [f"{row[f'ad/{n}']:.2f}" for n in names]
+        + [f"{row[f'ic/{n}']:.1f}" for n in names]
+        for method, row in faith["methods"].items()
+    ]
+    return [
+        markdown_table(head, rows, title=title),
+        "",
+        f"Grad-CAM's layer (share of images): {layers}; images whose top concepts contribute nothing positive "
+        f"(an all-zero class map): {faith['images_without_positive_contribution']}",
+        "",
+    ]
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -731,35 +690,30 @@ def format_table(results: dict[str, Any]) -> str:
     settings = [s for s in settings if s != "top1"] + ["top1"]
     lines = []
     for metric, title in (("nra", "NRA"), ("hit_rate", "hit rate"), ("epg", "EPG")):
-        lines.append(f"{title} (mean over concept types)\n")
-        lines.append("| method | " + " | ".join(_title(s) for s in settings) + " |")
-        lines.append("|---" * (len(settings) + 1) + "|")
-        for method, per_setting in regions.items():
-            cells = []
-            for s in settings:
-                # The random map does not depend on the layer: one value, shown in every column.
-                value = per_setting.get(s, per_setting.get("top1"))[f"{metric}/mean"]
-                cells.append(f"{value:.3f}")
-            lines.append(f"| {METHOD_TITLES.get(method, method)} | " + " | ".join(cells) + " |")
-        lines.append("")
+        # The random map does not depend on the layer: one value, shown in every column.
+        rows = [
+            [METHOD_TITLES.get(method, method)]
+            + [f"{per_setting.get(s, per_setting.get('top1'))[f'{metric}/mean']:.3f}" for s in settings]
+            for method, per_setting in regions.items()
+        ]
+        columns = ["method", *map(_title, settings)]
+        lines += [markdown_table(columns, rows, title=f"{title} (mean over concept types)"), ""]
     contribution = results.get("contribution", {})
     top1 = contribution.get("top1", {})
     if top1.get("images_scored", 0):
-        lines.append(
-            f"Contribution accuracy of CE-FAM (fill={results['settings']['fill']}, K={results['settings']['k']}), "
-            f"on {int(top1['images_scored'])} correctly classified images with concepts outside the key object:\n"
-        )
         masked_at = [s for s in settings if s in contribution]
-        lines.append("| concepts masked at | " + " | ".join(_title(s) for s in masked_at) + " |")
-        lines.append("|---" * (len(masked_at) + 1) + "|")
-        rows = (
-            ("top1_key", "top contributor is a key-object concept"),
-            ("all_key_first", "all key-object concepts first"),
+        rows = [
+            [title, *[f"{contribution[s][name]:.3f}" for s in masked_at]]
+            for name, title in (
+                ("top1_key", "top contributor is a key-object concept"),
+                ("all_key_first", "all key-object concepts first"),
+            )
+        ]
+        title = (
+            f"Contribution accuracy of CE-FAM (fill={results['settings']['fill']}, K={results['settings']['k']}), "
+            f"on {int(top1['images_scored'])} correctly classified images with concepts outside the key object:"
         )
-        for name, title in rows:
-            cells = " | ".join(f"{contribution[s][name]:.3f}" for s in masked_at)
-            lines.append(f"| {title} | {cells} |")
-        lines.append("")
+        lines += [markdown_table(["concepts masked at", *map(_title, masked_at)], rows, title=title), ""]
     faith = results.get("faithfulness")
     if faith and faith.get("images"):
         lines.extend(_faithfulness_lines(faith))

@@ -7,16 +7,22 @@ the selected layer (highest relevance), its region map at that layer upsampled t
 (docs/method.md#concept-regions) and its contribution to the explained class (docs/method.md#contribution). Every
 step is batched: one Jacobian for all concepts, one translator pass for every
 deletion step, one pass through the classifier's tail per layer for every masked variant.
+
+The steps are :class:`ExplanationPass`'s methods, on one classifier pass over the batch: :func:`explain_batch`
+composes them for ``explain`` and the callbacks, and the evaluation
+(:class:`~cefam_lightning.methods.cefam.evaluation.ExplanationEvaluation`) for its ground-truth comparisons, so
+what is scored is what is explained.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from cefam_lightning.methods.cefam.contributions import concept_contributions
 from cefam_lightning.methods.cefam.regions import (
@@ -48,6 +54,178 @@ class BatchExplanation:
     regions: Tensor  # (B, N, H, W) region map at the selected layer, at the image size
 
 
+@contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    """``module`` in eval mode inside the block, in its own mode again after it."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+class ExplanationPass:
+    """CE-FAM's steps on one batch of images, sharing one classifier pass and one Jacobian.
+
+    Built once per batch: it runs the frozen classifier, pools its activations into ``z``
+    (docs/method.md#translator) and computes ``dS/dz`` for every concept (docs/method.md#concept-regions); each
+    step is then a method on those. The translator is used in eval mode (its BatchNorm's running statistics, no
+    dropout) and left in its own mode.
+
+    Args:
+        module: a :class:`~cefam_lightning.methods.cefam.module.CEFAMModule`, or anything with its
+            ``classifier``, ``translator`` and ``scorer``.
+        images: ``(B, 3, H, W)`` in ``[0, 1]``, on the module's device.
+        scorer: another concept set's scorer (its text embeddings) instead of the module's.
+        select_layers: the layers a concept's top-1 layer is chosen from (see :func:`selectable_layers`):
+            ``"auto"``, ``"all"`` or layer names.
+        layers: the explained layers, in ``z``'s order (default the classifier's).
+
+    Attributes:
+        classifier, translator, scorer: the parts used.
+        images: the images; size: their ``(H, W)``.
+        layers: the explained layers; selectable: those a top-1 layer may be chosen from.
+        activations: the classifier's activations; logits: its float32 logits ``(B, num_classes)``.
+        z: pooled activations ``(B, D)``; slices: ``{layer: slice of z}``; jacobian: ``dS/dz`` ``(B, C, D)``.
+    """
+
+    @torch.no_grad()
+    def __init__(
+        self,
+        module,
+        images: Tensor,
+        scorer: Any = None,
+        select_layers: str | Sequence[str] = "auto",
+        layers: Sequence[str] | None = None,
+    ) -> None:
+        self.classifier, self.translator = module.classifier, module.translator
+        self.scorer = module.scorer if scorer is None else scorer
+        self.images = images
+        self.size = tuple(images.shape[-2:])
+        self.layers = list(self.classifier.layers if layers is None else layers)
+        self.selectable = selectable_layers(self.classifier, select_layers)
+        out = self.classifier(images)
+        self.activations = out.activations
+        self.logits = out.logits.float()
+        self.z = pool_activations(self.activations, self.layers)
+        self.slices = layer_slices(self.activations, self.layers)
+        self.jacobian = score_jacobian(self.translator, self.scorer, self.z)  # (B, C, D), float32
+        self._scores: Tensor | None = None
+
+    @property
+    def batch_size(self) -> int:
+        return self.z.shape[0]
+
+    @property
+    def predicted(self) -> Tensor:
+        """``(B,)`` the classifier's predicted class."""
+        return self.logits.argmax(dim=1)
+
+    def target(self, target: Tensor | None = None) -> Tensor:
+        """``(B,)`` the explained class: ``target`` as a tensor on the logits' device, else the predicted one."""
+        return self.predicted if target is None else torch.as_tensor(target, device=self.logits.device)
+
+    def class_probability(self, target: Tensor) -> Tensor:
+        """``(B,)`` the softmax probability of each image's ``target`` class."""
+        return self.logits.softmax(dim=1).gather(1, target[:, None])[:, 0]
+
+    @torch.no_grad()
+    def scores(self) -> Tensor:
+        """``(B, C)`` concept scores ``S`` (pre-softmax/sigmoid), float32; computed once."""
+        if self._scores is None:
+            with _eval_mode(self.translator):
+                self._scores = self.scorer(self.translator(self.z)).float()
+        return self._scores
+
+    def concept_probabilities(self) -> Tensor:
+        """``(B, C)`` softmax (CLIP-style) or sigmoid (SigLIP-style) of the scores."""
+        return self.scorer.probabilities(self.scores())
+
+    def top_concepts(self, n: int) -> Tensor:
+        """``(B, min(n, C))`` each image's ``n`` highest-scoring concepts, by decreasing score."""
+        scores = self.scores()
+        return scores.topk(min(n, scores.shape[1]), dim=1).indices
+
+    def explained_concepts(self, concepts: Tensor | Sequence[int] | None = None, top_n: int = 8) -> Tensor:
+        """``(B, N)`` concept indices: ``concepts`` (``(B, N)``, or ``(N,)`` for every image) checked against the
+        concept count, else the :meth:`top_concepts`."""
+        if concepts is None:
+            return self.top_concepts(top_n)
+        c = self.jacobian.shape[1]
+        concepts = torch.as_tensor(concepts, dtype=torch.long, device=self.logits.device)
+        if concepts.ndim == 1:
+            concepts = concepts.expand(self.batch_size, -1)
+        if concepts.numel() and (concepts.min() < 0 or concepts.max() >= c):
+            raise ValueError(f"concept indices must lie in [0, {c}), got {concepts.min()}..{concepts.max()}")
+        return concepts
+
+    @torch.no_grad()
+    def relevance(self, concepts: Tensor, k: int = 20, rows: Tensor | None = None) -> Tensor:
+        """Layer relevance (docs/method.md#layer-relevance) of ``(B, N)`` concepts, ``(B, N, L)``.
+
+        With ``rows`` (``(R,)`` image indices), ``concepts`` is ``(R, N)``: the concepts of those images only
+        (e.g. a few extra concepts of some images), ``(R, N, L)``.
+        """
+        z, jac = (self.z, self.jacobian) if rows is None else (self.z[rows], self.jacobian[rows])
+        return layer_relevance(z, jac, self.slices, self.translator, self.scorer, concepts, k=k)
+
+    def selected_layers(self, relevance: Tensor) -> Tensor:
+        """``(..., L)`` relevance -> ``(...)`` index into :attr:`layers` of the most relevant selectable layer."""
+        return top_layer(relevance, self.layers, self.selectable)
+
+    @torch.no_grad()
+    def layer_regions(self, concepts: Tensor) -> dict[str, Tensor]:
+        """Region maps (docs/method.md#concept-regions) of ``(B, N)`` concepts at every layer, at its own resolution:
+        ``{layer: (B, N, h, w)}`` (the Jacobian rows of just these concepts)."""
+        jac = self.jacobian.gather(1, concepts[:, :, None].expand(-1, -1, self.jacobian.shape[2]))
+        return concept_regions(self.activations, self.layers, jac)
+
+    def upsample(self, maps: Tensor) -> Tensor:
+        """``(B, N, h, w)`` maps -> ``(B, N, H, W)`` at the image size (bilinear)."""
+        return upsample_regions(maps, self.size)
+
+    def selected_regions(self, low: dict[str, Tensor], layer_index: Tensor, columns: Tensor | None = None) -> Tensor:
+        """Each concept's region at its selected layer, at the image size: ``(B, N, H, W)`` float32.
+
+        Args:
+            low: ``{layer: (B, M, h, w)}`` maps at every layer (:meth:`layer_regions`).
+            layer_index: ``(B, N)`` index into :attr:`layers` of each concept's layer.
+            columns: ``(B, N)`` each concept's column in ``low``; default ``low``'s own columns (``M == N``).
+        """
+        b, n = layer_index.shape
+        regions = torch.zeros(b, n, *self.size, dtype=torch.float32, device=self.images.device)
+        for li, layer in enumerate(self.layers):
+            chosen = layer_index == li
+            if chosen.any():
+                maps = low[layer]
+                if columns is not None:
+                    maps = maps.gather(1, columns[:, :, None, None].expand(-1, -1, *maps.shape[2:]))
+                regions = torch.where(chosen[:, :, None, None], self.upsample(maps), regions)
+        return regions
+
+    @torch.no_grad()
+    def contributions(
+        self, concepts: Tensor, layer_index: Tensor, target: Tensor, k: int = 20, fill: str = "spatial_mean"
+    ) -> Tensor:
+        """Contributions (docs/method.md#contribution) of ``(B, N)`` concepts to the ``(B,)`` ``target`` class,
+        each masked at its ``layer_index`` (``-1``: not computed, 0); ``k`` channels at most, filled by ``fill``
+        (see :func:`concept_contributions`)."""
+        return concept_contributions(
+            self.classifier,
+            self.activations,
+            self.logits,
+            self.jacobian,
+            self.z,
+            self.slices,
+            concepts,
+            layer_index,
+            target,
+            k=k,
+            fill=fill,
+        )
+
+
 @torch.no_grad()
 def explain_batch(
     module,
@@ -77,56 +255,25 @@ def explain_batch(
         scorer: another concept set's scorer (its text embeddings) instead of the module's.
         contributions: compute the contributions (``False``: zeros, for uses that draw or score regions only).
     """
-    classifier, translator = module.classifier, module.translator
-    scorer = module.scorer if scorer is None else scorer
-    layers = list(classifier.layers)
-    selectable = selectable_layers(classifier, select_layers)
-    was_training = translator.training
-    translator.eval()
-    try:
-        out = classifier(images)
-        z = pool_activations(out.activations, layers)
-        scores = scorer(translator(z)).float()
-        b, c = scores.shape
-        if concepts is None:
-            concepts = scores.topk(min(top_n, c), dim=1).indices
-        else:
-            concepts = torch.as_tensor(concepts, dtype=torch.long, device=scores.device)
-            if concepts.ndim == 1:
-                concepts = concepts.expand(b, -1)
-            if concepts.numel() and (concepts.min() < 0 or concepts.max() >= c):
-                raise ValueError(f"concept indices must lie in [0, {c}), got {concepts.min()}..{concepts.max()}")
-        logits = out.logits.float()
-        target = logits.argmax(dim=1) if target is None else torch.as_tensor(target, device=logits.device)
-        jac = score_jacobian(translator, scorer, z)  # (B, C, D), float32
-        slices = layer_slices(out.activations, layers)
-        relevance = layer_relevance(z, jac, slices, translator, scorer, concepts, k=k)
-        layer_index = top_layer(relevance, layers, selectable)
+    with _eval_mode(module.translator):
+        p = ExplanationPass(module, images, scorer=scorer, select_layers=select_layers)
+        concepts = p.explained_concepts(concepts, top_n)
+        target = p.target(target)
+        relevance = p.relevance(concepts, k=k)
+        layer_index = p.selected_layers(relevance)
         if contributions:
-            contrib = concept_contributions(
-                classifier, out.activations, logits, jac, z, slices, concepts, layer_index, target, k=k, fill=fill
-            )
+            contrib = p.contributions(concepts, layer_index, target, k=k, fill=fill)
         else:
-            contrib = torch.zeros(concepts.shape, device=logits.device)
-        # Region maps only for the explained concepts: gather their Jacobian rows first.
-        jac_sel = jac.gather(1, concepts[:, :, None].expand(-1, -1, jac.shape[2]))
-        per_layer = concept_regions(out.activations, layers, jac_sel)
-        regions = images.new_zeros(b, concepts.shape[1], *images.shape[-2:], dtype=torch.float32)
-        for li, layer in enumerate(layers):
-            chosen = layer_index == li
-            if chosen.any():
-                up = upsample_regions(per_layer[layer], images.shape[-2:])
-                regions = torch.where(chosen[:, :, None, None], up, regions)
-    finally:
-        translator.train(was_training)
+            contrib = torch.zeros(concepts.shape, device=p.logits.device)
+        regions = p.selected_regions(p.layer_regions(concepts), layer_index)
     return BatchExplanation(
-        layers=layers,
-        selectable=selectable,
-        logits=logits,
+        layers=p.layers,
+        selectable=p.selectable,
+        logits=p.logits,
         target=target,
-        class_prob=logits.softmax(dim=1).gather(1, target[:, None])[:, 0],
-        scores=scores,
-        concept_probs=scorer.probabilities(scores),
+        class_prob=p.class_probability(target),
+        scores=p.scores(),
+        concept_probs=p.concept_probabilities(),
         concepts=concepts,
         relevance=relevance,
         layer_index=layer_index,
