@@ -38,8 +38,8 @@ from cefam_lightning.methods.base import (
     RegionPanels,
     constructor_kwargs,
 )
-from cefam_lightning.methods.cefam.pipeline import BatchExplanation, explain_batch
-from cefam_lightning.methods.cefam.regions import concept_regions, pool_activations, score_jacobian, upsample_regions
+from cefam_lightning.methods.cefam.pipeline import BatchExplanation, ExplanationPass, explain_batch
+from cefam_lightning.methods.cefam.regions import pool_activations
 from cefam_lightning.methods.cefam.relevance import selectable_layers
 from cefam_lightning.methods.checkpoints import CheckpointError, read_checkpoint
 from cefam_lightning.methods.optim import configure_optimization
@@ -241,17 +241,16 @@ class CEFAMModule(ExplainerModule):
 
         Returns ``{layer: (B, C', H, W)}`` at the image size when ``upsample`` else at each layer's resolution.
         """
-        with torch.no_grad():
-            out = self.classifier(images)
         all_layers = self.classifier.layers
         unknown = [layer for layer in layers or () if layer not in all_layers]
         if unknown:
             raise ValueError(f"Layers {unknown} are not among the explained layers {all_layers}")
-        jac = score_jacobian(self.translator, self.scorer, pool_activations(out.activations, all_layers))
-        maps = concept_regions(out.activations, all_layers, jac, concepts, select=layers)
-        if upsample:
-            maps = {k: upsample_regions(v, images.shape[-2:]) for k, v in maps.items()}
-        return maps
+        with torch.no_grad():
+            explained = ExplanationPass(self, images)  # the one pipeline: one forward pass, one Jacobian
+            index = torch.arange(self.scorer.num_concepts) if concepts is None else torch.as_tensor(concepts)
+            low = explained.layer_regions(index.to(explained.logits.device).long().expand(images.shape[0], -1))
+        chosen = list(layers) if layers is not None else list(all_layers)
+        return {layer: explained.upsample(low[layer]) if upsample else low[layer] for layer in chosen}
 
     def batch_pooled(self, batch: dict, stage: str | None = None) -> tuple[Tensor | None, Tensor]:
         """``(logits, z)`` of a batch, from the feature cache of ``stage`` where it holds them.
