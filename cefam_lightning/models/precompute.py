@@ -53,7 +53,7 @@ import torch
 from cefam_lightning.data.concepts import Concept, ConceptFileError, make_concepts, read_concept_file
 from cefam_lightning.data.embedding_store import EmbeddingStore
 from cefam_lightning.data.image_sources import ImageRecord, ImageSourceError, WebDataSource, open_image, open_source
-from cefam_lightning.errors import CefamError, one_line
+from cefam_lightning.errors import CefamError, error_summary, one_line
 from cefam_lightning.io_utils import atomic_write_bytes, atomic_write_json, stable_hash
 from cefam_lightning.models.vlm import OpenCLIPVLM
 
@@ -167,7 +167,7 @@ def _read_chunk(file: Path, record_ids: list[str]) -> tuple[list[str], np.ndarra
             skipped = [json.loads(s) for s in z["skipped"].tolist()]
     except (OSError, ValueError, KeyError, EOFError) as e:
         raise PrecomputeError(
-            f"{file}: unreadable partial result ({type(e).__name__}: {e}); start over with --restart"
+            f"{file}: unreadable partial result ({error_summary(e)}); start over with --restart"
         ) from e
     if saved != record_ids:
         raise PrecomputeError(
