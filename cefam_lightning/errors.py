@@ -24,8 +24,8 @@ class CefamError(ValueError):
     """
 
 
-def one_line(e: BaseException | str, limit: int = MAX_LINE) -> str:
-    """An error's message on one line, at most ``limit`` characters.
+def one_line(e: BaseException | str, limit: int | None = MAX_LINE) -> str:
+    """An error's message on one line, at most ``limit`` characters (``None``: uncut), ``...`` where cut.
 
     A message relayed from a DataLoader worker (``... Original Traceback ...``) is cut to its last line, the
     worker's own message.
@@ -35,10 +35,10 @@ def one_line(e: BaseException | str, limit: int = MAX_LINE) -> str:
         last = [line for line in text.strip().splitlines() if line.strip()][-1]
         text = last.split(": ", 1)[-1] if ": " in last else last
     text = " ".join(text.split())
-    return text if len(text) <= limit else text[: limit - 3] + "..."
+    return text if limit is None or len(text) <= limit else text[: limit - 3] + "..."
 
 
-def error_summary(e: BaseException, limit: int = 400) -> str:
+def error_summary(e: BaseException, limit: int | None = 400) -> str:
     """``Type: message`` of an exception on one line, for messages that relay another error."""
     text = one_line(e, limit)
     return f"{type(e).__name__}: {text}" if text else type(e).__name__

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from cefam_lightning.training import loggers as lg
 from cefam_lightning.training.config import ConfigError
 from tests.conftest import closed_port
+from tests.wandb_offline import read_offline_wandb_run
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = {"seed": 3, "model": {"lambda_sim": 0.001, "hidden_dims": [8, 4]}, "run_name": "t"}
@@ -230,7 +231,7 @@ def test_offline_run_read_back(tmp_path):
     module = _tiny_fit(run_dir, loggers)
     wandb.finish()
 
-    run = lg.read_offline_wandb_run(run_dir, wait_s=20)
+    run = read_offline_wandb_run(run_dir, wait_s=20)
     rows = [row for row in run["history"] if "train/loss" in row]
     assert len(module.train_losses) == 4
     assert [row["train/loss"] for row in rows] == pytest.approx(module.train_losses)
@@ -263,27 +264,27 @@ def test_truncated_and_wrong_files(tmp_path):
     for step in range(5):
         loggers[0].log_metrics({"loss": float(step)}, step=step)
     wandb.finish()
-    full = lg.read_offline_wandb_run(tmp_path, wait_s=20)
+    full = read_offline_wandb_run(tmp_path, wait_s=20)
     assert [row["loss"] for row in full["history"]] == [0.0, 1.0, 2.0, 3.0, 4.0]
     raw = Path(full["path"]).read_bytes()
     cut = tmp_path / "cut" / "run-x.wandb"  # a run still being written: its last record may be incomplete
     cut.parent.mkdir()
     cut.write_bytes(raw[: raw.index(b"loss")])  # inside the first record that has a loss
-    assert lg.read_offline_wandb_run(cut)["history"] == []
+    assert read_offline_wandb_run(cut)["history"] == []
     counts = []
     for end in range(8, len(raw), max(1, len(raw) // 25)):
         cut.write_bytes(raw[:end])
-        rows = lg.read_offline_wandb_run(cut)["history"]
+        rows = read_offline_wandb_run(cut)["history"]
         assert rows == full["history"][: len(rows)]
         counts.append(len(rows))
     assert counts == sorted(counts) and counts[0] == 0
 
     with pytest.raises(FileNotFoundError, match="offline-run"):
-        lg.read_offline_wandb_run(tmp_path / "cut-empty")
+        read_offline_wandb_run(tmp_path / "cut-empty")
     bad = tmp_path / "bad.wandb"
     bad.write_bytes(b"not a log at all")
     with pytest.raises(ValueError, match="not a W&B transaction log"):
-        lg.read_offline_wandb_run(bad)
+        read_offline_wandb_run(bad)
 
 
 def test_accepts_the_omegaconf_block(tmp_path):
@@ -326,7 +327,7 @@ def test_finish_loggers_ends_the_wandb_run(tmp_path):
     assert wandb.run is not None
     lg.finish_loggers(loggers, exit_code=3)
     assert wandb.run is None
-    run = lg.read_offline_wandb_run(tmp_path, wait_s=20)
+    run = read_offline_wandb_run(tmp_path, wait_s=20)
     assert run["exit_code"] == 3 and run["history"][0]["loss"] == 1.5
     lg.finish_loggers(loggers)  # a second call, or loggers without a run: nothing happens
     lg.finish_loggers([])

@@ -18,6 +18,7 @@ import torch
 from cefam_lightning.cli.evaluate import main as evaluate_main
 from cefam_lightning.cli.explain import main as explain_main
 from cefam_lightning.cli.train import main as train_main
+from cefam_lightning.errors import error_summary, one_line
 from cefam_lightning.methods.base import load_explainer
 from cefam_lightning.methods.cefam.module import CEFAMModule
 from cefam_lightning.methods.checkpoints import CheckpointError, read_checkpoint
@@ -201,3 +202,15 @@ def test_explain_and_evaluate_give_one_line_for_an_unwritable_out(tiny_checkpoin
     assert str(blocker) in line
     with pytest.raises(OSError):  # --debug: the exception itself, with its traceback
         explain_main(["--debug", "--checkpoint", tiny_checkpoint, "--out", str(out), str(image)])
+
+
+def test_one_line_folds_cuts_and_keeps_a_workers_own_message():
+    assert one_line("a\n  b\tc") == "a b c"
+    assert one_line("x" * 600) == "x" * 497 + "..."
+    assert one_line("x y " * 10, limit=9) == "x y x ..."
+    assert one_line("x\n" * 600, limit=None) == " ".join(["x"] * 600)  # uncut, for a caller that cuts later
+    relayed = "Caught ValueError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+    relayed += '  File "w.py", line 1\nValueError: bad.png: cannot read the image\n'
+    assert one_line(relayed) == "bad.png: cannot read the image"
+    assert error_summary(KeyError("k")) == "KeyError: 'k'" and error_summary(EOFError()) == "EOFError"
+    assert error_summary(ValueError("v" * 500)) == "ValueError: " + "v" * 397 + "..."  # the message cut to 400

@@ -321,6 +321,8 @@ def test_evaluate_on_world(trained, classifier, tiny_world, tiny_spec):
     assert 0 <= results["top_attr_is_key"] <= 1 and 0 <= results["regions"]["nra/mean"] <= 1
     table = format_siam_table(results)
     assert f"{results['attr_auroc']:.3f}" in table and "| NRA |" in table
+    assert table.startswith("SIAM on the shapes world (test split, 25 images)\n\n| metric | value |\n|---|---|\n")
+    assert "|\n\nAttribute maps vs concept masks (present concepts)\n\n| concept type | " in table
     with pytest.raises(ValueError, match="max_images"):
         evaluate_siam_on_world(module, tiny_world, max_images=0)
 

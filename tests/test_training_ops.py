@@ -22,9 +22,9 @@ from cefam_lightning.cli.train import main
 from cefam_lightning.data.shapes_datamodule import ShapesWorldDataModule
 from cefam_lightning.data.shapes_world import WorldSpec
 from cefam_lightning.methods.cefam.module import CEFAMModule, CheckpointMismatchError, init_translator_from
-from cefam_lightning.training.loggers import read_offline_wandb_run
 from tests.cli import cli_error
 from tests.conftest import TINY_WORLD, tiny_overrides
+from tests.wandb_offline import read_offline_wandb_run
 
 ROOT = Path(__file__).resolve().parents[1]
 QUIET = ["evaluation.enabled=false", "demo.num_figures=0"]

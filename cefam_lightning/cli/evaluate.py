@@ -46,6 +46,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from cefam_lightning.cli.options import add_channel_options, add_debug_option, add_device_option
 from cefam_lightning.data.mask_datasets import FORMATS, open_evaluation_splits
 from cefam_lightning.data.shapes_world import ShapesWorld
 from cefam_lightning.errors import CefamError, cli_errors
@@ -83,17 +84,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     data.add_argument("--num-workers", type=int, default=0, help="DataLoader workers reading the dataset (default 0)")
     data.add_argument("--categories", default=None, help="ImageNet-S: the release's ImageNetS_categories_im{N}.txt")
     data.add_argument("--class-names", default=None, help="ImageNet-S: '<wnid> <name>' lines (LOC_synset_mapping.txt)")
-    p.add_argument("--k", type=int, default=None, help="channels deleted/masked at most (default: the run's)")
-    p.add_argument(
-        "--fill", default=None, help="CE-FAM: masked-channel fill, spatial_mean or zero (default: the run's)"
-    )
-    p.add_argument(
-        "--select-layers",
-        default=None,
-        metavar="auto|all|L1,L2",
-        help="layers a concept's top-1 layer is chosen from: auto (not a layer read only through global pooling), "
-        "all, or comma-separated names (default: the run's evaluation.select_layers, else auto)",
-    )
+    add_channel_options(p)
     p.add_argument(
         "--per-layer-contributions",
         action="store_true",
@@ -102,8 +93,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=None, help="images per batch (default 64; 16 with --data)")
     p.add_argument("--cache-dir", default=None, help="where the shapes world is cached (default: the run's)")
     p.add_argument("--out", default=None, help="output folder (default: <run folder>/evaluation[-<data>-<split>])")
-    p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
-    p.add_argument("--debug", action="store_true", help="show a traceback instead of a one-line error")
+    add_device_option(p)
+    add_debug_option(p)
     args = p.parse_args(argv)
     if args.data is None:
         given = [f"--{o.replace('_', '-')}" for o in DATA_OPTIONS if getattr(args, o) is not None]

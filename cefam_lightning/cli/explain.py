@@ -40,6 +40,7 @@ import logging
 import sys
 from typing import Any
 
+from cefam_lightning.cli.options import add_channel_options, add_debug_option, add_device_option
 from cefam_lightning.errors import cli_errors
 from cefam_lightning.methods.cefam.relevance import parse_select_layers
 from cefam_lightning.reporting.explanations import explain_images
@@ -67,24 +68,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=None,
         help="CE-FAM: concepts reported per image, by score; SIAM: attribute maps drawn (default 8)",
     )
-    p.add_argument("--k", type=int, default=None, help="CE-FAM: channels deleted/masked (default: the checkpoint's)")
-    p.add_argument(
-        "--fill", default=None, help="CE-FAM: masked-channel fill, spatial_mean or zero (default: the run's)"
-    )
-    p.add_argument(
-        "--select-layers",
-        default=None,
-        metavar="auto|all|L1,L2",
-        help="CE-FAM: layers a concept's selected layer is chosen from: auto (not a layer read only through global "
-        "pooling, where every contribution is 0), all, or comma-separated names (default: the checkpoint's)",
-    )
+    add_channel_options(p)
     p.add_argument("--target", default=None, metavar="CLASS", help="class to explain (default: the predicted one)")
     p.add_argument("--out", default="explanations", metavar="DIR", help="output folder (default: explanations)")
     p.add_argument("--batch-size", type=int, metavar="N", default=16, help="images explained together (default 16)")
-    p.add_argument("--device", default="auto", metavar="DEVICE", help="auto (default), cpu or cuda")
+    add_device_option(p)
     p.add_argument("--no-figures", action="store_true", help="skip figure.png (the slowest output)")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders (searched recursively)")
-    p.add_argument("--debug", action="store_true", help="show a traceback instead of a one-line error")
+    add_debug_option(p)
     return p.parse_args(argv)
 
 

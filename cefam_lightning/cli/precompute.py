@@ -15,6 +15,7 @@ import logging
 import sys
 from pathlib import Path
 
+from cefam_lightning.cli.options import add_debug_option, add_device_option
 from cefam_lightning.errors import cli_errors
 from cefam_lightning.models.precompute import (
     PrecomputeError,
@@ -40,7 +41,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--float16", action="store_true", help="store image embeddings as float16")
     p.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per forward pass (default 64)")
     p.add_argument("--chunk-size", type=int, default=1024, metavar="N", help="images per resumable chunk (1024)")
-    p.add_argument("--device", default="auto", help="auto (default), cpu or cuda")
+    add_device_option(p)
     p.add_argument("--num-workers", type=int, default=0, metavar="N", help="image decoding workers (default 0)")
     p.add_argument("--templates", default=None, metavar="FILE", help="YAML/JSON mapping concept type -> template")
     p.add_argument(
@@ -62,7 +63,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--restart", action="store_true", help="discard an unfinished run's work instead of resuming")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store at --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    p.add_argument("--debug", action="store_true", help="show a traceback instead of a one-line error")
+    add_debug_option(p)
     return p.parse_args(argv)
 
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
+from cefam_lightning.cli.options import add_debug_option
 from cefam_lightning.errors import cli_errors
 from cefam_lightning.training.config import load_config
 from cefam_lightning.training.run import run
@@ -22,7 +23,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=None, help="experiment YAML merged on top of configs/default.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.max_epochs=5")
-    p.add_argument("--debug", action="store_true", help="show a traceback instead of a one-line error")
+    add_debug_option(p)
     return p.parse_args(argv)
 
 

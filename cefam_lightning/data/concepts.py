@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from cefam_lightning.errors import CefamError
+from cefam_lightning.errors import CefamError, error_summary
 
 # The CE-FAM authors' prompt templates, chosen by concept type.
 DEFAULT_PROMPTS: dict[str, str] = {
@@ -71,7 +71,7 @@ def read_concept_file(path: str | os.PathLike) -> list[tuple[str, str | None]]:
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise ConceptFileError(f"{path}: cannot read the concept file ({type(e).__name__}: {e})") from e
+        raise ConceptFileError(f"{path}: cannot read the concept file ({error_summary(e)})") from e
     items: list[tuple[str, str | None]] = []
     for lineno, raw in enumerate(lines, start=1):
         line = raw.split("#", 1)[0].strip()

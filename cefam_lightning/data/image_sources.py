@@ -43,7 +43,7 @@ from typing import Any, Protocol, runtime_checkable
 from PIL import Image
 
 from cefam_lightning.data.image_io import read_rgb
-from cefam_lightning.errors import CefamError
+from cefam_lightning.errors import CefamError, error_summary
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # WebDataset member suffixes read as the image, in this order
 TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -94,7 +94,7 @@ def open_image(record: ImageRecord) -> Image.Image:
     try:
         return read_rgb(record.path if record.path is not None else io.BytesIO(record.data))
     except Exception as e:  # noqa: BLE001 - PIL raises OSError, ValueError, SyntaxError, DecompressionBombError ...
-        raise ImageSourceError(f"cannot decode image {record.id!r} ({record.where()}): {type(e).__name__}: {e}") from e
+        raise ImageSourceError(f"cannot decode image {record.id!r} ({record.where()}): {error_summary(e)}") from e
 
 
 @runtime_checkable
@@ -467,7 +467,7 @@ def shard_keys(shard: str | os.PathLike) -> list[str]:
             raise TruncatedShardError(_truncated(shard, f"the file ends inside a member ({e})")) from e
         raise ImageSourceError(f"{shard}: not a readable tar file ({e})") from e
     except SHARD_READ_ERRORS as e:  # e.g. a .tar.gz cut short (EOFError) or damaged (zlib.error)
-        raise TruncatedShardError(_truncated(shard, f"{type(e).__name__}: {e}")) from e
+        raise TruncatedShardError(_truncated(shard, error_summary(e))) from e
     if not keys:
         raise ImageSourceError(f"{shard}: the shard holds no samples")
     _check_unique(keys, [f"{shard} sample {i}" for i in range(len(keys))], str(shard))
@@ -567,7 +567,7 @@ def iter_shard_samples(shards: Iterable[str | os.PathLike]) -> Iterator[dict[str
         except ImageSourceError:
             raise
         except SHARD_READ_ERRORS as e:
-            raise ImageSourceError(f"{shard}: cannot read the tar shard ({type(e).__name__}: {e})") from e
+            raise ImageSourceError(f"{shard}: cannot read the tar shard ({error_summary(e)})") from e
 
 
 def shard_error(exn: Exception) -> bool:

@@ -83,7 +83,7 @@ from torch.utils.data import Dataset
 
 from cefam_lightning.data.image_io import read_rgb
 from cefam_lightning.data.transforms import InputSpec, image_transform
-from cefam_lightning.errors import CefamError
+from cefam_lightning.errors import CefamError, error_summary
 
 FORMATS = ("folder", "broden", "imagenet-s")
 # The image files explain.py reads, by extension.
@@ -250,7 +250,7 @@ def read_image(path: Path) -> Image.Image:
     except FileNotFoundError:
         raise MaskDatasetError(f"{path}: image file not found") from None
     except Exception as e:  # PIL raises many kinds for a corrupt file
-        raise MaskDatasetError(f"{path}: cannot read the image ({_reason(e)})") from e
+        raise MaskDatasetError(f"{path}: cannot read the image ({error_summary(e)})") from e
 
 
 def _read_png(path: Path) -> Image.Image:
@@ -261,7 +261,7 @@ def _read_png(path: Path) -> Image.Image:
     except FileNotFoundError:
         raise MaskDatasetError(f"{path}: mask file not found") from None
     except Exception as e:
-        raise MaskDatasetError(f"{path}: cannot read the mask ({_reason(e)})") from e
+        raise MaskDatasetError(f"{path}: cannot read the mask ({error_summary(e)})") from e
 
 
 def decode_label_png(path: Path) -> np.ndarray:
@@ -292,7 +292,7 @@ def _csv_rows(path: Path, required: Sequence[str]) -> tuple[list[str], list[tupl
             reader.fieldnames = header
             rows = [(reader.line_num, {k: (v or "").strip() for k, v in r.items() if k is not None}) for r in reader]
     except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise MaskDatasetError(f"{path}: cannot read the CSV file ({_reason(e)})") from e
+        raise MaskDatasetError(f"{path}: cannot read the CSV file ({error_summary(e)})") from e
     missing = [c for c in required if c not in header]
     if missing:
         raise MaskDatasetError(f"{path}: missing column(s) {', '.join(missing)} in the header line {header}")
@@ -609,7 +609,7 @@ def _imagenet_s_wnids(root: Path, split: str, categories: str | os.PathLike | No
         try:
             wnids = [w.strip() for w in path.read_text(encoding="utf-8").splitlines() if w.strip()]
         except (OSError, UnicodeDecodeError) as e:
-            raise MaskDatasetError(f"{path}: cannot read the ImageNet-S category list ({_reason(e)})") from e
+            raise MaskDatasetError(f"{path}: cannot read the ImageNet-S category list ({error_summary(e)})") from e
         source = str(path)
     else:
         folder = root / "validation" if (root / "validation").is_dir() else root / split
@@ -637,7 +637,7 @@ def _imagenet_s_names(wnids: list[str], class_names: str | os.PathLike | None) -
         try:
             lines = path.read_text(encoding="utf-8").splitlines()
         except (OSError, UnicodeDecodeError) as e:
-            raise MaskDatasetError(f"{path}: cannot read the class names ({_reason(e)})") from e
+            raise MaskDatasetError(f"{path}: cannot read the class names ({error_summary(e)})") from e
         for line_no, line in enumerate(lines, start=1):
             if not line.strip():
                 continue
@@ -843,11 +843,6 @@ def main(argv: list[str] | None = None) -> None:
 def _listing(items: Sequence[Any]) -> str:
     shown = ", ".join(repr(i) if isinstance(i, str) else str(i) for i in items[:_MAX_LISTED])
     return shown + (f", ... ({len(items)} in all)" if len(items) > _MAX_LISTED else "")
-
-
-def _reason(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 if __name__ == "__main__":

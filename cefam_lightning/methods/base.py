@@ -32,7 +32,7 @@ from cefam_lightning.methods.checkpoints import NOT_AN_EXPLAINER, CheckpointErro
 from cefam_lightning.methods.registry import MethodSpec, get_method, method_of_hparams
 from cefam_lightning.models.classifier import build_classifier
 
-STAGES = ("train", "val", "test")
+STAGES = ("train", "val", "test")  # the stages whose metrics each method keeps apart
 
 
 class UnsupportedError(CefamError):

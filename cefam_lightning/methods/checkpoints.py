@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from cefam_lightning.errors import CefamError, error_summary
+from cefam_lightning.errors import CefamError, error_summary, one_line
 from cefam_lightning.io_utils import atomic_write_bytes
 
 
@@ -70,10 +70,10 @@ _NOT_OURS = f"{NOT_AN_EXPLAINER}, or one this version cannot read"
 
 def _unpickler_detail(e: Exception) -> str:
     """The reason inside torch's ``weights_only`` refusal, without its advice to load the file unsafely."""
-    text = " ".join(str(e).split())
+    text = one_line(e, limit=None)
     if "WeightsUnpickler error:" in text:
         text = text.split("WeightsUnpickler error:", 1)[1].split(" Check the documentation")[0].strip()
-    return text[:300]
+    return one_line(text, 300)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
-from cefam_lightning.errors import CefamError
+from cefam_lightning.errors import CefamError, error_summary
 from cefam_lightning.models.components import Translator
 
 OFFICIAL_LAYER_ORDER = ("layer4", "layer3", "layer2", "layer1")
@@ -74,7 +74,7 @@ def load_official_translator(
         try:
             source = torch.load(source, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - unpickling raises many kinds
-            raise InteropError(f"{where}: cannot be read as a state dict ({type(e).__name__}: {e})") from None
+            raise InteropError(f"{where}: cannot be read as a state dict ({error_summary(e)})") from None
         if not isinstance(source, Mapping):
             raise InteropError(f"{where}: holds a {type(source).__name__}, not a state dict")
     state = _unwrap(source, where)

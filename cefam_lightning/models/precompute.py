@@ -53,7 +53,7 @@ import torch
 from cefam_lightning.data.concepts import Concept, ConceptFileError, make_concepts, read_concept_file
 from cefam_lightning.data.embedding_store import EmbeddingStore
 from cefam_lightning.data.image_sources import ImageRecord, ImageSourceError, WebDataSource, open_image, open_source
-from cefam_lightning.errors import CefamError
+from cefam_lightning.errors import CefamError, error_summary, one_line
 from cefam_lightning.io_utils import atomic_write_bytes, atomic_write_json, stable_hash
 from cefam_lightning.models.vlm import OpenCLIPVLM
 
@@ -116,7 +116,7 @@ def read_templates(path: str | os.PathLike) -> dict[str, str]:
         text = path.read_text(encoding="utf-8")
         data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as e:
-        raise PrecomputeError(f"{path}: cannot read the template file ({' '.join(str(e).split())})") from e
+        raise PrecomputeError(f"{path}: cannot read the template file ({one_line(e)})") from e
     if not isinstance(data, dict) or not data:
         raise PrecomputeError(f"{path}: expected a mapping of concept type to template, e.g. 'color: a {{}} thing'")
     return {str(k): check_template(v, f"{path}: type {k!r}") for k, v in data.items()}
@@ -167,7 +167,7 @@ def _read_chunk(file: Path, record_ids: list[str]) -> tuple[list[str], np.ndarra
             skipped = [json.loads(s) for s in z["skipped"].tolist()]
     except (OSError, ValueError, KeyError, EOFError) as e:
         raise PrecomputeError(
-            f"{file}: unreadable partial result ({type(e).__name__}: {e}); start over with --restart"
+            f"{file}: unreadable partial result ({error_summary(e)}); start over with --restart"
         ) from e
     if saved != record_ids:
         raise PrecomputeError(
@@ -228,7 +228,7 @@ class _ChunkImages(torch.utils.data.Dataset):
         try:
             image = open_image(self.records[i])
         except ImageSourceError as e:
-            return i, None, " ".join(str(e).split())
+            return i, None, one_line(e)
         return i, self.preprocess(image), None
 
 

@@ -34,7 +34,7 @@ from torch import Tensor, nn
 
 from cefam_lightning import devices
 from cefam_lightning.data.embedding_store import VLM_KINDS, VLMInfo
-from cefam_lightning.errors import CefamError
+from cefam_lightning.errors import CefamError, error_summary
 
 log = logging.getLogger("cefam_lightning")
 
@@ -208,17 +208,17 @@ class OpenCLIPVLM:
                 )
             except (RuntimeError, ValueError, OSError, KeyError) as e:
                 hint = "; files not in the local cache need --download (network access)" if not download else ""
-                raise VLMError(f"cannot build open_clip model {model_name!r} ({_short(e)}){hint}") from e
+                raise VLMError(f"cannot build open_clip model {model_name!r} ({error_summary(e)}){hint}") from e
             try:
                 tokenizer = open_clip.get_tokenizer(model_name, cache_dir=self.cache_dir)
             except ImportError as e:
                 raise VLMError(
-                    f"the tokenizer of {model_name!r} needs a package that is not installed ({_short(e)}); "
+                    f"the tokenizer of {model_name!r} needs a package that is not installed ({error_summary(e)}); "
                     "SigLIP-family models need `pip install transformers sentencepiece`"
                 ) from e
             except Exception as e:  # hub/sentencepiece errors come in many kinds
                 raise VLMError(
-                    f"cannot load the tokenizer of {model_name!r} ({_short(e)})"
+                    f"cannot load the tokenizer of {model_name!r} ({error_summary(e)})"
                     + ("; it may need --download once, with network access" if not download else "")
                 ) from e
         self.model: nn.Module = model.eval().requires_grad_(False)
@@ -345,9 +345,3 @@ def _json_ready(obj: Any) -> Any:
     if isinstance(obj, int | float | str | bool) or obj is None:
         return obj
     return str(obj)
-
-
-def _short(e: BaseException) -> str:
-    text = " ".join(str(e).split())
-    text = text if len(text) <= 400 else text[:397] + "..."
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__

@@ -223,7 +223,7 @@ def explain_images(
         store=store,
         k=k,
         fill=fill,
-        select_layers=None if select_layers is None else select_layers,
+        select_layers=select_layers,
     )
     for name, value in (("top_n", top_n), ("k", k), ("batch_size", batch_size)):
         if value is not None and value < 1:

@@ -31,6 +31,7 @@ from cefam_lightning.data.feature_cache import (
 )
 from cefam_lightning.errors import CefamError
 from cefam_lightning.methods.base import (
+    STAGES,
     EvaluationSettings,
     ExplainerModule,
     ExplainSettings,
@@ -46,7 +47,6 @@ from cefam_lightning.methods.optim import configure_optimization
 from cefam_lightning.models.classifier import FrozenClassifier
 from cefam_lightning.models.components import ConceptScorer, Translator
 
-STAGES = ("train", "val", "test")
 IDENTITY_KEY = "cefam_identity"
 
 

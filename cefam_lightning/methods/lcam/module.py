@@ -29,12 +29,11 @@ from torch import Tensor, nn
 from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 
-from cefam_lightning.methods.base import constructor_kwargs
+from cefam_lightning.methods.base import STAGES, constructor_kwargs
 from cefam_lightning.methods.class_map import ClassMapExplainer, select_class
 from cefam_lightning.methods.optim import configure_optimization
 from cefam_lightning.models.classifier import ClassifierOutput, FrozenClassifier
 
-STAGES = ("train", "val", "test")
 VARIANTS = ("fm", "img")
 LABEL_SOURCES = ("prediction", "target")
 

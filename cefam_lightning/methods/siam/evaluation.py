@@ -24,6 +24,7 @@ from torchmetrics.classification import MultilabelAUROC
 from cefam_lightning.data.shapes_world import ShapesWorld, key_object_concepts, key_object_pixels
 from cefam_lightning.metrics import RegionMetrics
 from cefam_lightning.metrics.functional.region import nra
+from cefam_lightning.reporting.tables import markdown_table
 
 
 @torch.no_grad()
@@ -105,23 +106,28 @@ def format_siam_table(results: dict[str, Any]) -> str:
     r = results
     regions = r["regions"]
     types = [k.split("/", 1)[1] for k in regions if k.startswith("nra/") and k != "nra/mean"]
-    lines = [
-        f"SIAM on the shapes world ({r['split']} split, {r['n_images']} images)\n",
-        "| metric | value |",
-        "|---|---|",
-        f"| attribute-presence AUROC (macro) | {r['attr_auroc']:.3f} |",
-        f"| SIAM class accuracy | {100 * r['siam_acc']:.1f} % |",
-        f"| frozen classifier accuracy (same images) | {100 * r['classifier_acc']:.1f} % |",
-        f"| SIAM agrees with the classifier | {100 * r['agreement']:.1f} % |",
-        f"| top contribution is a key-object concept ({r['n_correct']} correct images) | "
-        f"{100 * r['top_attr_is_key']:.1f} % |",
-        f"| class map NRA vs the key object | {r['class_map_nra']:.3f} |",
-        "",
-        "Attribute maps vs concept masks (present concepts)\n",
-        "| concept type | " + " | ".join([*types, "mean"]) + " |",
-        "|---" * (len(types) + 2) + "|",
-    ]
-    for metric, title in (("nra", "NRA"), ("hit_rate", "hit rate"), ("epg", "EPG")):
-        cells = [f"{regions[f'{metric}/{t}']:.3f}" for t in [*types, "mean"]]
-        lines.append(f"| {title} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+
+    def pct(share: float) -> str:
+        return f"{100 * share:.1f} %"
+
+    summary = markdown_table(
+        ["metric", "value"],
+        [
+            ["attribute-presence AUROC (macro)", f"{r['attr_auroc']:.3f}"],
+            ["SIAM class accuracy", pct(r["siam_acc"])],
+            ["frozen classifier accuracy (same images)", pct(r["classifier_acc"])],
+            ["SIAM agrees with the classifier", pct(r["agreement"])],
+            [f"top contribution is a key-object concept ({r['n_correct']} correct images)", pct(r["top_attr_is_key"])],
+            ["class map NRA vs the key object", f"{r['class_map_nra']:.3f}"],
+        ],
+        title=f"SIAM on the shapes world ({r['split']} split, {r['n_images']} images)",
+    )
+    maps = markdown_table(
+        ["concept type", *types, "mean"],
+        [
+            [title, *(f"{regions[f'{metric}/{t}']:.3f}" for t in [*types, "mean"])]
+            for metric, title in (("nra", "NRA"), ("hit_rate", "hit rate"), ("epg", "EPG"))
+        ],
+        title="Attribute maps vs concept masks (present concepts)",
+    )
+    return f"{summary}\n\n{maps}\n"

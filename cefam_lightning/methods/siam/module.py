@@ -38,6 +38,7 @@ from torchmetrics import MeanSquaredError
 from torchmetrics.classification import MulticlassAccuracy, MultilabelAUROC
 
 from cefam_lightning.methods.base import (
+    STAGES,
     EvaluationSettings,
     ExplainerModule,
     ExplainSettings,
@@ -49,7 +50,6 @@ from cefam_lightning.methods.optim import configure_optimization
 from cefam_lightning.models.classifier import FrozenClassifier
 from cefam_lightning.models.components.siam_head import AttributeMaps, SIAMHead, attribute_presence
 
-STAGES = ("train", "val", "test")
 TASKS = ("classification", "regression")
 FEATURES_KEY = "features"  # a batch's precomputed activation map at the SIAM layer
 ATTRIBUTE_KEYS = ("attributes", "presence")  # where attribute labels are read, in this order

@@ -1,0 +1,41 @@
+"""Command-line options that several tools take, each written once so that its flag, default and help agree.
+
+``--debug`` (every tool), ``--device`` (the tools that load a model) and CE-FAM's channel options ``--k``, ``--fill``
+and ``--select-layers`` (explain.py and evaluate.py, where left out they are the checkpoint's own: its run's
+``cefam:`` section; :func:`~cefam_lightning.methods.cefam.relevance.parse_select_layers` reads the last).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from cefam_lightning.errors import DEBUG_ENV
+
+
+def add_debug_option(p: argparse.ArgumentParser) -> None:
+    """``--debug``: the traceback instead of :func:`~cefam_lightning.errors.cli_errors`' one ``error:`` line."""
+    p.add_argument(
+        "--debug", action="store_true", help=f"show a traceback instead of a one-line error (also {DEBUG_ENV}=1)"
+    )
+
+
+def add_device_option(p: argparse.ArgumentParser) -> None:
+    """``--device``: where the model runs (``auto``: CUDA where there is one)."""
+    p.add_argument("--device", default="auto", metavar="DEVICE", help="auto (default), cpu or cuda")
+
+
+def add_channel_options(p: argparse.ArgumentParser) -> None:
+    """CE-FAM's ``--k``, ``--fill`` and ``--select-layers``; ``None`` where left out (the checkpoint's own)."""
+    p.add_argument(
+        "--k", type=int, default=None, help="CE-FAM: channels deleted/masked at most (default: the checkpoint's)"
+    )
+    p.add_argument(
+        "--fill", default=None, help="CE-FAM: masked-channel fill, spatial_mean or zero (default: the checkpoint's)"
+    )
+    p.add_argument(
+        "--select-layers",
+        default=None,
+        metavar="auto|all|L1,L2",
+        help="CE-FAM: layers a concept's layer is chosen from: auto (not a layer read only through global pooling, "
+        "where every contribution is 0), all, or comma-separated names (default: the checkpoint's)",
+    )
