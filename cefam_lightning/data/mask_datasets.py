@@ -845,10 +845,6 @@ def _listing(items: Sequence[Any]) -> str:
     return shown + (f", ... ({len(items)} in all)" if len(items) > _MAX_LISTED else "")
 
 
-if __name__ == "__main__":
-    main()
-
-
 EVAL_SPLITS = ("val", "validation")  # a mask dataset's default evaluation split, where it has one
 FIT_SPLITS = ("train", "train-semi")  # the split the single-channel baseline is fitted on, where it has one
 
@@ -885,3 +881,7 @@ def open_evaluation_splits(
             return dataset, None
         fit_split = candidates[0]
     return dataset, open_mask_dataset(root, input_spec, fmt, split=fit_split, **options)
+
+
+if __name__ == "__main__":
+    main()
