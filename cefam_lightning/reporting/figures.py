@@ -39,7 +39,7 @@ def _bare(ax: Any, title: str, fontsize: float) -> None:
 
 def image_panel(ax: Any, img: np.ndarray, title: str, fontsize: float = 8) -> None:
     """The image itself (``H x W x 3`` in ``[0, 1]``), titled."""
-    ax.imshow(np.clip(img, 0.0, 1.0), interpolation="nearest")
+    ax.imshow(np.clip(img, 0.0, 1.0))
     _bare(ax, title, fontsize)
 
 
@@ -56,7 +56,7 @@ def overlay(
     ``mask``'s outline in white when it is neither empty nor full."""
     region = np.clip(np.asarray(region, dtype=np.float32), 0.0, None)
     peak = float(region.max()) if region.size else 0.0
-    ax.imshow(np.clip(img, 0.0, 1.0), interpolation="nearest")
+    ax.imshow(np.clip(img, 0.0, 1.0))
     ax.imshow(region / peak if peak > 0 else region, cmap="jet", alpha=alpha, vmin=0.0, vmax=1.0)
     if mask is not None and mask.any() and not mask.all():
         ax.contour(mask.astype(np.float32), levels=[0.5], colors="white", linewidths=1.0)
