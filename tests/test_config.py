@@ -163,6 +163,7 @@ BAD_VALUES = [
     ("cefam.activation=sigmoid", "cefam.activation must be one of ('tanh', 'relu', 'gelu'), got 'sigmoid'"),
     ("lcam.label_source=truth", "lcam.label_source must be one of ('prediction', 'target'), got 'truth'"),
     ("cefam.fill=mean", "cefam.fill must be one of ('spatial_mean', 'zero'), got 'mean'"),
+    ("cefam.gradient=total", "cefam.gradient must be one of ('direct', 'full'), got 'total'"),
     ("early_stopping.mode=minimum", "early_stopping.mode must be one of ('min', 'max'), got 'minimum'"),
     ("world.vlm_kind=blip", "world.vlm_kind must be one of ('clip', 'siglip'), got 'blip'"),
     ("trainer.precision=fp16", "trainer.precision must be one of ("),

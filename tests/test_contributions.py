@@ -82,15 +82,25 @@ def test_default_target_is_the_prediction_and_signs_are_kept(setup):
     assert not torch.allclose(other, default)
 
 
-def test_mean_masking_right_before_global_pooling_changes_nothing(setup):
-    """SPEC 2.6 masks a channel with its spatial mean; ResNet's layer4 feeds global average pooling, which
-    keeps exactly that mean, so contributions measured at the last block are 0 by construction."""
+def test_a_layer_read_only_through_global_pooling_is_filled_with_the_whole_tensors_mean(setup):
+    """A channel's spatial mean right before global average pooling (ResNet's layer4) changes nothing, so the
+    spatial-mean fill puts the mean of the whole layer tensor there instead, as the CE-FAM authors' code does at its
+    last block: the logits move and the contributions are no longer 0."""
     _, clf, _, out, z, jac, slices = setup
     concepts = torch.arange(6).repeat(2, 1)
-    at_layer4 = concept_contributions(
-        clf, out.activations, out.logits, jac, z, slices, concepts, torch.full((2, 6), 2), k=8
-    )
-    torch.testing.assert_close(at_layer4, torch.zeros(2, 6), atol=1e-6, rtol=0)
+    at_layer4 = torch.full((2, 6), 2)
+    args = (clf, out.activations, out.logits, jac, z, slices, concepts, at_layer4)
+    unchanged = concept_contributions(*args, k=8)  # without telling it which layers are pooled-only
+    torch.testing.assert_close(unchanged, torch.zeros(2, 6), atol=1e-6, rtol=0)
+    assert clf.mean_invariant_layers() == ["layer4"]
+    filled = concept_contributions(*args, k=8, pooled_only=clf.mean_invariant_layers())
+    assert filled.abs().min() > 1e-6
+    # The same masked input by hand: the top channel replaced by the whole tensor's mean moves the logits.
+    a = out.activations["layer4"][:1]
+    top = top_channels(jac[:1], z[:1], slices["layer4"], concepts[:1, :1], 8)[0, 0, :1]
+    masked = a.clone()
+    masked[:, top] = a.mean()
+    assert not torch.allclose(clf.tail("layer4")(masked, None), clf.tail("layer4")(a, None))
 
 
 def test_tail_rejects_unknown_layers(setup):

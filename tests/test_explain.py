@@ -96,6 +96,7 @@ def test_folder_reports_match_explain_batch(module, test_images, tiny_checkpoint
             "fill": "spatial_mean",
             "select_layers": ["layer1", "layer2", "layer3"],  # auto: layer4 feeds global pooling
             "concept_set": "checkpoint",
+            "gradient": "direct",
         }
         assert report["layers"] == ref.layers
         assert report["predicted_class"] == classes[int(ref.logits[i].argmax())]

@@ -116,7 +116,12 @@ def test_checkpoints_written_before_the_registry_load_explain_and_evaluate(metho
     )
     assert results["method"] == method
     if method == "cefam":  # its explanation settings came from the run's evaluation section, where they were then
-        assert module.explain_defaults() == {"k": 20, "fill": "spatial_mean", "select_layers": "auto"}
+        assert module.explain_defaults() == {
+            "k": 20,
+            "fill": "spatial_mean",
+            "select_layers": "auto",
+            "gradient": "direct",  # the rule they were computed with
+        }
         assert results["settings"]["k"] == 20
 
 

@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "k": args.k,
             "fill": args.fill,
             "select_layers": args.select_layers,
+            "gradient": args.gradient,
             "per_layer_contributions": args.per_layer_contributions,
         }
         check_options(module, given, module.evaluate_options)
@@ -181,6 +182,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             k=args.k,
             fill=args.fill,
             select_layers=parse_select_layers(args.select_layers),
+            gradient=args.gradient,
             per_layer_contributions=args.per_layer_contributions,
         )
         evaluate = _evaluate_data if args.data is not None else _evaluate_world

@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             k=args.k,
             fill=args.fill,
             select_layers=parse_select_layers(args.select_layers),
+            gradient=args.gradient,
             target=args.target,
             out_dir=args.out,
             batch_size=args.batch_size,

@@ -1,8 +1,9 @@
 """Command-line options that several tools take, each written once so that its flag, default and help agree.
 
-``--debug`` (every tool), ``--device`` (the tools that load a model) and CE-FAM's channel options ``--k``, ``--fill``
-and ``--select-layers`` (explain.py and evaluate.py, where left out they are the checkpoint's own: its run's
-``cefam:`` section; :func:`~cefam_lightning.methods.cefam.relevance.parse_select_layers` reads the last).
+``--debug`` (every tool), ``--device`` (the tools that load a model) and CE-FAM's channel options ``--k``, ``--fill``,
+``--select-layers`` and ``--gradient`` (explain.py and evaluate.py, where left out they are the checkpoint's own: its
+run's ``cefam:`` section; :func:`~cefam_lightning.methods.cefam.relevance.parse_select_layers` reads
+``--select-layers``).
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ def add_device_option(p: argparse.ArgumentParser) -> None:
 
 
 def add_channel_options(p: argparse.ArgumentParser) -> None:
-    """CE-FAM's ``--k``, ``--fill`` and ``--select-layers``; ``None`` where left out (the checkpoint's own)."""
+    """CE-FAM's ``--k``, ``--fill``, ``--select-layers`` and ``--gradient``; ``None`` where left out (the
+    checkpoint's own)."""
     p.add_argument(
         "--k", type=int, default=None, help="CE-FAM: channels deleted/masked at most (default: the checkpoint's)"
     )
@@ -38,4 +40,11 @@ def add_channel_options(p: argparse.ArgumentParser) -> None:
         metavar="auto|all|L1,L2",
         help="CE-FAM: layers a concept's layer is chosen from: auto (not a layer read only through global pooling, "
         "where every contribution is 0), all, or comma-separated names (default: the checkpoint's)",
+    )
+    p.add_argument(
+        "--gradient",
+        default=None,
+        choices=("direct", "full"),
+        help="CE-FAM: channel weights by the derivative through each layer's own pooled activations (direct) or "
+        "through the whole rest of the classifier, as the authors' code (full) (default: the checkpoint's)",
     )

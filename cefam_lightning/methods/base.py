@@ -86,6 +86,7 @@ class ExplainSettings:
     k: int | None = None  # CE-FAM: channels deleted / masked at most
     fill: str | None = None  # CE-FAM: masked-channel fill
     select_layers: str | list[str] | None = None  # CE-FAM: the layers a concept's layer is chosen from
+    gradient: str | None = None  # CE-FAM: "direct" or "full" channel weights
 
 
 @dataclass
@@ -98,6 +99,7 @@ class EvaluationSettings:
     k: int | None = None  # CE-FAM
     fill: str | None = None  # CE-FAM
     select_layers: str | list[str] | None = None  # CE-FAM
+    gradient: str | None = None  # CE-FAM
     per_layer_contributions: bool = False  # CE-FAM
 
 

@@ -187,6 +187,7 @@ def explain_images(
     k: int | None = None,
     fill: str | None = None,
     select_layers: str | Sequence[str] | None = None,
+    gradient: str | None = None,
     target: str | None = None,
     out_dir: str | os.PathLike = "explanations",
     batch_size: int = 16,
@@ -198,7 +199,7 @@ def explain_images(
     Args:
         module_or_ckpt: a trained explainer module, or the path of its checkpoint (any method).
         paths: image files and folders (see :func:`find_images`).
-        top_n, concepts, store, k, fill, select_layers: the method's explanation options
+        top_n, concepts, store, k, fill, select_layers, gradient: the method's explanation options
             (:class:`~cefam_lightning.methods.base.ExplainSettings`); ``None`` is the method's default, and an
             option the method does not take is an error.
         target: the class to explain, by name; default each image's predicted class.
@@ -224,6 +225,7 @@ def explain_images(
         k=k,
         fill=fill,
         select_layers=select_layers,
+        gradient=gradient,
     )
     for name, value in (("top_n", top_n), ("k", k), ("batch_size", batch_size)):
         if value is not None and value < 1:

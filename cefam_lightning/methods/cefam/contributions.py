@@ -10,7 +10,7 @@ kept. All masked variants of all concepts selecting a layer go through the layer
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import torch
 from torch import Tensor
@@ -35,6 +35,7 @@ def concept_contributions(
     k: int = 20,
     chunk: int = 256,
     fill: str = "spatial_mean",
+    pooled_only: Collection[str] = (),
 ) -> Tensor:
     """Contribution of each given concept to the explained class.
 
@@ -49,8 +50,10 @@ def concept_contributions(
         k: channels masked at most.
         chunk: masked variants per pass through a tail (bounds memory).
         fill: what replaces a masked channel map: ``"spatial_mean"`` (docs/method.md#contribution) or ``"zero"``.
-            Right before global average pooling (a ResNet's ``layer4``) the spatial mean changes nothing, so every
-            contribution there is 0; ``"zero"`` ablates the channel instead.
+        pooled_only: the layers the classifier reads only through global average pooling (a ResNet's ``layer4``,
+            :meth:`~FrozenClassifier.mean_invariant_layers`). There a channel's spatial mean changes nothing, so
+            ``"spatial_mean"`` fills with the mean of the whole layer tensor (every channel and pixel of the image)
+            instead, as the CE-FAM authors' code does at its last block.
 
     Returns:
         ``(B, N)`` contributions (negative: the concept pushes against the class).
@@ -72,6 +75,8 @@ def concept_contributions(
         means = base.mean(dim=(2, 3), keepdim=True)
         if fill == "zero":
             means = torch.zeros_like(means)
+        elif layer in pooled_only:  # the spatial mean would leave the logits as they are
+            means = base.mean(dim=(1, 2, 3), keepdim=True).expand_as(means)
         # Variant i (1..k_l) masks the first i channels of the ranking: a (R, k_l, K_l) channel mask.
         deleted = torch.arange(k_l, device=a.device)[None, :] <= torch.arange(k_l, device=a.device)[:, None]
         mask = torch.zeros(top.shape[0], k_l, a.shape[1], dtype=torch.bool, device=a.device)

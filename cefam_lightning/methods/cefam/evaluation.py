@@ -51,6 +51,7 @@ from cefam_lightning.methods.baselines import SingleChannelBaseline, gradcam_map
 from cefam_lightning.methods.cefam.concept_sets import resolve_concepts
 from cefam_lightning.methods.cefam.contributions import FILLS
 from cefam_lightning.methods.cefam.pipeline import ExplanationPass, fused_class_map, padded_concepts
+from cefam_lightning.methods.cefam.regions import GRADIENTS
 from cefam_lightning.metrics import Faithfulness, RegionMetrics
 from cefam_lightning.metrics.functional.faithfulness import DEFAULT_KEEPS, faithfulness_probabilities, setting_name
 from cefam_lightning.reporting.evaluations import EvaluateError
@@ -165,8 +166,9 @@ class ExplanationEvaluation(nn.Module):
         keeps: kept pixel fractions of the faithfulness metrics.
         select_layers: the layers a top-1 layer is chosen from, CE-FAM's and the single-channel baseline's
             (``"auto"``, ``"all"`` or names; :func:`~cefam_lightning.methods.cefam.relevance.selectable_layers`),
-            resolved
-            against the classifier at the first batch.
+            resolved against the classifier at the first batch.
+        gradient: ``"direct"`` or ``"full"`` channel weights for CE-FAM's regions, relevance and contributions
+            (:class:`~cefam_lightning.methods.cefam.pipeline.ExplanationPass`).
     """
 
     def __init__(
@@ -183,8 +185,10 @@ class ExplanationEvaluation(nn.Module):
         faithfulness_top_n: int | None = None,
         keeps: Sequence[float] = DEFAULT_KEEPS,
         select_layers: str | Sequence[str] = "auto",
+        gradient: str = "direct",
     ):
         super().__init__()
+        self.gradient = gradient
         if faithfulness_top_n is not None and faithfulness_top_n < 1:
             raise ValueError(f"faithfulness_top_n must be >= 1 or None, got {faithfulness_top_n}")
         self.layers = list(layers)
@@ -263,7 +267,13 @@ class ExplanationEvaluation(nn.Module):
         """Score the ``(B, N)`` padded concepts (``valid`` marks real ones) whose masks, in ``valid.nonzero()``
         order, are ``pair_masks`` ``(P, H, W)``."""
         # The one CE-FAM pass explain_batch composes too: the same relevance, layers, regions and contributions.
-        p = ExplanationPass(module, images, select_layers=self.selectable or self.select_layers, layers=self.layers)
+        p = ExplanationPass(
+            module,
+            images,
+            select_layers=self.selectable or self.select_layers,
+            layers=self.layers,
+            gradient=self.gradient,
+        )
         self.selectable = p.selectable  # resolved against the classifier at the first batch
         pred = p.predicted
         rows = valid.nonzero(as_tuple=True)
@@ -370,7 +380,12 @@ class ExplanationEvaluation(nn.Module):
                 for setting, metric in self.contribution.items()
             },
             "layer_selection": {layer: int(n) / total for layer, n in zip(self.layers, self.selected, strict=True)},
-            "settings": {"k": self.k, "fill": self.fill, "select_layers": self.selectable or []},
+            "settings": {
+                "k": self.k,
+                "fill": self.fill,
+                "select_layers": self.selectable or [],
+                "gradient": self.gradient,
+            },
             **({"faithfulness": self._faithfulness_results()} if self.faithfulness else {}),
         }
 
@@ -418,7 +433,7 @@ def evaluate_on_world(
         **overrides: fields of ``settings`` to replace (``k=5``, ``max_images=16``, ...).
     """
     settings = replace(settings or EvaluationSettings(), **overrides)
-    k, fill, selectable = _explain_settings(module, settings)
+    k, fill, selectable, gradient = _explain_settings(module, settings)
     names = [c.name for c in world.concepts]
     if list(module.hparams.concept_names) != names:
         raise EvaluateError(
@@ -443,6 +458,7 @@ def evaluate_on_world(
         per_layer_contributions=settings.per_layer_contributions,
         faithfulness_top_n=faithfulness_top_n,
         select_layers=selectable,
+        gradient=gradient,
     ).to(device)
     data = world.split(split)
     for images, masks, labels in data.batches(settings.batch_size, settings.max_images, device):
@@ -454,8 +470,8 @@ def evaluate_on_world(
     return results
 
 
-def _explain_settings(module, settings: EvaluationSettings) -> tuple[int, str, list[str]]:
-    """``(k, fill, selectable layers)``: the evaluation's, else the checkpoint's, checked."""
+def _explain_settings(module, settings: EvaluationSettings) -> tuple[int, str, list[str], str]:
+    """``(k, fill, selectable layers, gradient)``: the evaluation's, else the checkpoint's, checked."""
     defaults = module.explain_defaults()
     k = defaults["k"] if settings.k is None else settings.k
     fill = defaults["fill"] if settings.fill is None else settings.fill
@@ -463,8 +479,11 @@ def _explain_settings(module, settings: EvaluationSettings) -> tuple[int, str, l
         raise EvaluateError(f"fill must be one of {FILLS}, got {fill!r}")
     if k < 1:
         raise EvaluateError(f"k must be >= 1, got {k}")
+    gradient = defaults["gradient"] if settings.gradient is None else settings.gradient
+    if gradient not in GRADIENTS:
+        raise EvaluateError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
     try:
-        return k, fill, module.selectable(settings.select_layers)
+        return k, fill, module.selectable(settings.select_layers), gradient
     except ValueError as e:
         raise EvaluateError(str(e)) from None
 
@@ -548,7 +567,7 @@ def evaluate_on_masks(
     from cefam_lightning.models.components import ConceptScorer
 
     settings = replace(settings or EvaluationSettings(batch_size=16), **overrides)
-    k, fill, selectable = _explain_settings(module, settings)
+    k, fill, selectable, gradient = _explain_settings(module, settings)
     batch_size, max_images, seed = settings.batch_size, settings.max_images, settings.seed
     device = next(module.translator.parameters()).device
     module.eval()
@@ -585,6 +604,7 @@ def evaluate_on_masks(
         sync_on_compute=False,
         contributions=False,
         select_layers=selectable,
+        gradient=gradient,
     ).to(device)
     skipped_pairs = torch.zeros(len(dataset.concepts), dtype=torch.long)
     n_images = 0

@@ -15,6 +15,7 @@ from omegaconf import MISSING, OmegaConf
 from cefam_lightning.config_rules import ConfigError, Rule, at_least, one_of
 from cefam_lightning.methods.cefam.contributions import FILLS
 from cefam_lightning.methods.cefam.module import CEFAMModule, init_translator_from
+from cefam_lightning.methods.cefam.regions import GRADIENTS
 from cefam_lightning.methods.cefam.relevance import selectable_layers
 from cefam_lightning.methods.registry import BuildContext, MethodSpec, TrainContext, register_method
 from cefam_lightning.models.components import ConceptScorer, Translator
@@ -34,6 +35,7 @@ class CEFAMConfig:
     k: int = MISSING  # channels deleted (relevance) and masked (contribution) at most
     fill: str = MISSING  # masked-channel fill for contributions
     select_layers: Any = MISSING  # "auto" | "all" | a list of layer names
+    gradient: str = MISSING  # channel weights: "direct" (own pooled z only) | "full" (through the rest of the net)
 
 
 def select_layers_value(value: Any) -> str | list[str]:
@@ -56,6 +58,7 @@ RULES: tuple[Rule, ...] = (
     at_least(1, "cefam.k"),
     one_of(ACTIVATIONS, "cefam.activation"),
     one_of(FILLS, "cefam.fill"),
+    one_of(GRADIENTS, "cefam.gradient"),
     Rule(("cefam.select_layers",), _select_layers_ok, "'auto', 'all' or a non-empty list of layer names"),
 )
 
@@ -63,7 +66,7 @@ RULES: tuple[Rule, ...] = (
 def build(ctx: BuildContext, spec: MethodSpec) -> CEFAMModule:
     """The CE-FAM module of a run: a translator from the classifier's pooled layers to the store's VLM space."""
     cfg, c = ctx.cfg, ctx.cfg.cefam
-    explain = {"k": c.k, "fill": c.fill, "select_layers": select_layers_value(c.select_layers)}
+    explain = {"k": c.k, "fill": c.fill, "select_layers": select_layers_value(c.select_layers), "gradient": c.gradient}
     try:  # the layer names against the classifier's, before anything is trained
         selectable_layers(ctx.classifier, explain["select_layers"])
     except ValueError as e:

@@ -106,8 +106,8 @@ class CEFAMModule(ExplainerModule):
         ("cosine(predicted, VLM) embed.", "test/cosine"),
         ("test loss", "test/loss"),
     )
-    explain_options = frozenset({"top_n", "concepts", "store", "k", "fill", "select_layers"})
-    evaluate_options = frozenset({"k", "fill", "select_layers", "per_layer_contributions", "data"})
+    explain_options = frozenset({"top_n", "concepts", "store", "k", "fill", "select_layers", "gradient"})
+    evaluate_options = frozenset({"k", "fill", "select_layers", "gradient", "per_layer_contributions", "data"})
 
     def __init__(
         self,
@@ -368,6 +368,7 @@ class CEFAMModule(ExplainerModule):
         select_layers: str | Sequence[str] | None = None,
         scorer: ConceptScorer | None = None,
         contributions: bool = True,
+        gradient: str | None = None,
     ) -> BatchExplanation:
         """CE-FAM's explanation of a batch (what, where, at which layer, how much): the one pipeline every use
         goes through (:func:`~cefam_lightning.methods.cefam.pipeline.explain_batch`). ``None`` settings are the
@@ -384,6 +385,7 @@ class CEFAMModule(ExplainerModule):
             select_layers=self.selectable(select_layers),
             scorer=scorer,
             contributions=contributions,
+            gradient=defaults["gradient"] if gradient is None else gradient,
         )
 
     def image_explainer(self, settings: ExplainSettings, checkpoint: str | None = None) -> ImageExplainer:
@@ -436,7 +438,7 @@ class CEFAMModule(ExplainerModule):
         return {"top1_layer": regions, "contribution": results["contribution"], "images": results["images"]}
 
 
-DEFAULT_EXPLAIN = {"k": 20, "fill": "spatial_mean", "select_layers": "auto"}
+DEFAULT_EXPLAIN = {"k": 20, "fill": "spatial_mean", "select_layers": "auto", "gradient": "direct"}
 
 
 @dataclass

@@ -26,7 +26,9 @@ from torch import Tensor, nn
 
 from cefam_lightning.methods.cefam.contributions import concept_contributions
 from cefam_lightning.methods.cefam.regions import (
+    GRADIENTS,
     concept_regions,
+    full_channel_gradients,
     layer_slices,
     pool_activations,
     score_jacobian,
@@ -34,6 +36,7 @@ from cefam_lightning.methods.cefam.regions import (
 )
 from cefam_lightning.methods.cefam.relevance import layer_relevance, selectable_layers, top_layer
 from cefam_lightning.metrics.functional.maps import minmax_normalize
+from cefam_lightning.models.classifier import Activations
 
 
 @dataclass
@@ -81,6 +84,12 @@ class ExplanationPass:
         select_layers: the layers a concept's top-1 layer is chosen from (see :func:`selectable_layers`):
             ``"auto"``, ``"all"`` or layer names.
         layers: the explained layers, in ``z``'s order (default the classifier's).
+        gradient: how a layer's channel weights are taken (docs/method.md#concept-regions): ``"direct"``, the
+            derivative through the layer's own pooled ``z^l`` only (one Jacobian ``dS/dz`` for every concept, no
+            backward pass through the classifier), or ``"full"``, the total derivative through the rest of the
+            classifier as the CE-FAM authors take it (vector-Jacobian products through the classifier, for the
+            concepts asked for: :func:`~cefam_lightning.methods.cefam.regions.full_channel_gradients`). Regions,
+            layer relevance and contributions all rank and weight channels by the same weights.
 
     Attributes:
         classifier, translator, scorer: the parts used.
@@ -88,6 +97,7 @@ class ExplanationPass:
         layers: the explained layers; selectable: those a top-1 layer may be chosen from.
         activations: the classifier's activations; logits: its float32 logits ``(B, num_classes)``.
         z: pooled activations ``(B, D)``; slices: ``{layer: slice of z}``; jacobian: ``dS/dz`` ``(B, C, D)``.
+        gradient: ``"direct"`` or ``"full"``.
     """
 
     @torch.no_grad()
@@ -98,20 +108,55 @@ class ExplanationPass:
         scorer: Any = None,
         select_layers: str | Sequence[str] = "auto",
         layers: Sequence[str] | None = None,
+        gradient: str = "direct",
     ) -> None:
+        if gradient not in GRADIENTS:
+            raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
         self.classifier, self.translator = module.classifier, module.translator
         self.scorer = module.scorer if scorer is None else scorer
         self.images = images
         self.size = tuple(images.shape[-2:])
         self.layers = list(self.classifier.layers if layers is None else layers)
         self.selectable = selectable_layers(self.classifier, select_layers)
-        out = self.classifier(images)
+        self.gradient = gradient
+        self._graph: list[Tensor] | None = None
+        if gradient == "full":
+            # One float32 pass that keeps its graph: every backward product runs through it.
+            with torch.enable_grad(), torch.autocast(device_type=images.device.type, enabled=False):
+                out = self.classifier(images.detach().float().requires_grad_(True))
+            self._graph = [out.activations[layer] for layer in self.layers]
+            out.activations = Activations(
+                {k: v.detach() for k, v in out.activations.items()},
+                {k: v.detach() for k, v in out.activations.prefix_tokens.items()},
+            )
+            out.logits = out.logits.detach()
+        else:
+            out = self.classifier(images)
         self.activations = out.activations
         self.logits = out.logits.float()
         self.z = pool_activations(self.activations, self.layers)
         self.slices = layer_slices(self.activations, self.layers)
         self.jacobian = score_jacobian(self.translator, self.scorer, self.z)  # (B, C, D), float32
         self._scores: Tensor | None = None
+        # The channel weights every step ranks and weights channels by: dS/dz on the direct path; on the full path
+        # the total derivative's channel sums, computed for the concepts asked for (computed: which rows hold them).
+        self._weights = self.jacobian if gradient == "direct" else torch.zeros_like(self.jacobian)
+        self._computed = torch.full((self.jacobian.shape[1],), gradient == "direct", device=self.jacobian.device)
+
+    def weights(self, concepts: Tensor | None = None) -> Tensor:
+        """The channel weights ``(B, C, D)`` (see ``gradient``), with at least the rows of ``concepts`` (any shape
+        of concept indices; ``None``: all) computed: on the full path, rows are computed on first use."""
+        if self.gradient == "direct":
+            return self._weights
+        wanted = torch.arange(self._weights.shape[1], device=self._weights.device) if concepts is None else concepts
+        missing = torch.unique(wanted.flatten())
+        missing = missing[~self._computed[missing]]
+        if missing.numel():
+            with torch.enable_grad(), _eval_mode(self.translator):
+                rows = full_channel_gradients(self._graph, self.translator, self.scorer, missing.tolist())
+            self._weights[:, missing] = rows.to(self._weights.dtype)
+            self._computed[missing] = True
+        return self._weights
 
     @property
     def batch_size(self) -> int:
@@ -167,7 +212,8 @@ class ExplanationPass:
         With ``rows`` (``(R,)`` image indices), ``concepts`` is ``(R, N)``: the concepts of those images only
         (e.g. a few extra concepts of some images), ``(R, N, L)``.
         """
-        z, jac = (self.z, self.jacobian) if rows is None else (self.z[rows], self.jacobian[rows])
+        weights = self.weights(concepts)
+        z, jac = (self.z, weights) if rows is None else (self.z[rows], weights[rows])
         return layer_relevance(z, jac, self.slices, self.translator, self.scorer, concepts, k=k)
 
     def selected_layers(self, relevance: Tensor) -> Tensor:
@@ -178,7 +224,8 @@ class ExplanationPass:
     def layer_regions(self, concepts: Tensor) -> dict[str, Tensor]:
         """Region maps (docs/method.md#concept-regions) of ``(B, N)`` concepts at every layer, at its own resolution:
         ``{layer: (B, N, h, w)}`` (the Jacobian rows of just these concepts)."""
-        jac = self.jacobian.gather(1, concepts[:, :, None].expand(-1, -1, self.jacobian.shape[2]))
+        weights = self.weights(concepts)
+        jac = weights.gather(1, concepts[:, :, None].expand(-1, -1, weights.shape[2]))
         return concept_regions(self.activations, self.layers, jac)
 
     def upsample(self, maps: Tensor) -> Tensor:
@@ -215,7 +262,7 @@ class ExplanationPass:
             self.classifier,
             self.activations,
             self.logits,
-            self.jacobian,
+            self.weights(concepts),
             self.z,
             self.slices,
             concepts,
@@ -223,6 +270,7 @@ class ExplanationPass:
             target,
             k=k,
             fill=fill,
+            pooled_only=self.classifier.mean_invariant_layers() if fill == "spatial_mean" else (),
         )
 
 
@@ -238,6 +286,7 @@ def explain_batch(
     select_layers: str | Sequence[str] = "auto",
     scorer: Any = None,
     contributions: bool = True,
+    gradient: str = "direct",
 ) -> BatchExplanation:
     """Explain ``images`` (``B x 3 x H x W`` in ``[0, 1]``) with a trained CE-FAM module.
 
@@ -254,9 +303,10 @@ def explain_batch(
             contribution is 0; ``"all"``; or a list of layer names.
         scorer: another concept set's scorer (its text embeddings) instead of the module's.
         contributions: compute the contributions (``False``: zeros, for uses that draw or score regions only).
+        gradient: ``"direct"`` or ``"full"`` channel weights (see :class:`ExplanationPass`).
     """
     with _eval_mode(module.translator):
-        p = ExplanationPass(module, images, scorer=scorer, select_layers=select_layers)
+        p = ExplanationPass(module, images, scorer=scorer, select_layers=select_layers, gradient=gradient)
         concepts = p.explained_concepts(concepts, top_n)
         target = p.target(target)
         relevance = p.relevance(concepts, k=k)

@@ -65,6 +65,79 @@ def score_jacobian(translator: nn.Module, scorer: ConceptScorer, z: Tensor) -> T
         translator.train(was_training)
 
 
+GRADIENTS = ("direct", "full")
+
+
+def vjp_channel_sums(
+    outputs: Tensor, columns: Sequence[int], inputs: Sequence[Tensor], chunk: int = 16, batched: bool | None = None
+) -> Tensor:
+    """``sum_ij d outputs[:, col] / d inputs[l][:, k, i, j]`` for every column and input channel: ``(M, B, D)``.
+
+    One vector-Jacobian product per column (a one-hot cotangent on that column of ``outputs``, ``(B, out)``), each
+    through the whole graph from ``inputs`` to ``outputs`` (the *total* derivative: every path counts), reduced to
+    its spatial sums per channel and concatenated over ``inputs`` (``D = sum_l K_l``, in ``inputs``' order).
+
+    Args:
+        outputs: ``(B, out)`` tensor with a graph back to ``inputs``; the rows are independent samples.
+        columns: the columns of ``outputs`` to differentiate.
+        inputs: ``(B, K_l, H_l, W_l)`` tensors in the graph.
+        chunk: cotangents per batched product (bounds memory: each holds gradients of every input).
+        batched: run ``chunk`` cotangents at once (``vmap`` over the backward, fast on a GPU); ``None``: batched on
+            CUDA, one at a time elsewhere (on a CPU the batched backward is slower than a loop).
+    """
+    batched = outputs.is_cuda if batched is None else batched
+    eye = torch.eye(outputs.shape[1], device=outputs.device, dtype=outputs.dtype)
+    sums: list[Tensor] = []
+    columns = list(columns)
+    step = max(1, chunk) if batched else 1
+    for start in range(0, len(columns), step):
+        cols = columns[start : start + step]
+        cot = eye[cols][:, None, :].expand(len(cols), outputs.shape[0], -1)  # (m, B, out)
+        if batched:
+            grads = torch.autograd.grad(outputs, list(inputs), cot, retain_graph=True, is_grads_batched=True)
+            sums.append(torch.cat([g.float().sum(dim=(3, 4)) for g in grads], dim=2))
+        else:
+            grads = torch.autograd.grad(outputs, list(inputs), cot[0], retain_graph=True)
+            sums.append(torch.cat([g.float().sum(dim=(2, 3)) for g in grads], dim=1)[None])
+    return torch.cat(sums) if sums else outputs.new_zeros(0, outputs.shape[0], sum(t.shape[1] for t in inputs))
+
+
+def full_channel_gradients(
+    graph_activations: Sequence[Tensor],
+    translator: nn.Module,
+    scorer: ConceptScorer,
+    concepts: Sequence[int] | None = None,
+    chunk: int = 16,
+) -> Tensor:
+    """The *total* derivative of the concept scores, summed over each channel map: ``(B, C', D)`` float32.
+
+    ``G[b, c, k] = sum_ij dS_c / dA^l_k(i, j)`` through the whole rest of the classifier (``A^l`` reaches ``S``
+    through its own pooled ``z^l`` and through every later layer), as the CE-FAM authors' code takes it
+    (docs/method.md#concept-regions). It plays the role that ``dS/dz`` plays on the direct path (where
+    ``sum_ij dS_c/dA^l_k(i,j) = dS_c/dz^l_k``): region weights are ``G / (H_l W_l)``, channel rankings ``G * z``.
+
+    ``S`` depends on the image only through the embedding ``e`` (``d`` dims), so all concepts come from ``d``
+    vector-Jacobian products of ``e`` (``dS/de`` in closed form times them); fewer concepts than ``d`` take one
+    product each, with their own cotangents. Every product runs through the classifier from ``graph_activations``.
+
+    Args:
+        graph_activations: the explained layers' maps ``(B, K_l, H_l, W_l)``, in ``z``'s order, with their graph
+            (the classifier ran with gradients on, in float32).
+        translator, scorer: the CE-FAM branch (the translator must be in eval mode).
+        concepts: the concepts to compute (default all).
+        chunk: products per batched backward (see :func:`vjp_channel_sums`).
+    """
+    z = torch.cat([a.float().mean(dim=(2, 3)) for a in graph_activations], dim=1)
+    e = translator(z).float()
+    wanted = list(range(scorer.num_concepts)) if concepts is None else [int(c) for c in concepts]
+    if len(wanted) >= e.shape[1]:  # all of them through the d embedding dimensions
+        per_dim = vjp_channel_sums(e, range(e.shape[1]), graph_activations, chunk)  # (d, B, D)
+        ds_de = scorer.jacobian(e.detach())[:, wanted]  # (B, C', d)
+        return torch.einsum("bcj,jbk->bck", ds_de, per_dim)
+    scores = scorer(e)
+    return vjp_channel_sums(scores, wanted, graph_activations, chunk).permute(1, 0, 2)  # (B, C', D)
+
+
 def concept_regions(
     activations: Mapping[str, Tensor],
     layers: Sequence[str],
@@ -125,4 +198,28 @@ def concept_regions_reference(
             h, w = g.shape[-2:]
             beta = g.sum(dim=(2, 3)) / (h * w)
             out[layer].append(torch.einsum("bk,bkhw->bhw", beta, acts[layer].detach()).relu())
+    return {layer: torch.stack(maps, dim=1) for layer, maps in out.items()}
+
+
+def concept_regions_reference_full(
+    classifier: nn.Module,
+    images: Tensor,
+    layers: Sequence[str],
+    translator: nn.Module,
+    scorer: ConceptScorer,
+    concepts: Sequence[int],
+) -> dict[str, Tensor]:
+    """Regions by the total derivative with one forward and one backward pass per concept, each through the whole
+    classifier: what the CE-FAM authors' code does (hooks on each layer's output). Slow; for tests only."""
+    translator.eval()
+    out: dict[str, list[Tensor]] = {layer: [] for layer in layers}
+    for c in concepts:
+        with torch.enable_grad(), torch.autocast(device_type=images.device.type, enabled=False):
+            result = classifier(images.detach().float().requires_grad_(True))
+            acts = [result.activations[layer] for layer in layers]
+            scores = scorer(translator(torch.cat([a.float().mean(dim=(2, 3)) for a in acts], dim=1)))
+            grads = torch.autograd.grad(scores[:, c].sum(), acts)
+        for layer, a, g in zip(layers, acts, grads, strict=True):
+            beta = g.float().mean(dim=(2, 3))  # (1/(H W)) sum_ij dS_c/dA_k(i,j)
+            out[layer].append(torch.einsum("bk,bkhw->bhw", beta, a.detach().float()).relu())
     return {layer: torch.stack(maps, dim=1) for layer, maps in out.items()}

@@ -21,6 +21,7 @@ from cefam_lightning.methods.base import ExplainSettings, ImageReport
 from cefam_lightning.methods.cefam.concept_sets import ConceptSet, open_store, read_concepts, resolve_concepts
 from cefam_lightning.methods.cefam.contributions import FILLS
 from cefam_lightning.methods.cefam.pipeline import BatchExplanation
+from cefam_lightning.methods.cefam.regions import GRADIENTS
 from cefam_lightning.models.components import ConceptScorer
 from cefam_lightning.reporting import figures
 from cefam_lightning.reporting.explanations import (
@@ -52,6 +53,9 @@ class CEFAMImageExplainer:
         defaults = module.explain_defaults()
         k = defaults["k"] if settings.k is None else settings.k
         fill = defaults["fill"] if settings.fill is None else settings.fill
+        gradient = defaults["gradient"] if settings.gradient is None else settings.gradient
+        if gradient not in GRADIENTS:
+            raise ExplainError(f"gradient must be one of {', '.join(GRADIENTS)}, got {gradient!r}")
         if fill not in FILLS:
             raise ExplainError(f"fill must be one of {', '.join(FILLS)}, got {fill!r}")
         try:
@@ -71,13 +75,14 @@ class CEFAMImageExplainer:
             s = module.scorer
             self.scorer = ConceptScorer(self.concept_set.text, s.kind, s.logit_scale, s.logit_bias).to(module.device)
         top_n = DEFAULT_TOP_N if settings.top_n is None else settings.top_n
-        self.k, self.fill, self.selectable = k, fill, selectable
+        self.k, self.fill, self.selectable, self.gradient = k, fill, selectable, gradient
         self.n_report = min(top_n, len(self.concept_set.names))
         self.settings = {
             "top_n": top_n,
             "k": k,
             "fill": fill,
             "select_layers": selectable,
+            "gradient": gradient,
             "concept_set": self.concept_set.source,
             "concepts": self.concept_set.names,
             "store": str(store.path) if store is not None else None,
@@ -92,6 +97,7 @@ class CEFAMImageExplainer:
             fill=self.fill,
             select_layers=self.selectable,
             scorer=self.scorer,
+            gradient=self.gradient,
         )
         expl = _to_cpu(expl)  # one transfer per batch, not one per reported number
         return [self._report(expl, i, path) for i, path in enumerate(paths)]
@@ -131,7 +137,9 @@ class CEFAMImageExplainer:
             "explained_class": class_names[target],
             "explained_probability": json_number(expl.class_prob[i]),
             "layers": layers,
-            "settings": {key: self.settings[key] for key in ("top_n", "k", "fill", "select_layers", "concept_set")},
+            "settings": {
+                key: self.settings[key] for key in ("top_n", "k", "fill", "select_layers", "gradient", "concept_set")
+            },
             "concepts": entries,
         }
         return ImageReport(report, maps)
