@@ -444,7 +444,7 @@ def test_evaluate_command_on_a_broden_layout(tiny_checkpoint, module, broden_sha
     notes = " ".join(results["notes"])
     assert "contribution accuracy left out" in notes and "2 of the dataset's 11 concepts skipped" in notes
     assert "background" in notes and "studio" in notes and "fitted on split 'train'" in notes
-    assert (out / "evaluation.md").read_text().startswith("NRA")
+    assert (out / "evaluation.md").read_text().startswith("Rules: gradient=")
 
 
 def test_store_supplies_unknown_concepts_and_no_train_split_drops_the_single_channel(module, broden_shapes, tmp_path):

@@ -120,7 +120,10 @@ def test_checkpoints_written_before_the_registry_load_explain_and_evaluate(metho
             "k": 20,
             "fill": "spatial_mean",
             "select_layers": "auto",
-            "gradient": "direct",  # the rule they were computed with
+            "gradient": "direct",  # the rules they were computed with
+            "region_weights": "signed",
+            "relevance": "paper",
+            "contribution_layer": "selected",
         }
         assert results["settings"]["k"] == 20
 

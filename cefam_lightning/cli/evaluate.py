@@ -171,6 +171,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "fill": args.fill,
             "select_layers": args.select_layers,
             "gradient": args.gradient,
+            "region_weights": args.region_weights,
+            "relevance": args.relevance,
+            "contribution_layer": args.contribution_layer,
+            "preset": args.preset,
             "per_layer_contributions": args.per_layer_contributions,
         }
         check_options(module, given, module.evaluate_options)
@@ -183,6 +187,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             fill=args.fill,
             select_layers=parse_select_layers(args.select_layers),
             gradient=args.gradient,
+            region_weights=args.region_weights,
+            relevance=args.relevance,
+            contribution_layer=args.contribution_layer,
+            preset=args.preset,
             per_layer_contributions=args.per_layer_contributions,
         )
         evaluate = _evaluate_data if args.data is not None else _evaluate_world

@@ -1,9 +1,10 @@
 """Command-line options that several tools take, each written once so that its flag, default and help agree.
 
-``--debug`` (every tool), ``--device`` (the tools that load a model) and CE-FAM's channel options ``--k``, ``--fill``,
-``--select-layers`` and ``--gradient`` (explain.py and evaluate.py, where left out they are the checkpoint's own: its
-run's ``cefam:`` section; :func:`~cefam_lightning.methods.cefam.relevance.parse_select_layers` reads
-``--select-layers``).
+``--debug`` (every tool), ``--device`` (the tools that load a model) and CE-FAM's explanation rules ``--k``,
+``--fill``, ``--select-layers``, ``--gradient``, ``--region-weights``, ``--relevance``, ``--contribution-layer`` and
+``--preset`` (explain.py and evaluate.py, where left out they are the checkpoint's own: its run's ``cefam:`` section;
+:mod:`~cefam_lightning.methods.cefam.rules`; :func:`~cefam_lightning.methods.cefam.relevance.parse_select_layers`
+reads ``--select-layers``).
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ def add_device_option(p: argparse.ArgumentParser) -> None:
 
 
 def add_channel_options(p: argparse.ArgumentParser) -> None:
-    """CE-FAM's ``--k``, ``--fill``, ``--select-layers`` and ``--gradient``; ``None`` where left out (the
-    checkpoint's own)."""
+    """CE-FAM's explanation rules (``--k``, ``--fill``, ``--select-layers``, ``--gradient``, ``--region-weights``,
+    ``--relevance``, ``--contribution-layer``) and ``--preset``; ``None`` where left out (the checkpoint's own)."""
     p.add_argument(
         "--k", type=int, default=None, help="CE-FAM: channels deleted/masked at most (default: the checkpoint's)"
     )
@@ -47,4 +48,30 @@ def add_channel_options(p: argparse.ArgumentParser) -> None:
         choices=("direct", "full"),
         help="CE-FAM: channel weights by the derivative through each layer's own pooled activations (direct) or "
         "through the whole rest of the classifier, as the authors' code (full) (default: the checkpoint's)",
+    )
+    p.add_argument(
+        "--region-weights",
+        default=None,
+        choices=("signed", "positive"),
+        help="CE-FAM: which channel weights draw a region: all (signed, the authors') or the positive ones only "
+        "(default: the checkpoint's)",
+    )
+    p.add_argument(
+        "--relevance",
+        default=None,
+        choices=("paper", "map"),
+        help="CE-FAM: how a concept's layer is chosen: the deletion curve of its probability (paper) or how well the "
+        "layer's map keeps its score (map) (default: the checkpoint's)",
+    )
+    p.add_argument(
+        "--contribution-layer",
+        default=None,
+        help="CE-FAM: where contributions are measured: each concept's selected layer (selected, the authors'), the "
+        "last explained layer (last) or a layer name (default: the checkpoint's)",
+    )
+    p.add_argument(
+        "--preset",
+        default=None,
+        choices=("paper",),
+        help="CE-FAM: a named set of the rules above (paper: the authors' rules); a rule given as well wins",
     )

@@ -87,6 +87,10 @@ class ExplainSettings:
     fill: str | None = None  # CE-FAM: masked-channel fill
     select_layers: str | list[str] | None = None  # CE-FAM: the layers a concept's layer is chosen from
     gradient: str | None = None  # CE-FAM: "direct" or "full" channel weights
+    region_weights: str | None = None  # CE-FAM: "signed" or "positive"
+    relevance: str | None = None  # CE-FAM: "paper" or "map"
+    contribution_layer: str | None = None  # CE-FAM: "selected", "last" or a layer name
+    preset: str | None = None  # CE-FAM: a named set of the rules above ("paper")
 
 
 @dataclass
@@ -100,6 +104,10 @@ class EvaluationSettings:
     fill: str | None = None  # CE-FAM
     select_layers: str | list[str] | None = None  # CE-FAM
     gradient: str | None = None  # CE-FAM
+    region_weights: str | None = None  # CE-FAM
+    relevance: str | None = None  # CE-FAM
+    contribution_layer: str | None = None  # CE-FAM
+    preset: str | None = None  # CE-FAM
     per_layer_contributions: bool = False  # CE-FAM
 
 

@@ -188,6 +188,10 @@ def explain_images(
     fill: str | None = None,
     select_layers: str | Sequence[str] | None = None,
     gradient: str | None = None,
+    region_weights: str | None = None,
+    relevance: str | None = None,
+    contribution_layer: str | None = None,
+    preset: str | None = None,
     target: str | None = None,
     out_dir: str | os.PathLike = "explanations",
     batch_size: int = 16,
@@ -199,7 +203,8 @@ def explain_images(
     Args:
         module_or_ckpt: a trained explainer module, or the path of its checkpoint (any method).
         paths: image files and folders (see :func:`find_images`).
-        top_n, concepts, store, k, fill, select_layers, gradient: the method's explanation options
+        top_n, concepts, store, k, fill, select_layers, gradient, region_weights, relevance, contribution_layer,
+        preset: the method's explanation options
             (:class:`~cefam_lightning.methods.base.ExplainSettings`); ``None`` is the method's default, and an
             option the method does not take is an error.
         target: the class to explain, by name; default each image's predicted class.
@@ -226,6 +231,10 @@ def explain_images(
         fill=fill,
         select_layers=select_layers,
         gradient=gradient,
+        region_weights=region_weights,
+        relevance=relevance,
+        contribution_layer=contribution_layer,
+        preset=preset,
     )
     for name, value in (("top_n", top_n), ("k", k), ("batch_size", batch_size)):
         if value is not None and value < 1:

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
@@ -49,11 +49,11 @@ from cefam_lightning.errors import one_line
 from cefam_lightning.methods.base import EvaluationSettings
 from cefam_lightning.methods.baselines import SingleChannelBaseline, gradcam_maps, random_maps
 from cefam_lightning.methods.cefam.concept_sets import resolve_concepts
-from cefam_lightning.methods.cefam.contributions import FILLS
 from cefam_lightning.methods.cefam.pipeline import ExplanationPass, fused_class_map, padded_concepts
-from cefam_lightning.methods.cefam.regions import GRADIENTS
+from cefam_lightning.methods.cefam.rules import describe_rules, resolve_rules, rule_settings
 from cefam_lightning.metrics import Faithfulness, RegionMetrics
 from cefam_lightning.metrics.functional.faithfulness import DEFAULT_KEEPS, faithfulness_probabilities, setting_name
+from cefam_lightning.metrics.functional.region import nra
 from cefam_lightning.reporting.evaluations import EvaluateError
 from cefam_lightning.reporting.explanations import ExplainError
 from cefam_lightning.reporting.tables import markdown_table
@@ -152,8 +152,9 @@ class ExplanationEvaluation(nn.Module):
         layers: the classifier's explained layers.
         concept_types: type of each concept, in concept order.
         single_channel: the fitted single-channel baseline (``None`` leaves it out).
-        k: channels deleted/masked at most (``K`` of docs/method.md#layer-relevance).
-        fill: masked-channel fill for contributions (``"spatial_mean"``, docs/method.md#contribution, or ``"zero"``).
+        rules: the explanation rules (:mod:`~cefam_lightning.methods.cefam.rules`: ``k``, ``fill``,
+            ``select_layers``, ``gradient``, ``region_weights``, ``relevance``, ``contribution_layer``); a rule left
+            out is the legacy one. ``select_layers`` is resolved against the classifier at the first batch.
         seed: seed of the random maps.
         sync_on_compute: sum the states over DDP ranks in :meth:`compute` (every rank must then call it);
             ``False`` when one process evaluates the whole split.
@@ -164,11 +165,11 @@ class ExplanationEvaluation(nn.Module):
         faithfulness_top_n: score the faithfulness of CE-FAM's class map built from the top this many concepts
             (and of Grad-CAM at its main layer); ``None`` leaves it out.
         keeps: kept pixel fractions of the faithfulness metrics.
-        select_layers: the layers a top-1 layer is chosen from, CE-FAM's and the single-channel baseline's
-            (``"auto"``, ``"all"`` or names; :func:`~cefam_lightning.methods.cefam.relevance.selectable_layers`),
-            resolved against the classifier at the first batch.
-        gradient: ``"direct"`` or ``"full"`` channel weights for CE-FAM's regions, relevance and contributions
-            (:class:`~cefam_lightning.methods.cefam.pipeline.ExplanationPass`).
+
+    Besides each layer and the top-1 layer, every map method is scored at its **best layer by the mask**
+    (``best_layer``: per pair, the layer whose map has the highest NRA against the pair's own mask, among all
+    explained layers): the CE-FAM authors' "Top-4" setting. It reads the ground truth, so it is an upper bound
+    on any layer choice, not an explanation.
     """
 
     def __init__(
@@ -176,25 +177,23 @@ class ExplanationEvaluation(nn.Module):
         layers: Sequence[str],
         concept_types: Sequence[str],
         single_channel: SingleChannelBaseline | None = None,
-        k: int = 20,
-        fill: str = "spatial_mean",
+        rules: Mapping[str, Any] | None = None,
         seed: int = 0,
         sync_on_compute: bool = True,
         per_layer_contributions: bool = False,
         contributions: bool = True,
         faithfulness_top_n: int | None = None,
         keeps: Sequence[float] = DEFAULT_KEEPS,
-        select_layers: str | Sequence[str] = "auto",
-        gradient: str = "direct",
     ):
         super().__init__()
-        self.gradient = gradient
+        self.rules = resolve_rules({}, rules, layers=list(layers))
+        k, fill, select_layers = self.rules["k"], self.rules["fill"], self.rules["select_layers"]
         if faithfulness_top_n is not None and faithfulness_top_n < 1:
             raise ValueError(f"faithfulness_top_n must be >= 1 or None, got {faithfulness_top_n}")
         self.layers = list(layers)
         self.select_layers = select_layers if isinstance(select_layers, str) else list(select_layers)
         self.selectable: list[str] | None = None  # resolved against the classifier at the first batch
-        self.settings = [*self.layers, "top1"]
+        self.settings = [*self.layers, "top1", "best_layer"]
         self.single_channel, self.k, self.fill = single_channel, k, fill
         self.methods = [m for m in METHODS if m != "single_channel" or single_channel is not None]
         self.region = nn.ModuleDict(
@@ -207,7 +206,9 @@ class ExplanationEvaluation(nn.Module):
         )
         # Contributions at CE-FAM's top-1 layer (docs/method.md#contribution), and, for comparison, with every
         # concept at one layer.
-        contribution_settings = (self.settings if per_layer_contributions else ["top1"]) if contributions else []
+        contribution_settings = (
+            ([*self.layers, "top1"] if per_layer_contributions else ["top1"]) if contributions else []
+        )
         self.contribution = nn.ModuleDict(
             {s: ContributionAccuracy(sync_on_compute=sync_on_compute) for s in contribution_settings}
         )
@@ -272,7 +273,9 @@ class ExplanationEvaluation(nn.Module):
             images,
             select_layers=self.selectable or self.select_layers,
             layers=self.layers,
-            gradient=self.gradient,
+            gradient=self.rules["gradient"],
+            region_weights=self.rules["region_weights"],
+            relevance=self.rules["relevance"],
         )
         self.selectable = p.selectable  # resolved against the classifier at the first batch
         pred = p.predicted
@@ -316,16 +319,21 @@ class ExplanationEvaluation(nn.Module):
             for li, layer in enumerate(self.layers):
                 self.region[f"{method}/{layer}"].update(maps[li], pair_masks, ids)
             self.region[f"{method}/top1"].update(maps[top_layer_of[method], pair], pair_masks, ids)
+            # The authors' "Top-4": each pair at the layer whose map fits its mask best (an upper bound).
+            fit = torch.stack([nra(maps[li], pair_masks) for li in range(len(self.layers))]).nan_to_num(-1.0)
+            self.region[f"{method}/best_layer"].update(maps[fit.argmax(dim=0), pair], pair_masks, ids)
         self.region["random/top1"].update(random_maps(pair_masks.shape, self.generator, images.device), pair_masks, ids)
 
-        def contributions_at(chosen: Tensor, which: Tensor, which_valid: Tensor) -> Tensor:
-            chosen = torch.where(which_valid, chosen, -1)  # padding slots select no layer: not computed (0)
-            return p.contributions(which, chosen, pred, k=self.k, fill=self.fill)
+        def contributions_at(at: Tensor, which: Tensor, which_valid: Tensor) -> Tensor:
+            at = torch.where(which_valid, at, -1)  # padding slots select no layer: not computed (0)
+            return p.contributions(which, at, pred, k=self.k, fill=self.fill)
 
         scored = key is not None and bool(self.contribution)
         union_contributions = None
         if faithfulness or (scored and "top1" in self.contribution):
-            union_contributions = contributions_at(union_top, union, union_valid)
+            # Each concept at the layer the contribution rule gives (its selected layer, by the authors' rule).
+            at = p.contribution_layers(union_top, self.rules["contribution_layer"])
+            union_contributions = contributions_at(at, union, union_valid)
         if scored:
             key_present = key.bool().gather(1, concepts) & valid
             correct = pred == labels
@@ -381,10 +389,9 @@ class ExplanationEvaluation(nn.Module):
             },
             "layer_selection": {layer: int(n) / total for layer, n in zip(self.layers, self.selected, strict=True)},
             "settings": {
-                "k": self.k,
-                "fill": self.fill,
+                **self.rules,
                 "select_layers": self.selectable or [],
-                "gradient": self.gradient,
+                "rules": describe_rules({**self.rules, "select_layers": self.selectable or []}),
             },
             **({"faithfulness": self._faithfulness_results()} if self.faithfulness else {}),
         }
@@ -433,7 +440,7 @@ def evaluate_on_world(
         **overrides: fields of ``settings`` to replace (``k=5``, ``max_images=16``, ...).
     """
     settings = replace(settings or EvaluationSettings(), **overrides)
-    k, fill, selectable, gradient = _explain_settings(module, settings)
+    rules = _explain_rules(module, settings)
     names = [c.name for c in world.concepts]
     if list(module.hparams.concept_names) != names:
         raise EvaluateError(
@@ -451,14 +458,11 @@ def evaluate_on_world(
         module.classifier.layers,
         [c.type for c in world.concepts],
         baseline,
-        k=k,
-        fill=fill,
+        rules=rules,
         seed=settings.seed,
         sync_on_compute=False,
         per_layer_contributions=settings.per_layer_contributions,
         faithfulness_top_n=faithfulness_top_n,
-        select_layers=selectable,
-        gradient=gradient,
     ).to(device)
     data = world.split(split)
     for images, masks, labels in data.batches(settings.batch_size, settings.max_images, device):
@@ -470,22 +474,15 @@ def evaluate_on_world(
     return results
 
 
-def _explain_settings(module, settings: EvaluationSettings) -> tuple[int, str, list[str], str]:
-    """``(k, fill, selectable layers, gradient)``: the evaluation's, else the checkpoint's, checked."""
-    defaults = module.explain_defaults()
-    k = defaults["k"] if settings.k is None else settings.k
-    fill = defaults["fill"] if settings.fill is None else settings.fill
-    if fill not in FILLS:
-        raise EvaluateError(f"fill must be one of {FILLS}, got {fill!r}")
-    if k < 1:
-        raise EvaluateError(f"k must be >= 1, got {k}")
-    gradient = defaults["gradient"] if settings.gradient is None else settings.gradient
-    if gradient not in GRADIENTS:
-        raise EvaluateError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
+def _explain_rules(module, settings: EvaluationSettings) -> dict[str, Any]:
+    """The rules in effect (:meth:`CEFAMModule.explain_rules`: the evaluation's, its preset's, else the
+    checkpoint's), with ``select_layers`` resolved against the classifier; checked."""
     try:
-        return k, fill, module.selectable(settings.select_layers), gradient
+        rules = module.explain_rules(settings.preset, **rule_settings(settings))
+        rules["select_layers"] = module.selectable(rules["select_layers"])
     except ValueError as e:
         raise EvaluateError(str(e)) from None
+    return rules
 
 
 def resolve_dataset_concepts(module, concepts: list[MaskConcept], store=None):
@@ -567,7 +564,7 @@ def evaluate_on_masks(
     from cefam_lightning.models.components import ConceptScorer
 
     settings = replace(settings or EvaluationSettings(batch_size=16), **overrides)
-    k, fill, selectable, gradient = _explain_settings(module, settings)
+    rules = _explain_rules(module, settings)
     batch_size, max_images, seed = settings.batch_size, settings.max_images, settings.seed
     device = next(module.translator.parameters()).device
     module.eval()
@@ -598,13 +595,10 @@ def evaluate_on_masks(
         module.classifier.layers,
         cset.types,
         baseline,
-        k=k,
-        fill=fill,
+        rules=rules,
         seed=seed,
         sync_on_compute=False,
         contributions=False,
-        select_layers=selectable,
-        gradient=gradient,
     ).to(device)
     skipped_pairs = torch.zeros(len(dataset.concepts), dtype=torch.long)
     n_images = 0
@@ -676,7 +670,7 @@ def _fit_single_channel(classifier, dataset, mapping, num_concepts, batch_size, 
 
 
 def _title(setting: str) -> str:
-    return "top-1 layer" if setting == "top1" else setting
+    return {"top1": "top-1 layer", "best_layer": "best layer by mask (upper bound)"}.get(setting, setting)
 
 
 def _faithfulness_lines(faith: dict[str, Any]) -> list[str]:
@@ -707,8 +701,10 @@ def format_table(results: dict[str, Any]) -> str:
     """A readable Markdown summary: NRA, hit rate and EPG (macro over concept types) per method and layer."""
     regions = results["regions"]
     settings = list(next(iter(regions.values())))
-    settings = [s for s in settings if s != "top1"] + ["top1"]
-    lines = []
+    settings = [s for s in settings if s not in ("top1", "best_layer")] + ["top1"]
+    settings += ["best_layer"] if any("best_layer" in per for per in regions.values()) else []
+    rules = results.get("settings", {}).get("rules")
+    lines = [f"Rules: {rules}", ""] if rules else []
     for metric, title in (("nra", "NRA"), ("hit_rate", "hit rate"), ("epg", "EPG")):
         # The random map does not depend on the layer: one value, shown in every column.
         rows = [
@@ -729,11 +725,14 @@ def format_table(results: dict[str, Any]) -> str:
                 ("all_key_first", "all key-object concepts first"),
             )
         ]
+        rule = results["settings"].get("contribution_layer", "selected")
         title = (
-            f"Contribution accuracy of CE-FAM (fill={results['settings']['fill']}, K={results['settings']['k']}), "
+            f"Contribution accuracy of CE-FAM (contribution layer={rule}, "
+            f"fill={results['settings']['fill']}, K={results['settings']['k']}), "
             f"on {int(top1['images_scored'])} correctly classified images with concepts outside the key object:"
         )
-        lines += [markdown_table(["concepts masked at", *map(_title, masked_at)], rows, title=title), ""]
+        heads = [f"contribution rule ({rule})" if s == "top1" else s for s in masked_at]
+        lines += [markdown_table(["concepts masked at", *heads], rows, title=title), ""]
     faith = results.get("faithfulness")
     if faith and faith.get("images"):
         lines.extend(_faithfulness_lines(faith))
@@ -744,6 +743,11 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append(
             f"Top-1 layer chosen by CE-FAM (share of present concepts): {shares}; chosen among "
             + ", ".join(chosen_from)
+        )
+    if "best_layer" in settings:
+        lines.append(
+            "Best layer by the mask: each pair at the layer whose map fits its own mask best (the authors' Top-4); "
+            "it reads the ground truth, so it is an upper bound on any layer choice, not an explanation."
         )
     notes = results.get("notes", [])
     if notes:

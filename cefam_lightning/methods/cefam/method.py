@@ -15,8 +15,9 @@ from omegaconf import MISSING, OmegaConf
 from cefam_lightning.config_rules import ConfigError, Rule, at_least, one_of
 from cefam_lightning.methods.cefam.contributions import FILLS
 from cefam_lightning.methods.cefam.module import CEFAMModule, init_translator_from
-from cefam_lightning.methods.cefam.regions import GRADIENTS
-from cefam_lightning.methods.cefam.relevance import selectable_layers
+from cefam_lightning.methods.cefam.regions import GRADIENTS, REGION_WEIGHTS
+from cefam_lightning.methods.cefam.relevance import RELEVANCES, selectable_layers
+from cefam_lightning.methods.cefam.rules import RULE_KEYS, check_rules
 from cefam_lightning.methods.registry import BuildContext, MethodSpec, TrainContext, register_method
 from cefam_lightning.models.components import ConceptScorer, Translator
 from cefam_lightning.models.components.translator import ACTIVATIONS
@@ -36,6 +37,9 @@ class CEFAMConfig:
     fill: str = MISSING  # masked-channel fill for contributions
     select_layers: Any = MISSING  # "auto" | "all" | a list of layer names
     gradient: str = MISSING  # channel weights: "direct" (own pooled z only) | "full" (through the rest of the net)
+    region_weights: str = MISSING  # which channel weights draw a region: "signed" | "positive"
+    relevance: str = MISSING  # how a concept's layer is chosen: "paper" | "map"
+    contribution_layer: str = MISSING  # where contributions are measured: "selected" | "last" | a layer name
 
 
 def select_layers_value(value: Any) -> str | list[str]:
@@ -59,6 +63,8 @@ RULES: tuple[Rule, ...] = (
     one_of(ACTIVATIONS, "cefam.activation"),
     one_of(FILLS, "cefam.fill"),
     one_of(GRADIENTS, "cefam.gradient"),
+    one_of(REGION_WEIGHTS, "cefam.region_weights"),
+    one_of(RELEVANCES, "cefam.relevance"),
     Rule(("cefam.select_layers",), _select_layers_ok, "'auto', 'all' or a non-empty list of layer names"),
 )
 
@@ -66,11 +72,16 @@ RULES: tuple[Rule, ...] = (
 def build(ctx: BuildContext, spec: MethodSpec) -> CEFAMModule:
     """The CE-FAM module of a run: a translator from the classifier's pooled layers to the store's VLM space."""
     cfg, c = ctx.cfg, ctx.cfg.cefam
-    explain = {"k": c.k, "fill": c.fill, "select_layers": select_layers_value(c.select_layers), "gradient": c.gradient}
+    explain = {key: c[key] for key in RULE_KEYS}
+    explain["select_layers"] = select_layers_value(c.select_layers)
     try:  # the layer names against the classifier's, before anything is trained
         selectable_layers(ctx.classifier, explain["select_layers"])
     except ValueError as e:
         raise ConfigError(f"cefam.select_layers: {e}") from None
+    try:
+        check_rules(explain, layers=list(ctx.classifier.layers))
+    except ValueError as e:
+        raise ConfigError(f"cefam.{e}") from None
     shapes = ctx.classifier.layer_shapes(ctx.image_size)
     in_dim = sum(ch for ch, _, _ in shapes.values())
     hidden = list(c.hidden_dims) if c.hidden_dims is not None else None

@@ -42,6 +42,7 @@ from cefam_lightning.methods.base import (
 from cefam_lightning.methods.cefam.pipeline import BatchExplanation, ExplanationPass, explain_batch
 from cefam_lightning.methods.cefam.regions import pool_activations
 from cefam_lightning.methods.cefam.relevance import selectable_layers
+from cefam_lightning.methods.cefam.rules import LEGACY_RULES, RULE_KEYS, resolve_rules
 from cefam_lightning.methods.checkpoints import CheckpointError, read_checkpoint
 from cefam_lightning.methods.optim import configure_optimization
 from cefam_lightning.models.classifier import FrozenClassifier
@@ -106,8 +107,8 @@ class CEFAMModule(ExplainerModule):
         ("cosine(predicted, VLM) embed.", "test/cosine"),
         ("test loss", "test/loss"),
     )
-    explain_options = frozenset({"top_n", "concepts", "store", "k", "fill", "select_layers", "gradient"})
-    evaluate_options = frozenset({"k", "fill", "select_layers", "gradient", "per_layer_contributions", "data"})
+    explain_options = frozenset({"top_n", "concepts", "store", *RULE_KEYS, "preset"})
+    evaluate_options = frozenset({*RULE_KEYS, "preset", "per_layer_contributions", "data"})
 
     def __init__(
         self,
@@ -329,15 +330,20 @@ class CEFAMModule(ExplainerModule):
 
     # ------------------------------------------------------------------ explaining
     def explain_defaults(self) -> dict[str, Any]:
-        """The explanation settings of the run that trained this module: ``k``, ``fill``, ``select_layers``.
+        """The explanation rules of the run that trained this module (:mod:`~cefam_lightning.methods.cefam.rules`).
 
-        Recorded as ``hyper_parameters["explain"]``; a checkpoint written before that takes them from its run's
-        ``evaluation`` config section, where they were kept then.
+        Recorded as ``hyper_parameters["explain"]``; a checkpoint written before that takes ``k``, ``fill`` and
+        ``select_layers`` from its run's ``evaluation`` config section, where they were kept then, and a rule it
+        does not record is what the code computed then (``LEGACY_RULES``).
         """
         recorded = self.hparams.get("explain") or {}
         legacy = ((self.hparams.get("config") or {}).get("evaluation") or {}) if not recorded else {}
-        merged = {**DEFAULT_EXPLAIN, **{k: legacy[k] for k in DEFAULT_EXPLAIN if k in legacy}, **recorded}
-        return merged
+        return {**LEGACY_RULES, **{k: legacy[k] for k in LEGACY_RULES if k in legacy}, **recorded}
+
+    def explain_rules(self, preset: str | None = None, **given: Any) -> dict[str, Any]:
+        """The rules in effect: the run's (:meth:`explain_defaults`), then ``preset``'s, then the ``given`` ones that
+        are not ``None``, checked against this classifier's layers (``ValueError`` names the one at fault)."""
+        return resolve_rules(self.explain_defaults(), given, preset, layers=list(self.classifier.layers))
 
     def selectable(self, select_layers: str | Sequence[str] | None = None) -> list[str]:
         """The layers a concept's layer is chosen from: ``select_layers`` (``None``: the run's), resolved against
@@ -363,29 +369,25 @@ class CEFAMModule(ExplainerModule):
         *,
         concepts: Tensor | None = None,
         top_n: int = 8,
-        k: int | None = None,
-        fill: str | None = None,
-        select_layers: str | Sequence[str] | None = None,
         scorer: ConceptScorer | None = None,
         contributions: bool = True,
-        gradient: str | None = None,
+        preset: str | None = None,
+        **rules: Any,
     ) -> BatchExplanation:
         """CE-FAM's explanation of a batch (what, where, at which layer, how much): the one pipeline every use
-        goes through (:func:`~cefam_lightning.methods.cefam.pipeline.explain_batch`). ``None`` settings are the
-        run's (:meth:`explain_defaults`); ``scorer``: another concept set's (``explain --concepts``)."""
-        defaults = self.explain_defaults()
+        goes through (:func:`~cefam_lightning.methods.cefam.pipeline.explain_batch`). ``rules`` (``k=5``,
+        ``gradient="full"``, ...) and ``preset`` change the run's rules (:meth:`explain_rules`); ``scorer``: another
+        concept set's (``explain --concepts``)."""
+        r = self.explain_rules(preset, **rules)
         return explain_batch(
             self,
             images,
             concepts=concepts,
             top_n=top_n,
-            k=defaults["k"] if k is None else k,
             target=target,
-            fill=defaults["fill"] if fill is None else fill,
-            select_layers=self.selectable(select_layers),
             scorer=scorer,
             contributions=contributions,
-            gradient=defaults["gradient"] if gradient is None else gradient,
+            **{**r, "select_layers": self.selectable(r["select_layers"])},
         )
 
     def image_explainer(self, settings: ExplainSettings, checkpoint: str | None = None) -> ImageExplainer:
@@ -436,9 +438,6 @@ class CEFAMModule(ExplainerModule):
             for method, per in results["regions"].items()
         }
         return {"top1_layer": regions, "contribution": results["contribution"], "images": results["images"]}
-
-
-DEFAULT_EXPLAIN = {"k": 20, "fill": "spatial_mean", "select_layers": "auto", "gradient": "direct"}
 
 
 @dataclass

@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from cefam_lightning.methods.cefam.contributions import concept_contributions
 from cefam_lightning.methods.cefam.regions import (
     GRADIENTS,
+    REGION_WEIGHTS,
     concept_regions,
     full_channel_gradients,
     layer_slices,
@@ -34,7 +35,13 @@ from cefam_lightning.methods.cefam.regions import (
     score_jacobian,
     upsample_regions,
 )
-from cefam_lightning.methods.cefam.relevance import layer_relevance, selectable_layers, top_layer
+from cefam_lightning.methods.cefam.relevance import (
+    RELEVANCES,
+    layer_relevance,
+    map_relevance,
+    selectable_layers,
+    top_layer,
+)
 from cefam_lightning.metrics.functional.maps import minmax_normalize
 from cefam_lightning.models.classifier import Activations
 
@@ -53,8 +60,9 @@ class BatchExplanation:
     concepts: Tensor  # (B, N) explained concept indices, by decreasing score when chosen here
     relevance: Tensor  # (B, N, L) layer relevance
     layer_index: Tensor  # (B, N) index into ``layers`` of the selected layer (the most relevant selectable one)
-    contributions: Tensor  # (B, N) contribution to the explained class at the selected layer (signed)
+    contributions: Tensor  # (B, N) contribution to the explained class (signed), at contribution_layer_index
     regions: Tensor  # (B, N, H, W) region map at the selected layer, at the image size
+    contribution_layer_index: Tensor | None = None  # (B, N) index into ``layers`` where contributions were measured
 
 
 @contextmanager
@@ -90,6 +98,12 @@ class ExplanationPass:
             classifier as the CE-FAM authors take it (vector-Jacobian products through the classifier, for the
             concepts asked for: :func:`~cefam_lightning.methods.cefam.regions.full_channel_gradients`). Regions,
             layer relevance and contributions all rank and weight channels by the same weights.
+        region_weights: ``"signed"`` (the authors': ``ReLU(sum_k beta_k A_k)``) or ``"positive"`` (only channels whose
+            weight is positive draw the map: ``ReLU(sum_k max(beta_k, 0) A_k)``); docs/method.md#concept-regions.
+            Relevance and contributions rank channels by the signed weights either way.
+        relevance: how a concept's layer is chosen (docs/method.md#layer-relevance): ``"paper"``, the deletion
+            curve of the concept's probability in the translator's input, or ``"map"``, how well the layer's
+            region map keeps the concept's score (:func:`~cefam_lightning.methods.cefam.relevance.map_relevance`).
 
     Attributes:
         classifier, translator, scorer: the parts used.
@@ -109,9 +123,17 @@ class ExplanationPass:
         select_layers: str | Sequence[str] = "auto",
         layers: Sequence[str] | None = None,
         gradient: str = "direct",
+        region_weights: str = "signed",
+        relevance: str = "paper",
     ) -> None:
-        if gradient not in GRADIENTS:
-            raise ValueError(f"gradient must be one of {GRADIENTS}, got {gradient!r}")
+        for name, value, allowed in (
+            ("gradient", gradient, GRADIENTS),
+            ("region_weights", region_weights, REGION_WEIGHTS),
+            ("relevance", relevance, RELEVANCES),
+        ):
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+        self.region_weights, self.relevance_rule = region_weights, relevance
         self.classifier, self.translator = module.classifier, module.translator
         self.scorer = module.scorer if scorer is None else scorer
         self.images = images
@@ -207,26 +229,44 @@ class ExplanationPass:
 
     @torch.no_grad()
     def relevance(self, concepts: Tensor, k: int = 20, rows: Tensor | None = None) -> Tensor:
-        """Layer relevance (docs/method.md#layer-relevance) of ``(B, N)`` concepts, ``(B, N, L)``.
+        """Layer relevance (docs/method.md#layer-relevance) of ``(B, N)`` concepts, ``(B, N, L)``, by the pass's
+        ``relevance`` rule.
 
         With ``rows`` (``(R,)`` image indices), ``concepts`` is ``(R, N)``: the concepts of those images only
         (e.g. a few extra concepts of some images), ``(R, N, L)``.
         """
+        if self.relevance_rule == "map":
+            images = self.images if rows is None else self.images[rows]
+            return map_relevance(self._score_images, images, self.layer_regions(concepts, rows), concepts)
         weights = self.weights(concepts)
         z, jac = (self.z, weights) if rows is None else (self.z[rows], weights[rows])
         return layer_relevance(z, jac, self.slices, self.translator, self.scorer, concepts, k=k)
+
+    @torch.no_grad()
+    def _score_images(self, images: Tensor) -> Tensor:
+        """Concept scores ``(n, C)`` of other images (e.g. masked ones) through the same classifier and branch."""
+        activations = self.classifier(images).activations
+        with _eval_mode(self.translator):
+            return self.scorer(self.translator(pool_activations(activations, self.layers)))
 
     def selected_layers(self, relevance: Tensor) -> Tensor:
         """``(..., L)`` relevance -> ``(...)`` index into :attr:`layers` of the most relevant selectable layer."""
         return top_layer(relevance, self.layers, self.selectable)
 
     @torch.no_grad()
-    def layer_regions(self, concepts: Tensor) -> dict[str, Tensor]:
+    def layer_regions(self, concepts: Tensor, rows: Tensor | None = None) -> dict[str, Tensor]:
         """Region maps (docs/method.md#concept-regions) of ``(B, N)`` concepts at every layer, at its own resolution:
-        ``{layer: (B, N, h, w)}`` (the Jacobian rows of just these concepts)."""
+        ``{layer: (B, N, h, w)}`` (the weights of just these concepts, by the pass's ``region_weights``). With
+        ``rows`` (``(R,)`` image indices), ``concepts`` is ``(R, N)``, the concepts of those images only."""
         weights = self.weights(concepts)
+        activations = self.activations
+        if rows is not None:
+            weights = weights[rows]
+            activations = {layer: activations[layer][rows] for layer in self.layers}
         jac = weights.gather(1, concepts[:, :, None].expand(-1, -1, weights.shape[2]))
-        return concept_regions(self.activations, self.layers, jac)
+        if self.region_weights == "positive":
+            jac = jac.clamp_min(0)
+        return concept_regions(activations, self.layers, jac)
 
     def upsample(self, maps: Tensor) -> Tensor:
         """``(B, N, h, w)`` maps -> ``(B, N, H, W)`` at the image size (bilinear)."""
@@ -250,6 +290,19 @@ class ExplanationPass:
                     maps = maps.gather(1, columns[:, :, None, None].expand(-1, -1, *maps.shape[2:]))
                 regions = torch.where(chosen[:, :, None, None], self.upsample(maps), regions)
         return regions
+
+    def contribution_layers(self, selected: Tensor, rule: str = "selected") -> Tensor:
+        """``(B, N)`` index into :attr:`layers` of the layer each concept's contribution is measured at
+        (docs/method.md#contribution): ``"selected"``, its own selected layer ``selected`` (the authors'); ``"last"``,
+        the last explained layer for every concept (the one closest to the logits, where the concepts' contributions
+        are on one scale); or a layer name, that layer for every concept."""
+        if rule == "selected":
+            return selected
+        if rule == "last":
+            return torch.full_like(selected, len(self.layers) - 1)
+        if rule not in self.layers:
+            raise ValueError(f"contribution_layer must be 'selected', 'last' or one of {self.layers}, got {rule!r}")
+        return torch.full_like(selected, self.layers.index(rule))
 
     @torch.no_grad()
     def contributions(
@@ -287,6 +340,9 @@ def explain_batch(
     scorer: Any = None,
     contributions: bool = True,
     gradient: str = "direct",
+    region_weights: str = "signed",
+    relevance: str = "paper",
+    contribution_layer: str = "selected",
 ) -> BatchExplanation:
     """Explain ``images`` (``B x 3 x H x W`` in ``[0, 1]``) with a trained CE-FAM module.
 
@@ -303,16 +359,26 @@ def explain_batch(
             contribution is 0; ``"all"``; or a list of layer names.
         scorer: another concept set's scorer (its text embeddings) instead of the module's.
         contributions: compute the contributions (``False``: zeros, for uses that draw or score regions only).
-        gradient: ``"direct"`` or ``"full"`` channel weights (see :class:`ExplanationPass`).
+        gradient, region_weights, relevance: the pass's rules (see :class:`ExplanationPass`).
+        contribution_layer: where contributions are measured (:meth:`ExplanationPass.contribution_layers`).
     """
     with _eval_mode(module.translator):
-        p = ExplanationPass(module, images, scorer=scorer, select_layers=select_layers, gradient=gradient)
+        p = ExplanationPass(
+            module,
+            images,
+            scorer=scorer,
+            select_layers=select_layers,
+            gradient=gradient,
+            region_weights=region_weights,
+            relevance=relevance,
+        )
         concepts = p.explained_concepts(concepts, top_n)
         target = p.target(target)
         relevance = p.relevance(concepts, k=k)
         layer_index = p.selected_layers(relevance)
+        at = p.contribution_layers(layer_index, contribution_layer)
         if contributions:
-            contrib = p.contributions(concepts, layer_index, target, k=k, fill=fill)
+            contrib = p.contributions(concepts, at, target, k=k, fill=fill)
         else:
             contrib = torch.zeros(concepts.shape, device=p.logits.device)
         regions = p.selected_regions(p.layer_regions(concepts), layer_index)
@@ -329,6 +395,7 @@ def explain_batch(
         layer_index=layer_index,
         contributions=contrib,
         regions=regions,
+        contribution_layer_index=at,
     )
 
 

@@ -66,6 +66,7 @@ def score_jacobian(translator: nn.Module, scorer: ConceptScorer, z: Tensor) -> T
 
 
 GRADIENTS = ("direct", "full")
+REGION_WEIGHTS = ("signed", "positive")  # which channel weights draw a region (docs/method.md#concept-regions)
 
 
 def vjp_channel_sums(

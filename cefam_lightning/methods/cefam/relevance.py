@@ -1,22 +1,27 @@
-"""Which layer shows concept ``c`` (docs/method.md#layer-relevance): a deletion curve over each layer's most
-important channels.
+"""Which layer shows concept ``c`` (docs/method.md#layer-relevance), by one of two rules (``RELEVANCES``):
 
-Channel importance at layer ``l`` is ``beta^c_k * mean_ij A^l_k``. For ``i = 0..K`` the pooled values of the
-``i`` most important channels are replaced by the layer's mean over channels in the translator's input, and the
-concept probability ``p_{c,i}`` is recomputed. Relevance ``= (1/K) sum_{i=1..K} (p_c - p_{c,i}) / p_c``. Every
-deletion step of every layer and concept goes through the translator as one batch.
+- ``paper`` (the CE-FAM authors'): a deletion curve over each layer's most important channels. Channel importance
+  at layer ``l`` is ``beta^c_k * mean_ij A^l_k``. For ``i = 0..K`` the pooled values of the ``i`` most important
+  channels are replaced by the layer's mean over channels in the translator's input, and the concept probability
+  ``p_{c,i}`` is recomputed. Relevance ``= (1/K) sum_{i=1..K} (p_c - p_{c,i}) / p_c``. Every deletion step of every
+  layer and concept goes through the translator as one batch (:func:`layer_relevance`).
+- ``map``: how faithfully the layer's region map keeps the concept: the concept's score on the image multiplied by
+  the min-max normalized map, minus its score on the image multiplied by the map's complement
+  (:func:`map_relevance`). It reads each concept's own score, so concepts do not compete through a softmax.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from cefam_lightning.metrics.functional.maps import minmax_normalize
 from cefam_lightning.models.components import ConceptScorer
 
 SELECT_MODES = ("auto", "all")
+RELEVANCES = ("paper", "map")
 
 
 def selectable_layers(classifier, select: str | Sequence[str] = "auto") -> list[str]:
@@ -137,3 +142,50 @@ def layer_relevance(
     drop = (p0 - p) / p0.clamp_min(torch.finfo(p.dtype).tiny)
     weights = valid.to(p.dtype)
     return (drop * weights).sum(-1) / weights.sum(-1).clamp_min(1)
+
+
+@torch.no_grad()
+def map_relevance(
+    score_images: Callable[[Tensor], Tensor],
+    images: Tensor,
+    maps: Mapping[str, Tensor],
+    concepts: Tensor,
+    chunk: int = 64,
+) -> Tensor:
+    """Relevance of each layer by its map: ``S_c(x * m) - S_c(x * (1 - m))`` (docs/method.md#layer-relevance).
+
+    ``m`` is the concept's region map at the layer, upsampled to the image (bilinear) and min-max normalized to
+    ``[0, 1]`` (a constant map is 0 everywhere). A map on the concept keeps its score when the rest of the image is
+    blacked out and removes it when the map's own pixels are; a map covering everything or nothing scores about 0.
+
+    Args:
+        score_images: images ``(n, 3, H, W)`` -> concept scores ``(n, C)`` (classifier, pooling, translator,
+            scorer).
+        images: ``(B, 3, H, W)`` in ``[0, 1]``.
+        maps: ``{layer: (B, N, h, w)}`` the concepts' region maps at each layer's resolution, in layer order.
+        concepts: ``(B, N)`` concept indices.
+        chunk: concepts per pass through ``score_images`` (each is two masked images; bounds memory).
+
+    Returns:
+        ``(B, N, L)`` relevance, layers in ``maps`` order.
+    """
+    b, n = concepts.shape
+    size = tuple(images.shape[-2:])
+    out = torch.zeros(b, n, len(maps), device=images.device)
+    image_of = torch.arange(b, device=images.device).repeat_interleave(n)  # (B*N,)
+    concept_of = concepts.reshape(-1)
+    for li, low in enumerate(maps.values()):
+        with torch.autocast(device_type=images.device.type, enabled=False):
+            up = nn.functional.interpolate(low.float(), size=size, mode="bilinear", align_corners=False)
+        m = minmax_normalize(up, dims=2).reshape(b * n, 1, *size)
+        diffs = []
+        for start in range(0, b * n, chunk):
+            idx = slice(start, start + chunk)
+            x = images[image_of[idx]].float()
+            s = score_images(torch.cat([x * m[idx], x * (1 - m[idx])])).float()
+            c = concept_of[idx].repeat(2)[:, None]
+            s = s.gather(1, c)[:, 0]
+            half = s.shape[0] // 2
+            diffs.append(s[:half] - s[half:])
+        out[:, :, li] = torch.cat(diffs).reshape(b, n)
+    return out

@@ -19,9 +19,8 @@ from torch import Tensor
 
 from cefam_lightning.methods.base import ExplainSettings, ImageReport
 from cefam_lightning.methods.cefam.concept_sets import ConceptSet, open_store, read_concepts, resolve_concepts
-from cefam_lightning.methods.cefam.contributions import FILLS
 from cefam_lightning.methods.cefam.pipeline import BatchExplanation
-from cefam_lightning.methods.cefam.regions import GRADIENTS
+from cefam_lightning.methods.cefam.rules import RULE_KEYS, describe_rules, rule_settings
 from cefam_lightning.models.components import ConceptScorer
 from cefam_lightning.reporting import figures
 from cefam_lightning.reporting.explanations import (
@@ -50,18 +49,15 @@ class CEFAMImageExplainer:
 
     def __init__(self, module: Any, settings: ExplainSettings, checkpoint: str | None = None):
         self.module, self.checkpoint = module, checkpoint
-        defaults = module.explain_defaults()
-        k = defaults["k"] if settings.k is None else settings.k
-        fill = defaults["fill"] if settings.fill is None else settings.fill
-        gradient = defaults["gradient"] if settings.gradient is None else settings.gradient
-        if gradient not in GRADIENTS:
-            raise ExplainError(f"gradient must be one of {', '.join(GRADIENTS)}, got {gradient!r}")
-        if fill not in FILLS:
-            raise ExplainError(f"fill must be one of {', '.join(FILLS)}, got {fill!r}")
         try:
-            selectable = module.selectable(settings.select_layers)
+            rules = module.explain_rules(settings.preset, **rule_settings(settings))
+        except ValueError as e:
+            raise ExplainError(str(e)) from None
+        try:
+            selectable = module.selectable(rules["select_layers"])
         except ValueError as e:
             raise ExplainError(f"--select-layers: {str(e).removeprefix('select_layers: ')}") from None
+        rules["select_layers"] = selectable
         store = None
         if settings.store is not None:
             store = open_store(settings.store, module.translator.out_dim)
@@ -75,14 +71,12 @@ class CEFAMImageExplainer:
             s = module.scorer
             self.scorer = ConceptScorer(self.concept_set.text, s.kind, s.logit_scale, s.logit_bias).to(module.device)
         top_n = DEFAULT_TOP_N if settings.top_n is None else settings.top_n
-        self.k, self.fill, self.selectable, self.gradient = k, fill, selectable, gradient
+        self.rules = rules
         self.n_report = min(top_n, len(self.concept_set.names))
         self.settings = {
             "top_n": top_n,
-            "k": k,
-            "fill": fill,
-            "select_layers": selectable,
-            "gradient": gradient,
+            **rules,
+            "rules": describe_rules(rules),
             "concept_set": self.concept_set.source,
             "concepts": self.concept_set.names,
             "store": str(store.path) if store is not None else None,
@@ -93,11 +87,8 @@ class CEFAMImageExplainer:
             images,
             target,
             top_n=self.n_report,
-            k=self.k,
-            fill=self.fill,
-            select_layers=self.selectable,
             scorer=self.scorer,
-            gradient=self.gradient,
+            **self.rules,
         )
         expl = _to_cpu(expl)  # one transfer per batch, not one per reported number
         return [self._report(expl, i, path) for i, path in enumerate(paths)]
@@ -124,6 +115,7 @@ class CEFAMImageExplainer:
                     "relevance": {layer: json_number(expl.relevance[i, j, m]) for m, layer in enumerate(layers)},
                     "selected_relevance": json_number(expl.relevance[i, j, li]),
                     "contribution": json_number(expl.contributions[i, j]),
+                    "contribution_layer": layers[int(expl.contribution_layer_index[i, j])],
                     "region": f"regions.npz:{key}",
                 }
             )
@@ -137,9 +129,7 @@ class CEFAMImageExplainer:
             "explained_class": class_names[target],
             "explained_probability": json_number(expl.class_prob[i]),
             "layers": layers,
-            "settings": {
-                key: self.settings[key] for key in ("top_n", "k", "fill", "select_layers", "gradient", "concept_set")
-            },
+            "settings": {key: self.settings[key] for key in ("top_n", *RULE_KEYS, "concept_set")},
             "concepts": entries,
         }
         return ImageReport(report, maps)
