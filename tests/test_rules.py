@@ -213,3 +213,29 @@ def test_training_config_names_a_contribution_layer_the_classifier_lacks(cache_d
     overrides = [*tiny_overrides(cache_dir, tmp_path, "bad"), "cefam.contribution_layer=layer9"]
     assert "cefam.contribution_layer must be 'selected', 'last' or one of" in cli_error(train_main, overrides, capsys)
     assert not (tmp_path / "bad").exists()  # checked before the run folder is made
+
+
+def test_the_explanation_quality_benchmark_runs_its_whole_path_small(tmp_path):
+    """benchmarks/explanation_quality.py at toy size (one tiny world, one epoch): trains, evaluates both rule sets
+    and prints the tables and the floors (the numbers are meaningless at this size)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    args = [sys.executable, "benchmarks/explanation_quality.py", "--small", "--worlds", "C", "--max-images", "8"]
+    args += [
+        "--out",
+        str(tmp_path / "runs"),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+        "--json",
+        str(tmp_path / "q.json"),
+    ]
+    proc = subprocess.run(args, cwd=root, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| CE-FAM, default rules |" in proc.stdout and "| CE-FAM, the authors' rules |" in proc.stdout
+    assert "- contribution accuracy >= 0.85: C " in proc.stdout
+    numbers = json.loads((tmp_path / "q.json").read_text())
+    assert set(numbers["worlds"]["C"]) == {"defaults", "paper"}
+    assert "relevance=paper" in numbers["rules"]["paper"] and "relevance=map" in numbers["rules"]["defaults"]
