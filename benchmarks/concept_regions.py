@@ -181,8 +181,8 @@ def main() -> None:
     scorer = ConceptScorer(torch.randn(args.concepts, args.embed_dim), "clip").to(device)
     d = args.embed_dim
     print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.device}, {args.arch} {args.image_size} px, "
-        f"batch {args.batch}, {args.concepts} concepts, translator {in_dim}-...-{d}"
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.device}, {args.arch} "
+        f"{args.image_size} px, batch {args.batch}, {args.concepts} concepts, translator {in_dim}-...-{d}"
     )
 
     # (a) the classifier alone
@@ -270,15 +270,19 @@ def main() -> None:
     t_g *= args.concepts / len(sub_g)
 
     n = args.concepts
-    scaled_c = f"  ({products} of {d} products timed, scaled)" if products < d else f"  ({d} products)"
-    print(f"(a) classifier forward                        {t_a:10.3f} s")
-    print(f"(b) direct rule, all {n} concepts           {t_b:10.3f} s")
-    print(f"(c) full rule, all {n} concepts             {t_c:10.3f} s{scaled_c}")
-    print(f"(d) full rule, top-{args.top} per image              {t_d:10.3f} s  ({union_size} concepts in the union)")
-    print(f"(e) full rule, per-concept autograd loop      {t_e:10.3f} s  (timed on {len(sub_e)} concepts, scaled)")
+    scaled_c = f"({products} of {d} products timed, scaled)" if products < d else f"({d} products)"
+    rows = [
+        ("(a) classifier forward", t_a, ""),
+        (f"(b) direct rule, all {n} concepts", t_b, ""),
+        (f"(c) full rule, all {n} concepts", t_c, scaled_c),
+        (f"(d) full rule, top-{args.top} per image", t_d, f"({union_size} concepts in the union)"),
+        ("(e) full rule, per-concept autograd loop", t_e, f"(timed on {len(sub_e)} concepts, scaled)"),
+    ]
     if t_f is not None:
-        print(f"(f) pytorch-grad-cam, one call per concept    {t_f:10.3f} s  (timed on {sub_f}, scaled)")
-    print(f"(g) direct rule, per-concept autograd loop    {t_g:10.3f} s  (timed on {len(sub_g)} concepts, scaled)")
+        rows.append(("(f) pytorch-grad-cam, one call per concept", t_f, f"(timed on {sub_f}, scaled)"))
+    rows.append(("(g) direct rule, per-concept autograd loop", t_g, f"(timed on {len(sub_g)} concepts, scaled)"))
+    for label, seconds, note in rows:
+        print(f"{label:<44}{seconds:10.3f} s  {note}".rstrip())
 
     def check(name: str, value: float, op: str, floor: float) -> str:
         ok = value >= floor if op == ">=" else value <= floor
@@ -286,13 +290,14 @@ def main() -> None:
 
     print(check("(e)/(c)", t_e / t_c, ">=", 2))
     print(check("(d)/(a)", t_d / t_a, "<=", 10))
-    print(f"(b)/(a) = {t_b / t_a:8.2f}   (c)/(a) = {t_c / t_a:.1f}   (c)/(b) = {t_c / t_b:.1f}   (g)/(b) = {t_g / t_b:.1f}")
+    print(f"(b)/(a) = {t_b / t_a:8.2f}   (c)/(a) = {t_c / t_a:.1f}   (c)/(b) = {t_c / t_b:.1f}", end="")
+    print(f"   (g)/(b) = {t_g / t_b:.1f}")
     if t_f is not None:
         print(f"(f)/(c) = {t_f / t_c:8.2f}   (f)/(b) = {t_f / t_b:.0f}")
     if args.memory:
         print(
-            f"peak memory of (c): {memory.delta / 2**30:.2f} GiB above the {memory.base / 2**30:.2f} GiB in use before it "
-            f"({memory.how})"
+            f"peak memory of (c): {memory.delta / 2**30:.2f} GiB above the {memory.base / 2**30:.2f} GiB in use "
+            f"before it ({memory.how})"
         )
 
 
