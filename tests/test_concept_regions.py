@@ -79,3 +79,24 @@ def test_jacobian_stays_float32_under_autocast(parts):
         jac = score_jacobian(translator, scorer, z)
     assert jac.dtype == torch.float32
     torch.testing.assert_close(jac, score_jacobian(translator, scorer, z))
+
+
+def test_concept_regions_benchmark_runs_every_row_small():
+    """benchmarks/concept_regions.py at a tiny size: every row (both rules, the loops, the floors, the memory) prints;
+    the timings themselves mean nothing at this size."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    args = [sys.executable, "benchmarks/concept_regions.py", "--arch", "resnet18", "--image-size", "32", "--batch", "2"]
+    args += ["--concepts", "20", "--embed-dim", "8", "--top", "3", "--repeats", "1", "--full-products", "3"]
+    args += ["--loop-subset", "1", "--gradcam-subset", "1", "--direct-loop-subset", "2", "--memory"]
+    proc = subprocess.run(args, cwd=root, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    for row in ("(a) ", "(b) ", "(c) ", "(d) ", "(e) ", "(g) ", "(e)/(c) =", "(d)/(a) =", "(b)/(a) =", "peak memory"):
+        assert row in out, (row, out)
+    assert "(f) " in out  # timed, or skipped with a note when pytorch-grad-cam is missing
+    assert "(3 of 8 products timed, scaled)" in out
+    assert out.count("PASS") + out.count("MISS") == 2

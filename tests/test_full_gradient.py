@@ -12,6 +12,7 @@ from cefam_lightning.methods.cefam.regions import (
     concept_regions_reference_full,
     full_channel_gradients,
     score_jacobian,
+    vjp_channel_sums,
 )
 from cefam_lightning.methods.cefam.relevance import layer_relevance
 from cefam_lightning.models.classifier import build_classifier
@@ -102,3 +103,40 @@ def test_the_direct_path_is_the_jacobian_of_the_pooled_activations(tiny_checkpoi
     assert p.gradient == "direct" and p.weights() is p.jacobian  # one Jacobian, no backward pass
     with pytest.raises(ValueError, match="gradient must be one of"):
         ExplanationPass(module, images, gradient="total")
+
+
+@pytest.mark.parametrize(("num_concepts", "embed_dim"), [(12, 6), (4, 16)])  # the all-concept and per-concept branches
+def test_chunked_and_batched_products_equal_one_at_a_time(num_concepts, embed_dim):
+    """Memory is bounded by ``chunk`` products at a time; how they are grouped does not change the weights."""
+    classifier = build_classifier("shapes_cnn", 4, weights=None, image_size=32)
+    translator, scorer, images = _parts(classifier, 32, num_concepts, embed_dim)
+    p = ExplanationPass(_module(classifier, translator, scorer), images, gradient="full")
+    concepts = list(range(num_concepts))
+    e = translator(torch.cat([a.mean(dim=(2, 3)) for a in p._graph], dim=1))
+    one_at_a_time = vjp_channel_sums(e, range(embed_dim), p._graph, chunk=1, batched=False)
+    want = full_channel_gradients(p._graph, translator, scorer, concepts, chunk=1)
+    for chunk in (1, 3, 64):
+        for batched in (False, True):
+            got = vjp_channel_sums(e, range(embed_dim), p._graph, chunk=chunk, batched=batched)
+            torch.testing.assert_close(got, one_at_a_time, rtol=1e-6, atol=1e-6)
+        got = full_channel_gradients(p._graph, translator, scorer, concepts, chunk=chunk)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_full_regions_and_weights_stay_float32_under_autocast():
+    """bf16 autocast around the whole pass (as in bf16-mixed training) leaves the full rule's weights and regions
+    float32 and equal to those of a float32 run."""
+    classifier = build_classifier("shapes_cnn", 4, weights=None, image_size=32)
+    translator, scorer, images = _parts(classifier, 32, 12, 6)
+    module = _module(classifier, translator, scorer)
+    concepts = torch.tensor([[0, 3, 7], [1, 3, 11]])
+    p32 = ExplanationPass(module, images, select_layers="all", gradient="full")
+    want_weights, want_maps = p32.weights(concepts).clone(), p32.layer_regions(concepts)
+    with torch.autocast(device_type="cpu", dtype=torch.bfloat16):
+        p = ExplanationPass(module, images, select_layers="all", gradient="full")
+        weights, maps = p.weights(concepts), p.layer_regions(concepts)
+    assert weights.dtype == torch.float32
+    torch.testing.assert_close(weights, want_weights, rtol=1e-5, atol=1e-6)
+    for layer in want_maps:
+        assert maps[layer].dtype == torch.float32, layer
+    _assert_maps_close(maps, want_maps, rtol=1e-5)

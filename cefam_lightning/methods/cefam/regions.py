@@ -127,16 +127,25 @@ def full_channel_gradients(
         translator, scorer: the CE-FAM branch (the translator must be in eval mode).
         concepts: the concepts to compute (default all).
         chunk: products per batched backward (see :func:`vjp_channel_sums`).
+
+    Memory: besides the graph, one product's gradients (``chunk`` products' when batched) live at a time, and the
+    products' channel sums (``min(d, C')`` x ``B`` x ``D``) accumulate; the result is ``(B, C', D)``. The number of
+    concepts adds only to the result.
+
+    The translator and scorer run in float32 with autocast off, so the weights are those of a float32 run whatever
+    the caller's autocast context (the graph is float32 too when it is made as :class:`ExplanationPass` makes it).
     """
-    z = torch.cat([a.float().mean(dim=(2, 3)) for a in graph_activations], dim=1)
-    e = translator(z).float()
-    wanted = list(range(scorer.num_concepts)) if concepts is None else [int(c) for c in concepts]
-    if len(wanted) >= e.shape[1]:  # all of them through the d embedding dimensions
-        per_dim = vjp_channel_sums(e, range(e.shape[1]), graph_activations, chunk)  # (d, B, D)
-        ds_de = scorer.jacobian(e.detach())[:, wanted]  # (B, C', d)
-        return torch.einsum("bcj,jbk->bck", ds_de, per_dim)
-    scores = scorer(e)
-    return vjp_channel_sums(scores, wanted, graph_activations, chunk).permute(1, 0, 2)  # (B, C', D)
+    device_type = graph_activations[0].device.type if len(graph_activations) else "cpu"
+    with torch.autocast(device_type=device_type, enabled=False):
+        z = torch.cat([a.float().mean(dim=(2, 3)) for a in graph_activations], dim=1)
+        e = translator(z).float()
+        wanted = list(range(scorer.num_concepts)) if concepts is None else [int(c) for c in concepts]
+        if len(wanted) >= e.shape[1]:  # all of them through the d embedding dimensions
+            per_dim = vjp_channel_sums(e, range(e.shape[1]), graph_activations, chunk)  # (d, B, D)
+            ds_de = scorer.jacobian(e.detach())[:, wanted].float()  # (B, C', d)
+            return torch.einsum("bcj,jbk->bck", ds_de, per_dim)
+        scores = scorer(e).float()
+        return vjp_channel_sums(scores, wanted, graph_activations, chunk).permute(1, 0, 2)  # (B, C', D)
 
 
 def concept_regions(
