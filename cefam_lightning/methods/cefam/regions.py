@@ -1,14 +1,18 @@
-"""Concept regions for every concept at once, by the direct-path gradient (docs/method.md#concept-regions).
+"""Concept regions for every concept at once, by either gradient rule (docs/method.md#concept-regions).
 
 Per concept ``c`` and layer ``l``: ``beta^c_k = (1/gamma) sum_ij dS_c/dA^l_k(i,j)`` and
-``R^l_c = ReLU(sum_k beta^c_k A^l_k)``. The translator sees only pooled activations, so
-``dS_c/dA^l_k(i,j) = (1/(H_l W_l)) dS_c/dz^l_k`` at every pixel, and the weights of all concepts come from one
-Jacobian ``dS/dz`` (``C x dim(z)``) with no backward pass through the classifier. That Jacobian is computed as
-``dS/de`` (closed form, :meth:`ConceptScorer.jacobian`) times ``de/dz`` (``d x dim(z)``, by ``torch.func``),
-so its cost grows with the embedding size ``d``, not with the number of concepts.
+``R^l_c = ReLU(sum_k beta^c_k A^l_k)`` (``max(beta, 0)`` in place of ``beta`` with positive region weights).
 
-:func:`concept_regions_reference` runs one autograd pass per concept; it exists to prove in a test that both
-give the same maps.
+- ``direct``: the derivative through the layer's own pooled activations only. The translator sees only pooled
+  activations, so ``dS_c/dA^l_k(i,j) = (1/(H_l W_l)) dS_c/dz^l_k`` at every pixel, and the weights of all concepts
+  come from one Jacobian ``dS/dz`` (``C x dim(z)``) with no backward pass through the classifier: ``dS/de``
+  (closed form, :meth:`ConceptScorer.jacobian`) times ``de/dz`` (``d x dim(z)``, by ``torch.func``), so its cost
+  grows with the embedding size ``d``, not with the number of concepts.
+- ``full`` (the CE-FAM authors'): the total derivative through the rest of the classifier,
+  :func:`full_channel_gradients`, from ``min(d, |T|)`` vector-Jacobian products for the concepts ``T`` asked for.
+
+:func:`concept_regions_reference` and :func:`concept_regions_reference_full` run one autograd pass per concept;
+they exist to prove in tests that the batched paths give the same maps.
 """
 
 from __future__ import annotations
