@@ -36,6 +36,7 @@ class CEFAMConfig:
     fill: str = MISSING  # masked-channel fill for contributions
     select_layers: Any = MISSING  # "auto" | "all" | a list of layer names
     gradient: str = MISSING  # channel weights: "direct" (own pooled z only) | "full" (through the rest of the net)
+    holdout_concepts: list[str] = MISSING  # zero-shot: concepts left out of training, explained from text only
 
 
 def select_layers_value(value: Any) -> str | list[str]:
@@ -60,7 +61,34 @@ RULES: tuple[Rule, ...] = (
     one_of(FILLS, "cefam.fill"),
     one_of(GRADIENTS, "cefam.gradient"),
     Rule(("cefam.select_layers",), _select_layers_ok, "'auto', 'all' or a non-empty list of layer names"),
+    Rule(("cefam.holdout_concepts",), lambda v: isinstance(v, str) and bool(v), "a concept name", each=True),
 )
+
+
+def holdout_concepts(value: Any, concept_names: list[str]) -> list[str]:
+    """``cefam.holdout_concepts`` checked against the store's concept names, in the store's order.
+
+    Raises:
+        ConfigError: a name the store does not hold (naming it), a name given twice, or every concept left out
+            (nothing would be left to train the concept-score term on).
+    """
+    names = [str(x) for x in (OmegaConf.to_container(value) if OmegaConf.is_config(value) else value or [])]
+    unknown = [n for n in names if n not in concept_names]
+    if unknown:
+        raise ConfigError(
+            f"cefam.holdout_concepts: unknown concept {unknown[0]!r}"
+            + (f" (and {unknown[1:]})" if unknown[1:] else "")
+            + f"; the store's concepts are {concept_names}"
+        )
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"cefam.holdout_concepts: {twice[0]!r} is listed more than once")
+    if names and len(names) == len(concept_names):
+        raise ConfigError(
+            f"cefam.holdout_concepts: every concept of the store ({len(concept_names)}) is left out; keep at least one "
+            "to train on (cefam.lambda_sim=0 trains without concepts)"
+        )
+    return [n for n in concept_names if n in names]
 
 
 def build(ctx: BuildContext, spec: MethodSpec) -> CEFAMModule:
@@ -75,6 +103,7 @@ def build(ctx: BuildContext, spec: MethodSpec) -> CEFAMModule:
     in_dim = sum(ch for ch, _, _ in shapes.values())
     hidden = list(c.hidden_dims) if c.hidden_dims is not None else None
     store = ctx.store
+    holdout = holdout_concepts(c.holdout_concepts, list(store.concept_names))
     translator = Translator(in_dim, store.embed_dim, hidden, c.activation, c.input_norm)
     scorer = ConceptScorer(
         torch.from_numpy(store.text_embeddings), store.vlm.kind, store.vlm.logit_scale, store.vlm.logit_bias
@@ -93,6 +122,7 @@ def build(ctx: BuildContext, spec: MethodSpec) -> CEFAMModule:
         config=OmegaConf.to_container(cfg, resolve=True),
         vlm=asdict(store.vlm),
         explain=explain,
+        holdout_concepts=holdout,
         method=spec.name,
     )
     if c.init_from:
