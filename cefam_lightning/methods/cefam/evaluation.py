@@ -52,6 +52,7 @@ from cefam_lightning.methods.cefam.concept_sets import resolve_concepts
 from cefam_lightning.methods.cefam.contributions import FILLS
 from cefam_lightning.methods.cefam.pipeline import ExplanationPass, fused_class_map, padded_concepts
 from cefam_lightning.methods.cefam.regions import GRADIENTS
+from cefam_lightning.methods.cefam.zero_shot import ZeroShotSplit, holdout_of, zero_shot_lines
 from cefam_lightning.metrics import Faithfulness, RegionMetrics
 from cefam_lightning.metrics.functional.faithfulness import DEFAULT_KEEPS, faithfulness_probabilities, setting_name
 from cefam_lightning.reporting.evaluations import EvaluateError
@@ -460,14 +461,31 @@ def evaluate_on_world(
         select_layers=selectable,
         gradient=gradient,
     ).to(device)
+    zero_shot = _zero_shot_split(module, evaluation, device)  # None unless the checkpoint held concepts out
     data = world.split(split)
     for images, masks, labels in data.batches(settings.batch_size, settings.max_images, device):
         evaluation.update(module, images, masks, labels, key_object_concepts(world.spec, masks, labels))
+        if zero_shot is not None:
+            zero_shot.update(module(images)["scores"], masks.flatten(2).any(dim=2))
     results = evaluation.compute()
+    if zero_shot is not None:
+        results["zero_shot"] = zero_shot.compute()
     results["split"] = split
     results["images"] = len(data) if settings.max_images is None else min(settings.max_images, len(data))
     results["seconds"] = round(time.time() - t0, 1)
     return results
+
+
+def _zero_shot_split(module, evaluation: ExplanationEvaluation, device):
+    """Seen vs unseen concepts (docs/method.md#zero-shot-concepts) for a checkpoint trained with a holdout, tapping
+    ``evaluation``'s top-1 region metrics; ``None`` for one without."""
+    holdout = holdout_of(module)
+    if not holdout:
+        return None
+    hp = module.hparams
+    split = ZeroShotSplit(hp.concept_names, hp.concept_types, holdout, hp.get("auroc_thresholds")).to(device)
+    split.attach(evaluation)
+    return split
 
 
 def _explain_settings(module, settings: EvaluationSettings) -> tuple[int, str, list[str], str]:
@@ -745,6 +763,7 @@ def format_table(results: dict[str, Any]) -> str:
             f"Top-1 layer chosen by CE-FAM (share of present concepts): {shares}; chosen among "
             + ", ".join(chosen_from)
         )
+    lines.extend(zero_shot_lines(results, METHOD_TITLES))  # a checkpoint trained with a holdout: seen vs unseen
     notes = results.get("notes", [])
     if notes:
         lines.append("")
