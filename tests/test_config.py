@@ -116,6 +116,7 @@ BAD_VALUES = [
     ("siam.auroc_thresholds=1", "siam.auroc_thresholds must be >= 2, got 1"),
     ("cefam.select_layers=some", "cefam.select_layers must be 'auto', 'all' or a non-empty list of layer names"),
     ("cefam.select_layers=[]", "cefam.select_layers must be 'auto', 'all' or a non-empty list of layer names"),
+    ("cefam.holdout_concepts=[yellow,'']", "cefam.holdout_concepts[1] must be a concept name, got ''"),
     ("classifier.layers=[]", "classifier.layers must be a non-empty list of layer names, got []"),
     ("data.num_workers=-1", "data.num_workers must be >= 0, got -1"),
     ("demo.num_figures=-1", "demo.num_figures must be >= 0, got -1"),

@@ -7,3 +7,7 @@ __all__ = ["RegionMetrics"]
 from cefam_lightning.metrics.faithfulness import Faithfulness  # noqa: E402 - appended export
 
 __all__ += ["Faithfulness"]
+
+from cefam_lightning.metrics.presence import presence_auroc  # noqa: E402 - appended export
+
+__all__ += ["presence_auroc"]

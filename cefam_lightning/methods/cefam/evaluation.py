@@ -51,6 +51,7 @@ from cefam_lightning.methods.baselines import SingleChannelBaseline, gradcam_map
 from cefam_lightning.methods.cefam.concept_sets import resolve_concepts
 from cefam_lightning.methods.cefam.pipeline import ExplanationPass, fused_class_map, padded_concepts
 from cefam_lightning.methods.cefam.rules import describe_rules, resolve_rules, rule_settings
+from cefam_lightning.methods.cefam.zero_shot import ZeroShotSplit, holdout_of, zero_shot_lines
 from cefam_lightning.metrics import Faithfulness, RegionMetrics
 from cefam_lightning.metrics.functional.faithfulness import DEFAULT_KEEPS, faithfulness_probabilities, setting_name
 from cefam_lightning.metrics.functional.region import nra
@@ -464,14 +465,31 @@ def evaluate_on_world(
         per_layer_contributions=settings.per_layer_contributions,
         faithfulness_top_n=faithfulness_top_n,
     ).to(device)
+    zero_shot = _zero_shot_split(module, evaluation, device)  # None unless the checkpoint held concepts out
     data = world.split(split)
     for images, masks, labels in data.batches(settings.batch_size, settings.max_images, device):
         evaluation.update(module, images, masks, labels, key_object_concepts(world.spec, masks, labels))
+        if zero_shot is not None:
+            zero_shot.update(module(images)["scores"], masks.flatten(2).any(dim=2))
     results = evaluation.compute()
+    if zero_shot is not None:
+        results["zero_shot"] = zero_shot.compute()
     results["split"] = split
     results["images"] = len(data) if settings.max_images is None else min(settings.max_images, len(data))
     results["seconds"] = round(time.time() - t0, 1)
     return results
+
+
+def _zero_shot_split(module, evaluation: ExplanationEvaluation, device):
+    """Seen vs unseen concepts (docs/method.md#zero-shot-concepts) for a checkpoint trained with a holdout, tapping
+    ``evaluation``'s top-1 region metrics; ``None`` for one without."""
+    holdout = holdout_of(module)
+    if not holdout:
+        return None
+    hp = module.hparams
+    split = ZeroShotSplit(hp.concept_names, hp.concept_types, holdout, hp.get("auroc_thresholds")).to(device)
+    split.attach(evaluation)
+    return split
 
 
 def _explain_rules(module, settings: EvaluationSettings) -> dict[str, Any]:
@@ -749,6 +767,7 @@ def format_table(results: dict[str, Any]) -> str:
             "Best layer by the mask: each pair at the layer whose map fits its own mask best (the authors' Top-4); "
             "it reads the ground truth, so it is an upper bound on any layer choice, not an explanation."
         )
+    lines.extend(zero_shot_lines(results, METHOD_TITLES))  # a checkpoint trained with a holdout: seen vs unseen
     notes = results.get("notes", [])
     if notes:
         lines.append("")

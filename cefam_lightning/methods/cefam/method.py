@@ -40,6 +40,7 @@ class CEFAMConfig:
     region_weights: str = MISSING  # which channel weights draw a region: "signed" | "positive"
     relevance: str = MISSING  # how a concept's layer is chosen: "paper" | "map"
     contribution_layer: str = MISSING  # where contributions are measured: "selected" | "last" | a layer name
+    holdout_concepts: list[str] = MISSING  # zero-shot: concepts left out of training, explained from text only
 
 
 def select_layers_value(value: Any) -> str | list[str]:
@@ -66,7 +67,34 @@ RULES: tuple[Rule, ...] = (
     one_of(REGION_WEIGHTS, "cefam.region_weights"),
     one_of(RELEVANCES, "cefam.relevance"),
     Rule(("cefam.select_layers",), _select_layers_ok, "'auto', 'all' or a non-empty list of layer names"),
+    Rule(("cefam.holdout_concepts",), lambda v: isinstance(v, str) and bool(v), "a concept name", each=True),
 )
+
+
+def holdout_concepts(value: Any, concept_names: list[str]) -> list[str]:
+    """``cefam.holdout_concepts`` checked against the store's concept names, in the store's order.
+
+    Raises:
+        ConfigError: a name the store does not hold (naming it), a name given twice, or every concept left out
+            (nothing would be left to train the concept-score term on).
+    """
+    names = [str(x) for x in (OmegaConf.to_container(value) if OmegaConf.is_config(value) else value or [])]
+    unknown = [n for n in names if n not in concept_names]
+    if unknown:
+        raise ConfigError(
+            f"cefam.holdout_concepts: unknown concept {unknown[0]!r}"
+            + (f" (and {unknown[1:]})" if unknown[1:] else "")
+            + f"; the store's concepts are {concept_names}"
+        )
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"cefam.holdout_concepts: {twice[0]!r} is listed more than once")
+    if names and len(names) == len(concept_names):
+        raise ConfigError(
+            f"cefam.holdout_concepts: every concept of the store ({len(concept_names)}) is left out; keep at least one "
+            "to train on (cefam.lambda_sim=0 trains without concepts)"
+        )
+    return [n for n in concept_names if n in names]
 
 
 def build(ctx: BuildContext, spec: MethodSpec) -> CEFAMModule:
@@ -86,6 +114,7 @@ def build(ctx: BuildContext, spec: MethodSpec) -> CEFAMModule:
     in_dim = sum(ch for ch, _, _ in shapes.values())
     hidden = list(c.hidden_dims) if c.hidden_dims is not None else None
     store = ctx.store
+    holdout = holdout_concepts(c.holdout_concepts, list(store.concept_names))
     translator = Translator(in_dim, store.embed_dim, hidden, c.activation, c.input_norm)
     scorer = ConceptScorer(
         torch.from_numpy(store.text_embeddings), store.vlm.kind, store.vlm.logit_scale, store.vlm.logit_bias
@@ -104,6 +133,7 @@ def build(ctx: BuildContext, spec: MethodSpec) -> CEFAMModule:
         config=OmegaConf.to_container(cfg, resolve=True),
         vlm=asdict(store.vlm),
         explain=explain,
+        holdout_concepts=holdout,
         method=spec.name,
     )
     if c.init_from:

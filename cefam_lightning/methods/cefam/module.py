@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics import MeanMetric
-from torchmetrics.classification import MulticlassAccuracy, MultilabelAUROC
+from torchmetrics.classification import MulticlassAccuracy
 
 from cefam_lightning.data.feature_cache import (
     IMAGE_INDEX,
@@ -45,6 +45,7 @@ from cefam_lightning.methods.cefam.relevance import selectable_layers
 from cefam_lightning.methods.cefam.rules import LEGACY_RULES, RULE_KEYS, resolve_rules
 from cefam_lightning.methods.checkpoints import CheckpointError, read_checkpoint
 from cefam_lightning.methods.optim import configure_optimization
+from cefam_lightning.metrics import presence_auroc
 from cefam_lightning.models.classifier import FrozenClassifier
 from cefam_lightning.models.components import ConceptScorer, Translator
 
@@ -98,6 +99,11 @@ class CEFAMModule(ExplainerModule):
             recorded in checkpoints so that resuming or fine-tuning in another VLM's space is an error.
         explain: the explanation settings the run was trained with (``k``, ``fill``, ``select_layers``), the
             defaults of ``explain``, ``evaluate`` and the training callbacks for this checkpoint.
+        holdout_concepts: zero-shot: names of concepts left out of training (docs/method.md#zero-shot-concepts).
+            The concept-score term of the loss sees only the other ("seen") concepts, so a held-out concept's text
+            embedding has no influence on the trained weights; the scorer keeps every concept's text embedding, so
+            ``explain`` and ``evaluate`` score the held-out ones from their text alone. Recorded as
+            ``hparams["holdout_concepts"]``; a checkpoint without it held nothing out.
         method: the registry name the checkpoint records.
     """
 
@@ -125,6 +131,7 @@ class CEFAMModule(ExplainerModule):
         config: dict[str, Any] | None = None,
         vlm: dict[str, Any] | None = None,
         explain: dict[str, Any] | None = None,
+        holdout_concepts: Sequence[str] = (),
         method: str = "cefam",
     ):
         super().__init__()
@@ -156,15 +163,34 @@ class CEFAMModule(ExplainerModule):
             raise ValueError(f"translator output {translator.out_dim} != VLM embedding size {scorer.text.shape[1]}")
         if lambda_sim < 0:
             raise ValueError(f"lambda_sim must be >= 0, got {lambda_sim}")
+        names = [str(n) for n in concept_names]
+        unknown = [str(n) for n in holdout_concepts if n not in names]
+        if unknown:
+            raise ValueError(f"holdout_concepts: {unknown} are not among the concepts {names}")
+        held = {str(n) for n in holdout_concepts}
+        if held and len(held) == len(names):
+            raise ValueError("holdout_concepts: every concept is held out; keep at least one to train on")
+        # Seen concepts (trained on) and unseen ones (held out), as scorer indices; without a holdout all are seen.
+        self.register_buffer(
+            "seen_index",
+            torch.tensor([i for i, n in enumerate(names) if n not in held], dtype=torch.long),
+            persistent=False,
+        )
+        self.register_buffer(
+            "unseen_index",
+            torch.tensor([i for i, n in enumerate(names) if n in held], dtype=torch.long),
+            persistent=False,
+        )
         self.classifier, self.translator, self.scorer = classifier, translator, scorer
-        n_concepts, n_classes = scorer.num_concepts, len(class_names)
+        n_classes = len(class_names)
         # ModuleDict keys may not be "train" (an nn.Module attribute), hence the "_" suffix.
         self.cosine = nn.ModuleDict({f"{s}_": MeanMetric() for s in STAGES})
-        self.auroc = nn.ModuleDict(
-            {
-                f"{s}_": MultilabelAUROC(n_concepts, average="macro", thresholds=auroc_thresholds)
-                for s in ("val", "test")
-            }
+        # Concept-presence AUROC over the seen concepts (all of them without a holdout); with a holdout, the
+        # unseen ones' is logged apart ({stage}/concept_auroc_unseen): a report, never a training signal.
+        n_seen, n_unseen = len(self.seen_index), len(self.unseen_index)
+        self.auroc = nn.ModuleDict({f"{s}_": presence_auroc(n_seen, auroc_thresholds) for s in ("val", "test")})
+        self.auroc_unseen = nn.ModuleDict(
+            {f"{s}_": presence_auroc(n_unseen, auroc_thresholds) for s in ("val", "test")} if n_unseen else {}
         )
         self.classifier_acc = MulticlassAccuracy(n_classes, average="micro", ignore_index=-1)  # -1: unlabeled
         # {"train": cache, "val": cache}: pooled activations kept across epochs (set by the CachePooledFeatures
@@ -196,8 +222,19 @@ class CEFAMModule(ExplainerModule):
                 "kind": self.scorer.kind,
                 "embed_dim": int(self.scorer.text.shape[1]),
             },
-            "concepts": {"count": self.scorer.num_concepts, "digest": h.hexdigest()[:32]},
+            "concepts": {
+                "count": self.scorer.num_concepts,
+                "digest": h.hexdigest()[:32],
+                # only with a holdout, so that checkpoints written before it was recorded still resume
+                **({"holdout": self.holdout_concepts} if self.holdout_concepts else {}),
+            },
         }
+
+    @property
+    def holdout_concepts(self) -> list[str]:
+        """The concepts left out of training, in concept order (``[]``: none, as in checkpoints without it)."""
+        names = list(self.hparams["concept_names"])
+        return [str(names[i]) for i in self.unseen_index.tolist()]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[IDENTITY_KEY] = self.identity()
@@ -286,9 +323,17 @@ class CEFAMModule(ExplainerModule):
         logits, z = self.batch_pooled(batch, stage)
         emb = self.translator(z).float()
         target = batch["embedding"].float()
-        scores = self.scorer(emb)
         loss_emb = F.mse_loss(emb, target)
-        loss_sim = F.mse_loss(scores, self.scorer(target)) if self.hparams.lambda_sim > 0 else emb.new_zeros(())
+        # Zero-shot (a holdout): the concept-score term reads the seen concepts' text embeddings alone, so a held-out
+        # concept's never enters the loss's graph; every concept's scores are still reported, without a gradient.
+        held_out = len(self.unseen_index) > 0
+        scores = self.scorer(emb.detach() if held_out else emb)
+        if self.hparams.lambda_sim > 0:
+            seen = self.seen_index if held_out else None
+            trained = self.scorer(emb, seen) if held_out else scores
+            loss_sim = F.mse_loss(trained, self.scorer(target, seen))
+        else:
+            loss_sim = emb.new_zeros(())
         loss = loss_emb + self.hparams.lambda_sim * loss_sim
         return CEFAMStep(loss, int(target.shape[0]), loss_emb, loss_sim, emb, scores, logits)
 
@@ -300,7 +345,15 @@ class CEFAMModule(ExplainerModule):
         self.cosine[f"{stage}_"](F.cosine_similarity(out.embedding, batch["embedding"].float(), dim=-1))
         self.log(f"{stage}/cosine", self.cosine[f"{stage}_"], on_step=False, on_epoch=True, prog_bar=stage != "train")
         if stage != "train" and "presence" in batch:
-            self.auroc[f"{stage}_"](out.scores, batch["presence"].long())
+            presence = batch["presence"].long()
+            if len(self.unseen_index):
+                seen, unseen = self.seen_index, self.unseen_index
+                self.auroc_unseen[f"{stage}_"](out.scores[:, unseen], presence[:, unseen])
+                metric = self.auroc_unseen[f"{stage}_"]
+                self.log(f"{stage}/concept_auroc_unseen", metric, on_step=False, on_epoch=True)
+                self.auroc[f"{stage}_"](out.scores[:, seen], presence[:, seen])
+            else:
+                self.auroc[f"{stage}_"](out.scores, presence)
             self.log(f"{stage}/concept_auroc", self.auroc[f"{stage}_"], on_step=False, on_epoch=True, prog_bar=True)
         if stage == "test":
             if out.logits is None:
@@ -309,7 +362,7 @@ class CEFAMModule(ExplainerModule):
             self.log("test/classifier_acc", self.classifier_acc, on_step=False, on_epoch=True)
 
     def validation_metrics(self) -> list[Any]:
-        return [self.cosine["val_"], self.auroc["val_"]]
+        return [self.cosine["val_"], self.auroc["val_"], *([self.auroc_unseen["val_"]] if self.auroc_unseen else [])]
 
     # ------------------------------------------------------------------ optimization
     def configure_optimizers(self) -> Any:
@@ -437,7 +490,15 @@ class CEFAMModule(ExplainerModule):
             method: {m: per["top1"][f"{m}/mean"] for m in ("nra", "hit_rate", "epg")}
             for method, per in results["regions"].items()
         }
-        return {"top1_layer": regions, "contribution": results["contribution"], "images": results["images"]}
+        headline = {"top1_layer": regions, "contribution": results["contribution"], "images": results["images"]}
+        if "zero_shot" in results:  # CE-FAM's top-1 region metrics and presence AUROC, seen vs unseen concepts
+            zs = results["zero_shot"]
+            headline["zero_shot"] = {
+                group: {m: zs[group]["regions"]["cefam"][f"{m}/mean"] for m in ("nra", "hit_rate", "epg")}
+                | {"presence_auroc": zs[group]["presence_auroc"]}
+                for group in ("seen", "unseen")
+            }
+        return headline
 
 
 @dataclass

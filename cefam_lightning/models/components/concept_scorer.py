@@ -33,10 +33,16 @@ class ConceptScorer(nn.Module):
     def num_concepts(self) -> int:
         return int(self.text.shape[0])
 
-    def forward(self, embeddings: Tensor) -> Tensor:
-        """Pre-activation scores ``(B, num_concepts)`` for embeddings ``(B, d)`` (raw; normalized here)."""
+    def forward(self, embeddings: Tensor, concepts: Tensor | None = None) -> Tensor:
+        """Pre-activation scores ``(B, num_concepts)`` for embeddings ``(B, d)`` (raw; normalized here).
+
+        ``concepts``: score only these (indices, ``(C',)``), reading no other concept's text embedding: the scores
+        are ``(B, C')``. Each score depends on its own concept's text embedding alone (no normalization across
+        concepts; that is :meth:`probabilities`'), so they equal those columns of the full scores.
+        """
         e = F.normalize(embeddings.float(), dim=-1)
-        return self.logit_scale * e @ self.text.T + self.logit_bias
+        text = self.text if concepts is None else self.text.index_select(0, concepts.to(self.text.device))
+        return self.logit_scale * e @ text.T + self.logit_bias
 
     def jacobian(self, embeddings: Tensor) -> Tensor:
         """``dS/de``, ``(B, num_concepts, d)``, in closed form.
