@@ -11,7 +11,10 @@ evaluated (``evaluate_on_world``, docs/method.md#ce-fam-evaluation) once per rul
 
 Printed per world and as mean ± sd over the worlds: top-1 NRA, the best layer by the mask (the authors' "Top-4",
 an upper bound that reads the masks), hit rate, EPG and contribution accuracy; the baselines at CE-FAM's top-1 layer
-(Grad-CAM), at their own best layer (single channel) and random maps; then the issue's floors, PASS or MISS, per world.
+(Grad-CAM), at their own best layer (single channel) and random maps. Then zero-shot concepts: a second branch per
+world trained with one color and one texture held out of the concept set (``cefam.holdout_concepts``), evaluated
+with the default rules, seen vs unseen concepts (top-1 NRA, hit rate, presence AUROC; ``--no-holdout`` skips it).
+Last the floors for the default rules, PASS or MISS, per world.
 
 Run: ``python benchmarks/explanation_quality.py`` (about 15 min on 2 CPU cores; trained runs are kept under
 ``--out`` and reused with ``--reuse``). ``--small`` is a seconds-long smoke run of the same path (tiny worlds, one
@@ -92,20 +95,31 @@ RULE_SETS: dict[str, dict[str, Any]] = {"defaults": {}, "paper": {"preset": "pap
 RULE_TITLES = {"defaults": "default rules", "paper": "the authors' rules"}
 
 # The issue's floors for the defaults, per world.
-FLOOR_NRA, FLOOR_MARGIN, FLOOR_CONTRIBUTION = 0.60, 0.05, 0.85
+FLOOR_NRA, FLOOR_MARGIN, FLOOR_CONTRIBUTION, FLOOR_UNSEEN = 0.60, 0.05, 0.85, 0.8
 
 
-def train_world(name: str, args: argparse.Namespace) -> Path:
-    """The world's trained CE-FAM checkpoint (trained now unless ``--reuse`` finds it)."""
-    ckpt = Path(args.out) / name / "checkpoints" / "best.ckpt"
+def holdout_of(name: str) -> list[str]:
+    """The concepts a world's zero-shot branch leaves out: its last color and its last texture."""
+    values = dict(o.split("=", 1) for o in WORLDS[name])
+    colors = values.get("world.colors", "[red, green, blue, yellow]").strip("[]").split(",")
+    textures = values.get("world.textures", "[plain, striped]").strip("[]").split(",")
+    return [colors[-1].strip(), textures[-1].strip()]
+
+
+def train_world(name: str, args: argparse.Namespace, holdout: bool = False) -> Path:
+    """The world's trained CE-FAM checkpoint (trained now unless ``--reuse`` finds it); ``holdout``: the branch
+    trained without :func:`holdout_of` the world."""
+    run = f"{name}-holdout" if holdout else name
+    ckpt = Path(args.out) / run / "checkpoints" / "best.ckpt"
     if args.reuse and ckpt.is_file():
         return ckpt
     overrides = [
         *WORLDS[name],
+        *([f"cefam.holdout_concepts=[{', '.join(holdout_of(name))}]"] if holdout else []),
         *(SMALL if args.small else [*SIZES, f"world.n_train={args.n_train}"]),
         *QUIET,
         f"output_dir={args.out}",
-        f"run_name={name}",
+        f"run_name={run}",
         f"cache_dir={args.cache_dir}",
         "overwrite=true",
         f"seed={args.seed}",
@@ -166,7 +180,18 @@ def table(rows: dict[str, dict[str, float]], fmt) -> list[str]:
     return lines
 
 
-def floors(s: dict[str, float]) -> dict[str, bool]:
+def zero_shot_summary(results: dict[str, Any]) -> dict[str, float]:
+    z = results["zero_shot"]
+    out = {}
+    for group in ("seen", "unseen"):
+        top1 = z[group]["regions"]["cefam"]
+        out[f"{group}_nra"], out[f"{group}_hit"] = top1["nra/mean"], top1["hit_rate/mean"]
+        out[f"{group}_auroc"] = z[group]["presence_auroc"]
+    out["ratio"] = out["unseen_nra"] / out["seen_nra"]
+    return out
+
+
+def floors(s: dict[str, float], zero_shot: dict[str, float] | None = None) -> dict[str, bool]:
     baselines = [s[f"{m}_nra"] for m in ("gradcam", "single_channel", "random") if f"{m}_nra" in s]
     hits = [s[f"{m}_hit"] for m in ("gradcam", "single_channel", "random") if f"{m}_hit" in s]
     return {
@@ -174,6 +199,7 @@ def floors(s: dict[str, float]) -> dict[str, bool]:
         f"top-1 NRA >= best baseline + {FLOOR_MARGIN}": s["top1_nra"] >= max(baselines) + FLOOR_MARGIN,
         "hit rate above every baseline": s["hit"] > max(hits),
         f"contribution accuracy >= {FLOOR_CONTRIBUTION}": s["contribution"] >= FLOOR_CONTRIBUTION,
+        **({f"unseen NRA >= {FLOOR_UNSEEN} x seen": zero_shot["ratio"] >= FLOOR_UNSEEN} if zero_shot else {}),
     }
 
 
@@ -189,6 +215,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--reuse", action="store_true", help="reuse a world's trained checkpoint found under --out")
     p.add_argument("--small", action="store_true", help="tiny worlds, one epoch: a smoke run of the same path")
     p.add_argument("--json", default=None, help="also write every number to this file")
+    p.add_argument("--no-holdout", action="store_true", help="skip the zero-shot branches")
     args = p.parse_args(argv)
     names = [n.strip() for n in args.worlds.split(",") if n.strip()]
     unknown = [n for n in names if n not in WORLDS]
@@ -197,6 +224,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     t0 = time.time()
     per_world: dict[str, dict[str, dict[str, float]]] = {}
+    zero_shot: dict[str, dict[str, float]] = {}
     described: dict[str, str] = {}
     for name in names:
         t = time.time()
@@ -208,6 +236,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             described[rules] = results["settings"]["rules"]
         print(f"\n## World {name} ({time.time() - t:.0f} s): {' '.join(WORLDS[name])}\n", flush=True)
         print("\n".join(table(per_world[name], lambda s, k: f"{s[k]:.3f}")))
+        if not args.no_holdout:
+            zero_shot[name] = zero_shot_summary(evaluate(train_world(name, args, holdout=True), {}, args))
+
+    if zero_shot:
+        print("\n## Zero-shot concepts (default rules; each world's branch trained without two concepts)\n")
+        print(
+            "| world | held out | NRA seen | NRA unseen | unseen / seen | hit seen | hit unseen | AUROC seen "
+            "| AUROC unseen |"
+        )
+        print("|---|---|---|---|---|---|---|---|---|")
+        for name, z in zero_shot.items():
+            print(
+                f"| {name} | {', '.join(holdout_of(name))} | {z['seen_nra']:.3f} | {z['unseen_nra']:.3f} | "
+                f"{z['ratio']:.2f} | {z['seen_hit']:.3f} | {z['unseen_hit']:.3f} | {z['seen_auroc']:.3f} | "
+                f"{z['unseen_auroc']:.3f} |"
+            )
 
     print(f"\n## Mean ± sd over {len(names)} worlds ({', '.join(names)})\n")
     mean_rows = {}
@@ -226,12 +270,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"- {rules} rules: {text}")
 
     print("\n## Floors (defaults, every world)\n")
-    verdicts = {name: floors(per_world[name]["defaults"]) for name in names}
+    verdicts = {name: floors(per_world[name]["defaults"], zero_shot.get(name)) for name in names}
     for check in next(iter(verdicts.values())):
         cells = ", ".join(f"{name} {'PASS' if verdicts[name][check] else 'MISS'}" for name in names)
         print(f"- {check}: {cells}")
     print(f"\ntotal {time.time() - t0:.0f} s")
-    out = {"worlds": per_world, "rules": described, "floors": verdicts}
+    out = {"worlds": per_world, "zero_shot": zero_shot, "rules": described, "floors": verdicts}
     if args.json:
         Path(args.json).write_text(json.dumps(out, indent=2))
     return out
