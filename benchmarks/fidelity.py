@@ -1,4 +1,5 @@
-"""How far this package's region metrics are from the CE-FAM authors' released evaluation (docs/fidelity.md).
+"""How far this package's region metrics are from the CE-FAM authors' released evaluation (README: Fidelity to the
+authors' code).
 
 The authors' ``evaluate.py`` (MK-cvm/CE-FAM, ``nra_eval`` and ``epg_eval``) ranks pixels by ``np.argsort(map)[::-1]``
 and samples the IoU curve: every pixel of the first ``N // 100`` with weight ``1/N``, then every ``N // 100``-th pixel

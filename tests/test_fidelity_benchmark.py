@@ -1,4 +1,5 @@
-"""benchmarks/fidelity.py (docs/fidelity.md) runs at a small size and prints every row the fidelity table cites."""
+"""benchmarks/fidelity.py (README: Fidelity to the authors' code) runs at a small size and prints every row the
+fidelity table cites."""
 
 import os
 import subprocess
