@@ -118,7 +118,7 @@ def test_folder_reports_match_explain_batch(module, test_images, tiny_checkpoint
             assert list(c["relevance"]) == ref.layers
             # (map relevance runs other batches of masked images through the classifier: float32 rounding differs)
             assert c["relevance"] == pytest.approx(
-                dict(zip(ref.layers, ref.relevance[i, j].tolist(), strict=True)), rel=1e-4, abs=1e-5
+                dict(zip(ref.layers, ref.relevance[i, j].tolist(), strict=True)), rel=1e-4, abs=1e-4
             )
             assert c["selected_relevance"] == c["relevance"][c["layer"]]
             file, key = c["region"].split(":")
