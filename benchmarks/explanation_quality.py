@@ -7,6 +7,8 @@ object size, noise, the oracle VLM's scoring), and gets its own fitted classifie
 evaluated (``evaluate_on_world``, docs/method.md#ce-fam-evaluation) once per rule set:
 
 - ``defaults``: the rules a run records by default (``configs/method/cefam.yaml``);
+- ``direct``: the defaults with ``gradient: direct`` (the derivative through each layer's own pooled activations),
+  the comparison that decides the default gradient rule;
 - ``paper``: the CE-FAM authors' rules (``--preset paper``, docs/method.md#explanation-rules).
 
 Printed per world and as mean ± sd over the worlds: top-1 NRA, the best layer by the mask (the authors' "Top-4",
@@ -91,8 +93,12 @@ QUIET = [
     "trainer.enable_progress_bar=false",
     "demo.num_figures=0",
 ]
-RULE_SETS: dict[str, dict[str, Any]] = {"defaults": {}, "paper": {"preset": "paper"}}
-RULE_TITLES = {"defaults": "default rules", "paper": "the authors' rules"}
+RULE_SETS: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "direct": {"gradient": "direct"},  # the defaults with the other gradient rule: which one is the default
+    "paper": {"preset": "paper"},
+}
+RULE_TITLES = {"defaults": "default rules", "direct": "default rules, direct gradient", "paper": "the authors' rules"}
 
 # The issue's floors for the defaults, per world.
 FLOOR_NRA, FLOOR_MARGIN, FLOOR_CONTRIBUTION, FLOOR_UNSEEN = 0.60, 0.05, 0.85, 0.8
