@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     print("\n".join(table(mean_rows, lambda s, k: f"{s[k][0]:.3f} ± {s[k][1]:.3f}")))
     print()
     for rules, text in described.items():
-        print(f"- {rules} rules: {text}")
+        print(f"- {RULE_TITLES[rules]}: {text}")
 
     print("\n## Floors (defaults, every world)\n")
     verdicts = {name: floors(per_world[name]["defaults"], zero_shot.get(name)) for name in names}
