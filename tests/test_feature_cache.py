@@ -20,6 +20,7 @@ from cefam_lightning.data.feature_cache import (
     pooled_identity,
 )
 from cefam_lightning.data.shapes_datamodule import ShapesWorldDataModule
+from cefam_lightning.methods.checkpoints import read_checkpoint
 from cefam_lightning.models.classifier import build_classifier
 from tests.test_cefam_module import _module, _trainer
 
@@ -338,8 +339,8 @@ def test_training_with_a_truncated_cache_equals_a_cache_free_run(cache_dir, tmp_
         again = run("truncated", "trainer.max_epochs=2")
     assert [r.name for r in caplog.records if r.levelno >= logging.WARNING].count(CACHE_LOG) == 1
     assert again["test"] == reference["test"]
-    state = torch.load(again["best_checkpoint"], map_location="cpu", weights_only=False)["state_dict"]
-    ref_state = torch.load(reference["best_checkpoint"], map_location="cpu", weights_only=False)["state_dict"]
+    state = read_checkpoint(again["best_checkpoint"])["state_dict"]
+    ref_state = read_checkpoint(reference["best_checkpoint"])["state_dict"]
     for k, v in ref_state.items():
         torch.testing.assert_close(state[k], v, rtol=0, atol=0, msg=k)
 

@@ -22,6 +22,7 @@ from cefam_lightning.methods.base import load_explainer
 from cefam_lightning.methods.cefam.evaluation import evaluate_on_world
 from cefam_lightning.methods.cefam.module import CEFAMModule
 from cefam_lightning.methods.cefam.zero_shot import holdout_of
+from cefam_lightning.methods.checkpoints import read_checkpoint
 from cefam_lightning.models.classifier import build_classifier
 from cefam_lightning.models.components import ConceptScorer, Translator
 from cefam_lightning.reporting.explanations import explain_images
@@ -164,7 +165,7 @@ def test_the_checkpoint_keeps_every_text_embedding_and_records_the_holdout(holdo
 
 def test_a_checkpoint_without_the_record_held_nothing_out(tiny_checkpoint, holdout_run, tmp_path):
     assert holdout_of(load_explainer(tiny_checkpoint)) == []
-    ckpt = torch.load(holdout_run["best_checkpoint"], weights_only=False)
+    ckpt = read_checkpoint(holdout_run["best_checkpoint"])
     del ckpt["hyper_parameters"]["holdout_concepts"]  # as a checkpoint written before holdouts were recorded
     ckpt.pop("cefam_identity", None)
     torch.save(ckpt, tmp_path / "old.ckpt")

@@ -17,6 +17,7 @@ from callbacks import NonFiniteLossError, StopOnNonFiniteLoss
 from cefam_lightning.cli.train import main
 from cefam_lightning.data.shapes_world import ShapesWorld, WorldSpec
 from cefam_lightning.errors import CefamError
+from cefam_lightning.methods.checkpoints import read_checkpoint
 from cefam_lightning.training.config import load_config
 from cefam_lightning.training.run import run
 from tests.cli import cli_error
@@ -70,7 +71,7 @@ def _fit(tmp_path, module, guard: bool = True, epochs: int = 3) -> ModelCheckpoi
 
 def _checkpoint(path) -> tuple[int, list[str]]:
     """``(epoch, names of non-finite tensors)`` of a checkpoint file."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = read_checkpoint(path)
     bad = [k for k, v in ckpt["state_dict"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
     return ckpt["epoch"], bad
 

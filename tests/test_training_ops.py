@@ -22,6 +22,7 @@ from cefam_lightning.cli.train import main
 from cefam_lightning.data.shapes_datamodule import ShapesWorldDataModule
 from cefam_lightning.data.shapes_world import WorldSpec
 from cefam_lightning.methods.cefam.module import CEFAMModule, CheckpointMismatchError, init_translator_from
+from cefam_lightning.methods.checkpoints import read_checkpoint
 from tests.cli import cli_error
 from tests.conftest import TINY_WORLD, tiny_overrides
 from tests.wandb_offline import read_offline_wandb_run
@@ -35,7 +36,7 @@ def _overrides(cache_dir, out, name, *extra):
 
 
 def _translator(ckpt) -> dict[str, torch.Tensor]:
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    state = read_checkpoint(ckpt)["state_dict"]
     return {k: v for k, v in state.items() if k.startswith("translator.")}
 
 
@@ -83,7 +84,7 @@ def test_a_run_killed_mid_epoch_resumes_from_its_last_checkpoint(two_epochs, cac
     proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert not (out / "killed" / "metrics.json").exists()
-    last = torch.load(out / "killed" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    last = read_checkpoint(out / "killed" / "checkpoints" / "last.ckpt")
     assert last["epoch"] == 0  # the end of the first epoch
     resumed = main(_overrides(cache_dir, out, "killed", "trainer.max_epochs=2", "ckpt_path=last"))
     assert resumed["test"] == pytest.approx(full["test"], rel=1e-4, abs=1e-5)
@@ -99,7 +100,7 @@ def test_resuming_with_another_setup_says_what_differs(two_epochs, cache_dir, ti
         main(["--debug", *other])
     fresh = _overrides(cache_dir, out, "fresh", "ckpt_path=last")
     assert re.search("ckpt_path: no checkpoint at .*fresh.*last.ckpt", cli_error(main, fresh, capsys))
-    identity = torch.load(ckpt, map_location="cpu", weights_only=False)["cefam_identity"]
+    identity = read_checkpoint(ckpt)["cefam_identity"]
     assert identity["classifier"]["layers"] == ["layer1", "layer2", "layer3", "layer4"]
     assert identity["vlm"]["name"] == "shapes-oracle" and identity["concepts"]["count"] == tiny_spec.num_concepts
 
