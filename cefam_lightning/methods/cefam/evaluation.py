@@ -284,22 +284,25 @@ class ExplanationEvaluation(nn.Module):
         ids = concepts[rows]
         n = concepts.shape[1]
         faithfulness = bool(self.faithfulness)
-        top = p.selected_layers(p.relevance(concepts, k=self.k))  # (B, N)
-        self.selected += torch.bincount(top[rows], minlength=len(self.layers)).to(self.selected.device)
-        union, union_valid, union_top, slot = concepts, valid, top, None
+        union, union_valid, slot = concepts, valid, None
         if faithfulness:
             # The class map's top-N predicted concepts join the present ones; only those not present cost extra
             # (their relevance as sparse pairs, their contributions in the same pass as the present ones').
             wanted = p.top_concepts(self.faithfulness_top_n)  # (B, T)
             union, union_valid, slot = _with_concepts(concepts, valid, wanted)
+        union_low = p.layer_regions(union)  # {layer: (B, N + E, h, w)}, computed once for every step below
+        cefam_low = {layer: maps[:, :n] for layer, maps in union_low.items()}  # the present concepts
+        top = p.selected_layers(p.relevance(concepts, k=self.k, low=cefam_low, valid=valid))  # (B, N)
+        self.selected += torch.bincount(top[rows], minlength=len(self.layers)).to(self.selected.device)
+        union_top = top
+        if faithfulness:
             extra = union_valid[:, n:].nonzero(as_tuple=True)
             union_top = torch.cat([top, torch.zeros_like(union[:, n:])], dim=1)
             if len(extra[0]):
                 pi, ids_extra = extra[0], union[:, n:][extra]
-                rel = p.relevance(ids_extra[:, None], k=self.k, rows=pi)
+                extra_low = {layer: maps[pi, n + extra[1]][:, None] for layer, maps in union_low.items()}
+                rel = p.relevance(ids_extra[:, None], k=self.k, rows=pi, low=extra_low)
                 union_top[pi, n + extra[1]] = p.selected_layers(rel[:, 0])
-        union_low = p.layer_regions(union)  # {layer: (B, N + E, h, w)}
-        cefam_low = {layer: maps[:, :n] for layer, maps in union_low.items()}  # the present concepts
         gradcam_low = gradcam_maps(p.classifier, p.activations, pred, self.layers)  # {layer: (B, h, w)}
 
         # Per method, the pair maps at every layer, stacked: (L, P, H, W).

@@ -158,12 +158,17 @@ class ExplanationPass:
         self.logits = out.logits.float()
         self.z = pool_activations(self.activations, self.layers)
         self.slices = layer_slices(self.activations, self.layers)
-        self.jacobian = score_jacobian(self.translator, self.scorer, self.z)  # (B, C, D), float32
         self._scores: Tensor | None = None
-        # The channel weights every step ranks and weights channels by: dS/dz on the direct path; on the full path
-        # the total derivative's channel sums, computed for the concepts asked for (computed: which rows hold them).
-        self._weights = self.jacobian if gradient == "direct" else torch.zeros_like(self.jacobian)
-        self._computed = torch.full((self.jacobian.shape[1],), gradient == "direct", device=self.jacobian.device)
+        # The channel weights every step ranks and weights channels by: dS/dz on the direct path (one Jacobian for
+        # every concept); on the full path the total derivative's channel sums, computed for the concepts asked for
+        # (computed: which rows hold them), so no Jacobian is made there.
+        if gradient == "direct":
+            self.jacobian = score_jacobian(self.translator, self.scorer, self.z)  # (B, C, D), float32
+            self._weights = self.jacobian
+        else:
+            c, d = self.scorer.num_concepts, self.z.shape[1]
+            self._weights = torch.zeros(self.batch_size, c, d, device=self.z.device)
+        self._computed = torch.full((self._weights.shape[1],), gradient == "direct", device=self._weights.device)
 
     def weights(self, concepts: Tensor | None = None) -> Tensor:
         """The channel weights ``(B, C, D)`` (see ``gradient``), with at least the rows of ``concepts`` (any shape
@@ -219,7 +224,7 @@ class ExplanationPass:
         concept count, else the :meth:`top_concepts`."""
         if concepts is None:
             return self.top_concepts(top_n)
-        c = self.jacobian.shape[1]
+        c = self._weights.shape[1]
         concepts = torch.as_tensor(concepts, dtype=torch.long, device=self.logits.device)
         if concepts.ndim == 1:
             concepts = concepts.expand(self.batch_size, -1)
@@ -228,16 +233,26 @@ class ExplanationPass:
         return concepts
 
     @torch.no_grad()
-    def relevance(self, concepts: Tensor, k: int = 20, rows: Tensor | None = None) -> Tensor:
+    def relevance(
+        self,
+        concepts: Tensor,
+        k: int = 20,
+        rows: Tensor | None = None,
+        low: dict[str, Tensor] | None = None,
+        valid: Tensor | None = None,
+    ) -> Tensor:
         """Layer relevance (docs/method.md#layer-relevance) of ``(B, N)`` concepts, ``(B, N, L)``, by the pass's
         ``relevance`` rule.
 
         With ``rows`` (``(R,)`` image indices), ``concepts`` is ``(R, N)``: the concepts of those images only
-        (e.g. a few extra concepts of some images), ``(R, N, L)``.
+        (e.g. a few extra concepts of some images), ``(R, N, L)``. For the ``map`` rule, ``low`` passes the
+        concepts' :meth:`layer_regions` when the caller has them already, and ``valid`` (``(B, N)`` bool) marks the
+        slots worth scoring (padding slots are left at 0 and cost no classifier pass).
         """
         if self.relevance_rule == "map":
             images = self.images if rows is None else self.images[rows]
-            return map_relevance(self._score_images, images, self.layer_regions(concepts, rows), concepts)
+            low = self.layer_regions(concepts, rows) if low is None else low
+            return map_relevance(self._score_images, images, low, concepts, valid=valid)
         weights = self.weights(concepts)
         z, jac = (self.z, weights) if rows is None else (self.z[rows], weights[rows])
         return layer_relevance(z, jac, self.slices, self.translator, self.scorer, concepts, k=k)
@@ -374,14 +389,15 @@ def explain_batch(
         )
         concepts = p.explained_concepts(concepts, top_n)
         target = p.target(target)
-        relevance = p.relevance(concepts, k=k)
+        low = p.layer_regions(concepts)
+        relevance = p.relevance(concepts, k=k, low=low)
         layer_index = p.selected_layers(relevance)
         at = p.contribution_layers(layer_index, contribution_layer)
         if contributions:
             contrib = p.contributions(concepts, at, target, k=k, fill=fill)
         else:
             contrib = torch.zeros(concepts.shape, device=p.logits.device)
-        regions = p.selected_regions(p.layer_regions(concepts), layer_index)
+        regions = p.selected_regions(low, layer_index)
     return BatchExplanation(
         layers=p.layers,
         selectable=p.selectable,

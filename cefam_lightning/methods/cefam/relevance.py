@@ -151,6 +151,7 @@ def map_relevance(
     maps: Mapping[str, Tensor],
     concepts: Tensor,
     chunk: int = 64,
+    valid: Tensor | None = None,
 ) -> Tensor:
     """Relevance of each layer by its map: ``S_c(x * m) - S_c(x * (1 - m))`` (docs/method.md#layer-relevance).
 
@@ -165,6 +166,7 @@ def map_relevance(
         maps: ``{layer: (B, N, h, w)}`` the concepts' region maps at each layer's resolution, in layer order.
         concepts: ``(B, N)`` concept indices.
         chunk: concepts per pass through ``score_images`` (each is two masked images; bounds memory).
+        valid: ``(B, N)`` the slots to score (default all); the others stay 0 and cost nothing.
 
     Returns:
         ``(B, N, L)`` relevance, layers in ``maps`` order.
@@ -172,20 +174,24 @@ def map_relevance(
     b, n = concepts.shape
     size = tuple(images.shape[-2:])
     out = torch.zeros(b, n, len(maps), device=images.device)
-    image_of = torch.arange(b, device=images.device).repeat_interleave(n)  # (B*N,)
-    concept_of = concepts.reshape(-1)
+    image_of, slot_of = (torch.ones(b, n, dtype=torch.bool, device=images.device) if valid is None else valid).nonzero(
+        as_tuple=True
+    )
+    concept_of = concepts[image_of, slot_of]
     for li, low in enumerate(maps.values()):
         with torch.autocast(device_type=images.device.type, enabled=False):
-            up = nn.functional.interpolate(low.float(), size=size, mode="bilinear", align_corners=False)
-        m = minmax_normalize(up, dims=2).reshape(b * n, 1, *size)
+            up = nn.functional.interpolate(
+                low[image_of, slot_of][:, None].float(), size=size, mode="bilinear", align_corners=False
+            )
+        m = minmax_normalize(up, dims=2)  # (P, 1, H, W)
         diffs = []
-        for start in range(0, b * n, chunk):
+        for start in range(0, len(image_of), chunk):
             idx = slice(start, start + chunk)
             x = images[image_of[idx]].float()
             s = score_images(torch.cat([x * m[idx], x * (1 - m[idx])])).float()
-            c = concept_of[idx].repeat(2)[:, None]
-            s = s.gather(1, c)[:, 0]
+            s = s.gather(1, concept_of[idx].repeat(2)[:, None])[:, 0]
             half = s.shape[0] // 2
             diffs.append(s[:half] - s[half:])
-        out[:, :, li] = torch.cat(diffs).reshape(b, n)
+        if diffs:
+            out[image_of, slot_of, li] = torch.cat(diffs)
     return out
