@@ -14,7 +14,7 @@ from omegaconf import MISSING, OmegaConf
 
 from cefam_lightning.config_rules import ConfigError, Rule, at_least, one_of
 from cefam_lightning.methods.cefam.contributions import FILLS
-from cefam_lightning.methods.cefam.module import CEFAMModule, init_translator_from
+from cefam_lightning.methods.cefam.module import CEFAMModule, checked_holdout, init_translator_from
 from cefam_lightning.methods.cefam.regions import GRADIENTS, REGION_WEIGHTS
 from cefam_lightning.methods.cefam.relevance import RELEVANCES, selectable_layers
 from cefam_lightning.methods.cefam.rules import RULE_KEYS, check_rules
@@ -72,29 +72,13 @@ RULES: tuple[Rule, ...] = (
 
 
 def holdout_concepts(value: Any, concept_names: list[str]) -> list[str]:
-    """``cefam.holdout_concepts`` checked against the store's concept names, in the store's order.
-
-    Raises:
-        ConfigError: a name the store does not hold (naming it), a name given twice, or every concept left out
-            (nothing would be left to train the concept-score term on).
-    """
+    """``cefam.holdout_concepts`` checked against the store's concept names, in the store's order
+    (:func:`~cefam_lightning.methods.cefam.module.checked_holdout`); a bad one is a ``ConfigError`` naming it."""
     names = [str(x) for x in (OmegaConf.to_container(value) if OmegaConf.is_config(value) else value or [])]
-    unknown = [n for n in names if n not in concept_names]
-    if unknown:
-        raise ConfigError(
-            f"cefam.holdout_concepts: unknown concept {unknown[0]!r}"
-            + (f" (and {unknown[1:]})" if unknown[1:] else "")
-            + f"; the store's concepts are {concept_names}"
-        )
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:
-        raise ConfigError(f"cefam.holdout_concepts: {twice[0]!r} is listed more than once")
-    if names and len(names) == len(concept_names):
-        raise ConfigError(
-            f"cefam.holdout_concepts: every concept of the store ({len(concept_names)}) is left out; keep at least one "
-            "to train on (cefam.lambda_sim=0 trains without concepts)"
-        )
-    return [n for n in concept_names if n in names]
+    try:
+        return checked_holdout(names, concept_names)
+    except ValueError as e:
+        raise ConfigError(f"cefam.holdout_concepts: {e}") from None
 
 
 def build(ctx: BuildContext, spec: MethodSpec) -> CEFAMModule:

@@ -52,6 +52,33 @@ from cefam_lightning.models.components import ConceptScorer, Translator
 IDENTITY_KEY = "cefam_identity"
 
 
+def checked_holdout(holdout: Sequence[str], concept_names: Sequence[str]) -> list[str]:
+    """Held-out concept names (docs/method.md#zero-shot-concepts) checked against the concepts, in concept order.
+
+    Raises:
+        ValueError: a name that is not a concept (naming it), a name given twice, or every concept left out
+            (nothing would be left to train the concept-score term on).
+    """
+    names = [str(x) for x in holdout]
+    concept_names = [str(x) for x in concept_names]
+    unknown = [n for n in names if n not in concept_names]
+    if unknown:
+        raise ValueError(
+            f"unknown concept {unknown[0]!r}"
+            + (f" (and {unknown[1:]})" if unknown[1:] else "")
+            + f"; the store's concepts are {concept_names}"
+        )
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ValueError(f"{twice[0]!r} is listed more than once")
+    if names and len(names) == len(concept_names):
+        raise ValueError(
+            f"every concept of the store ({len(concept_names)}) is left out; keep at least one to train on "
+            "(cefam.lambda_sim=0 trains without concepts)"
+        )
+    return [n for n in concept_names if n in names]
+
+
 class CheckpointMismatchError(CefamError):
     """A checkpoint does not fit the classifier, layers, VLM or concept set it is loaded with."""
 
@@ -164,12 +191,10 @@ class CEFAMModule(ExplainerModule):
         if lambda_sim < 0:
             raise ValueError(f"lambda_sim must be >= 0, got {lambda_sim}")
         names = [str(n) for n in concept_names]
-        unknown = [str(n) for n in holdout_concepts if n not in names]
-        if unknown:
-            raise ValueError(f"holdout_concepts: {unknown} are not among the concepts {names}")
-        held = {str(n) for n in holdout_concepts}
-        if held and len(held) == len(names):
-            raise ValueError("holdout_concepts: every concept is held out; keep at least one to train on")
+        try:
+            held = set(checked_holdout(holdout_concepts, names))
+        except ValueError as e:
+            raise ValueError(f"holdout_concepts: {e}") from None
         # Seen concepts (trained on) and unseen ones (held out), as scorer indices; without a holdout all are seen.
         self.register_buffer(
             "seen_index",
