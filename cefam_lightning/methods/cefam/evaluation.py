@@ -226,18 +226,22 @@ class ExplanationEvaluation(nn.Module):
         self.generator = torch.Generator().manual_seed(seed)
 
     @torch.no_grad()
-    def update(self, module, images: Tensor, masks: Tensor, labels: Tensor, key: Tensor | None = None) -> None:
+    def update(self, module, images: Tensor, masks: Tensor, labels: Tensor, key: Tensor | None = None) -> Tensor:
         """Score one batch.
 
         Args:
             module: a trained :class:`~cefam_lightning.methods.cefam.module.CEFAMModule`.
             images: ``(B, 3, H, W)`` in ``[0, 1]``; masks: ``(B, C, H, W)`` concept masks; labels: ``(B,)``.
             key: ``(B, C)`` the key object's concepts; ``None`` skips the contribution accuracy.
+
+        Returns:
+            The batch's concept scores ``(B, C)``, from the same pass (no second classifier run for a caller that
+            needs them too).
         """
         masks = masks.bool()
         concepts, valid = padded_concepts(masks.flatten(2).any(dim=2))  # (B, N)
         rows = valid.nonzero(as_tuple=True)
-        self._update(module, images, concepts, valid, masks[rows[0], concepts[rows]], labels, key)
+        return self._update(module, images, concepts, valid, masks[rows[0], concepts[rows]], labels, key)
 
     @torch.no_grad()
     def update_pairs(self, module, images: Tensor, image_index: Tensor, concept_ids: Tensor, masks: Tensor) -> None:
@@ -265,9 +269,9 @@ class ExplanationEvaluation(nn.Module):
         pair_masks: Tensor,
         labels: Tensor | None,
         key: Tensor | None,
-    ) -> None:
+    ) -> Tensor:
         """Score the ``(B, N)`` padded concepts (``valid`` marks real ones) whose masks, in ``valid.nonzero()``
-        order, are ``pair_masks`` ``(P, H, W)``."""
+        order, are ``pair_masks`` ``(P, H, W)``. Returns the batch's concept scores ``(B, C)`` (the pass's own)."""
         # The one CE-FAM pass explain_batch composes too: the same relevance, layers, regions and contributions.
         p = ExplanationPass(
             module,
@@ -351,6 +355,7 @@ class ExplanationEvaluation(nn.Module):
             self._update_faithfulness(
                 p, union_low, gradcam_low, union_top.gather(1, slot), union_contributions.gather(1, slot), slot
             )
+        return p.scores()
 
     def _update_faithfulness(
         self,
@@ -471,9 +476,9 @@ def evaluate_on_world(
     zero_shot = _zero_shot_split(module, evaluation, device)  # None unless the checkpoint held concepts out
     data = world.split(split)
     for images, masks, labels in data.batches(settings.batch_size, settings.max_images, device):
-        evaluation.update(module, images, masks, labels, key_object_concepts(world.spec, masks, labels))
+        scores = evaluation.update(module, images, masks, labels, key_object_concepts(world.spec, masks, labels))
         if zero_shot is not None:
-            zero_shot.update(module(images)["scores"], masks.flatten(2).any(dim=2))
+            zero_shot.update(scores, masks.flatten(2).any(dim=2))
     results = evaluation.compute()
     if zero_shot is not None:
         results["zero_shot"] = zero_shot.compute()
