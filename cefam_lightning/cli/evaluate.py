@@ -46,12 +46,16 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from cefam_lightning.cli.options import add_channel_options, add_debug_option, add_device_option
+from cefam_lightning.cli.options import (
+    add_channel_options,
+    add_debug_option,
+    add_device_option,
+    channel_option_values,
+)
 from cefam_lightning.data.mask_datasets import FORMATS, open_evaluation_splits
 from cefam_lightning.data.shapes_world import ShapesWorld
 from cefam_lightning.errors import CefamError, cli_errors
 from cefam_lightning.methods.base import EvaluationSettings
-from cefam_lightning.methods.cefam.relevance import parse_select_layers
 from cefam_lightning.reporting.evaluations import EvaluateError, write_results
 from cefam_lightning.reporting.explanations import check_options, load_explainer_for, select_device
 from cefam_lightning.training.config import world_spec
@@ -167,14 +171,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         module = load_explainer_for(args.checkpoint, device).to(device)
         given = {
             "data": args.data,
-            "k": args.k,
-            "fill": args.fill,
-            "select_layers": args.select_layers,
-            "gradient": args.gradient,
-            "region_weights": args.region_weights,
-            "relevance": args.relevance,
-            "contribution_layer": args.contribution_layer,
-            "preset": args.preset,
+            **channel_option_values(args),
             "per_layer_contributions": args.per_layer_contributions,
         }
         check_options(module, given, module.evaluate_options)
@@ -183,14 +180,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             batch_size=args.batch_size,
             max_images=args.max_images,
             seed=recorded.get("seed", 0),
-            k=args.k,
-            fill=args.fill,
-            select_layers=parse_select_layers(args.select_layers),
-            gradient=args.gradient,
-            region_weights=args.region_weights,
-            relevance=args.relevance,
-            contribution_layer=args.contribution_layer,
-            preset=args.preset,
+            **channel_option_values(args),
             per_layer_contributions=args.per_layer_contributions,
         )
         evaluate = _evaluate_data if args.data is not None else _evaluate_world

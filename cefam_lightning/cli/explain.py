@@ -40,9 +40,13 @@ import logging
 import sys
 from typing import Any
 
-from cefam_lightning.cli.options import add_channel_options, add_debug_option, add_device_option
+from cefam_lightning.cli.options import (
+    add_channel_options,
+    add_debug_option,
+    add_device_option,
+    channel_option_values,
+)
 from cefam_lightning.errors import cli_errors
-from cefam_lightning.methods.cefam.relevance import parse_select_layers
 from cefam_lightning.reporting.explanations import explain_images
 
 
@@ -90,14 +94,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             concepts=args.concepts,
             store=args.store,
             top_n=args.top_n,
-            k=args.k,
-            fill=args.fill,
-            select_layers=parse_select_layers(args.select_layers),
-            gradient=args.gradient,
-            region_weights=args.region_weights,
-            relevance=args.relevance,
-            contribution_layer=args.contribution_layer,
-            preset=args.preset,
+            **channel_option_values(args),
             target=args.target,
             out_dir=args.out,
             batch_size=args.batch_size,

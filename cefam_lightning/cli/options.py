@@ -10,8 +10,12 @@ reads ``--select-layers``).
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from cefam_lightning.errors import DEBUG_ENV
+from cefam_lightning.methods.cefam.regions import GRADIENTS, REGION_WEIGHTS
+from cefam_lightning.methods.cefam.relevance import RELEVANCES, parse_select_layers
+from cefam_lightning.methods.cefam.rules import PRESETS, RULE_KEYS
 
 
 def add_debug_option(p: argparse.ArgumentParser) -> None:
@@ -45,21 +49,21 @@ def add_channel_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--gradient",
         default=None,
-        choices=("direct", "full"),
+        choices=GRADIENTS,
         help="CE-FAM: channel weights by the derivative through each layer's own pooled activations (direct) or "
         "through the whole rest of the classifier, as the authors' code (full) (default: the checkpoint's)",
     )
     p.add_argument(
         "--region-weights",
         default=None,
-        choices=("signed", "positive"),
+        choices=REGION_WEIGHTS,
         help="CE-FAM: which channel weights draw a region: all (signed, the authors') or the positive ones only "
         "(default: the checkpoint's)",
     )
     p.add_argument(
         "--relevance",
         default=None,
-        choices=("paper", "map"),
+        choices=RELEVANCES,
         help="CE-FAM: how a concept's layer is chosen: the deletion curve of its probability (paper) or how well the "
         "layer's map keeps its score (map) (default: the checkpoint's)",
     )
@@ -72,6 +76,14 @@ def add_channel_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--preset",
         default=None,
-        choices=("paper",),
+        choices=tuple(PRESETS),
         help="CE-FAM: a named set of the rules above (paper: the authors' rules); a rule given as well wins",
     )
+
+
+def channel_option_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The rule options and ``--preset`` as given (``None`` where left out), ``--select-layers`` parsed: the keyword
+    arguments of :class:`~cefam_lightning.methods.base.ExplainSettings` / ``EvaluationSettings`` they fill."""
+    values = {key: getattr(args, key) for key in (*RULE_KEYS, "preset")}
+    values["select_layers"] = parse_select_layers(values["select_layers"])
+    return values
