@@ -54,7 +54,7 @@ def read_checkpoint(
     except pickle.UnpicklingError as e:
         detail = _unpickler_detail(e)
         if "GLOBAL" in detail or detail.startswith("Can only"):
-            # torch's own text suggests weights_only=False: the one thing not to do with a file from elsewhere.
+            # torch's own text suggests turning weights_only off: the one thing not to do with a file from elsewhere.
             raise CheckpointError(
                 f"{path}: {_NOT_OURS}: unpickling it would call code ({detail.split(' was not')[0]}), which a "
                 "checkpoint written by train.py never does; refused, and nothing from it was run"
