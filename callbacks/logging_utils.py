@@ -20,13 +20,12 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from cefam_lightning.data.feature_cache import CachedFeatureDataset
 from cefam_lightning.io_utils import atomic_write_bytes
-from cefam_lightning.reporting.tables import markdown_table
+from cefam_lightning.reporting.logged import send_images, send_table
 
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.\-/]")
 
@@ -79,18 +78,7 @@ def log_images(
     images = list(images)
     _check_images(images, captions)
     step = trainer.global_step if step is None else step
-    written: list[str] = []
-    for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger):
-            kwargs = {"caption": list(captions)} if captions is not None else {}
-            logger.log_image(key=key, images=images, step=step, **kwargs)
-            written.append(f"wandb:{key}")
-        elif isinstance(logger, TensorBoardLogger):
-            for i, img in enumerate(images):
-                logger.experiment.add_image(f"{key}/{i}", img, global_step=step, dataformats="HWC")
-                if captions is not None:
-                    logger.experiment.add_text(f"{key}/{i}/caption", captions[i], global_step=step)
-                written.append(f"tensorboard:{key}/{i}")
+    written = send_images(trainer.loggers, key, images, captions, step)
     if written:
         return written
     from PIL import Image
@@ -134,18 +122,8 @@ def log_table(
         ``"tensorboard:<key>"``.
     """
     rows = [list(r) for r in rows]
-    bad = [i for i, r in enumerate(rows) if len(r) != len(columns)]
-    if bad:
-        raise ValueError(f"row {bad[0]} of table {key!r} has {len(rows[bad[0]])} cells for {len(columns)} columns")
     step = trainer.global_step if step is None else step
-    written: list[str] = []
-    for logger in trainer.loggers:
-        if isinstance(logger, WandbLogger):
-            logger.log_table(key=key, columns=list(columns), data=rows, step=step)
-            written.append(f"wandb:{key}")
-        elif isinstance(logger, TensorBoardLogger):
-            logger.experiment.add_text(key, markdown_table(columns, rows), global_step=step)
-            written.append(f"tensorboard:{key}")
+    written = send_table(trainer.loggers, key, columns, rows, step)
     if written:
         return written
     folder = _root(trainer, out_dir) / "tables" / _safe_key(key)

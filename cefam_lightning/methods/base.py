@@ -130,6 +130,21 @@ class ImageExplainer(Protocol):
 
 
 @dataclass
+class Evidence:
+    """What a method says about a batch for the dataset report (``report``, docs/report.md): the classifier's
+    logits, the explained class and, as far as the method has them, its concepts' contributions and regions or a
+    class map. :meth:`ExplainerModule.evidence` returns it."""
+
+    logits: Tensor  # (B, num_classes), the frozen classifier's
+    target: Tensor  # (B,) the class the contributions and the class map are toward
+    concepts: Tensor | None = None  # (B, N) explained concepts, indices into evidence_concepts (None: no concepts)
+    contributions: Tensor | None = None  # (B, N) each concept's signed contribution to ``target``
+    regions: Tensor | None = None  # (B, N, H, W) each concept's region map at the image size (any scale)
+    detected: Tensor | None = None  # (B, C) the method's own presence call for every concept (None: it has none)
+    class_map: Tensor | None = None  # (B, H, W) the class map of ``target`` (class-map methods)
+
+
+@dataclass
 class RegionPanels:
     """What the region-map callback draws for a batch: per image its panels' maps and titles, and the concepts
     whose ground-truth masks to outline (``None``: no concept masks apply, as for a class map)."""
@@ -279,6 +294,19 @@ class ExplainerModule(L.LightningModule):
     def image_explainer(self, settings: ExplainSettings, checkpoint: str | None = None) -> ImageExplainer:
         """What ``explain`` runs on batches of image files: reports, maps and the figure renderer."""
         raise NotImplementedError
+
+    @property
+    def evidence_concepts(self) -> list[str] | None:
+        """The names :attr:`Evidence.concepts` index (``None``: the method explains with class maps only)."""
+        return None
+
+    def evidence(
+        self, images: Tensor, target: Tensor | None = None, *, concepts: Tensor | None = None, top_n: int = 8
+    ) -> Evidence:
+        """The dataset report's view of a batch (``(B, 3, H, W)`` in ``[0, 1]``; ``target``: default the predicted
+        classes): ``concepts`` ``(B, N)`` the concepts to explain, else the method's own choice (at most ``top_n``
+        per image where it has to choose)."""
+        raise UnsupportedError(f"{self.title} checkpoints cannot be reported on")
 
     def region_panels(self, images: Tensor, top_k: int) -> RegionPanels:
         """The maps the region-map training callback draws for ``images`` (``top_k`` panels at most)."""

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from cefam_lightning.data.shapes_world import key_object_pixels
 from cefam_lightning.methods.base import (
     EvaluationSettings,
+    Evidence,
     ExplainerModule,
     ExplainSettings,
     ImageReport,
@@ -103,6 +104,13 @@ class ClassMapExplainer(ExplainerModule):
 
     def image_explainer(self, settings: ExplainSettings, checkpoint: str | None = None) -> ClassMapImageExplainer:
         return ClassMapImageExplainer(self, checkpoint)
+
+    def evidence(
+        self, images: Tensor, target: Tensor | None = None, *, concepts: Tensor | None = None, top_n: int = 8
+    ) -> Evidence:
+        """The class map of ``target`` (no concepts: the report shows class maps of errors)."""
+        expl = self.explain(images, target)
+        return Evidence(logits=expl.logits, target=expl.target, class_map=expl.class_map)
 
     def region_panels(self, images: Tensor, top_k: int) -> RegionPanels:
         expl = self.explain(images)

@@ -33,6 +33,7 @@ from cefam_lightning.errors import CefamError
 from cefam_lightning.methods.base import (
     STAGES,
     EvaluationSettings,
+    Evidence,
     ExplainerModule,
     ExplainSettings,
     ImageExplainer,
@@ -472,6 +473,24 @@ class CEFAMModule(ExplainerModule):
         from cefam_lightning.methods.cefam.reports import CEFAMImageExplainer
 
         return CEFAMImageExplainer(self, settings, checkpoint)
+
+    @property
+    def evidence_concepts(self) -> list[str]:
+        return [str(c) for c in self.hparams["concept_names"]]
+
+    def evidence(
+        self, images: Tensor, target: Tensor | None = None, *, concepts: Tensor | None = None, top_n: int = 8
+    ) -> Evidence:
+        """The run's rules (:meth:`explain_defaults`): the ``top_n`` concepts by score (or ``concepts``), their
+        contributions to ``target`` and their regions at their selected layers."""
+        expl = self.explain(images, target, concepts=concepts, top_n=top_n)
+        return Evidence(
+            logits=expl.logits,
+            target=expl.target,
+            concepts=expl.concepts,
+            contributions=expl.contributions,
+            regions=expl.regions,
+        )
 
     def region_panels(self, images: Tensor, top_k: int) -> RegionPanels:
         """The ``top_k`` concepts by score, each region at its selected layer, titled with score and layer."""

@@ -40,10 +40,12 @@ from torchmetrics.classification import MulticlassAccuracy, MultilabelAUROC
 from cefam_lightning.methods.base import (
     STAGES,
     EvaluationSettings,
+    Evidence,
     ExplainerModule,
     ExplainSettings,
     ImageExplainer,
     RegionPanels,
+    UnsupportedError,
     constructor_kwargs,
 )
 from cefam_lightning.methods.optim import configure_optimization
@@ -343,6 +345,33 @@ class SIAMModule(ExplainerModule):
         from cefam_lightning.methods.siam.reports import SIAMImageExplainer
 
         return SIAMImageExplainer(self, settings, checkpoint)
+
+    @property
+    def evidence_concepts(self) -> list[str]:
+        return [str(a) for a in self.hparams["attribute_names"]]
+
+    def evidence(
+        self, images: Tensor, target: Tensor | None = None, *, concepts: Tensor | None = None, top_n: int = 8
+    ) -> Evidence:
+        """Every attribute (or ``concepts``) with its exact contribution (final-layer weight x score, which with
+        the bias sums to the target's logit), its map and its presence call (probability > 0.5); ``top_n`` is not
+        needed: the contributions of all attributes come from one pass."""
+        if self.hparams.task != "classification":
+            raise UnsupportedError("a SIAM regression checkpoint has no classes to report on")
+        expl = self.explain(images, target)
+        b, n_attr = expl.contributions.shape
+        if concepts is None:
+            concepts = torch.arange(n_attr, device=expl.contributions.device).expand(b, -1)
+        concepts = concepts.to(expl.contributions.device)
+        index = concepts[:, :, None, None].expand(-1, -1, *expl.maps.shape[-2:])
+        return Evidence(
+            logits=expl.logits,
+            target=expl.target,
+            concepts=concepts,
+            contributions=expl.contributions.gather(1, concepts),
+            regions=expl.maps.gather(1, index),
+            detected=expl.presence_probs > 0.5,
+        )
 
     def region_panels(self, images: Tensor, top_k: int) -> RegionPanels:
         """The ``top_k`` attributes by contribution to the predicted class, each with its attribute map."""
