@@ -256,3 +256,19 @@ def test_log_report_sends_tables_and_figures_to_wandb_and_tensorboard(tmp_path):
     assert image.shape == (6, 8, 3)
     tensorboard.experiment.flush()
     assert list((tmp_path / "tb").rglob("events.out.tfevents.*"))
+
+
+def test_rank_by_specificity_sets_apart_what_drives_one_class_more_than_the_others():
+    # "fur" drives both classes alike (the larger mean in cat), "whiskers" drives cat only.
+    tally = ConceptTally(CLASSES, CONCEPTS)
+    ev = _evidence([0, 0, 1, 1], [[0, 1], [0, 1], [0, 2], [0, 2]], [[0.5, 0.3], [0.5, 0.3], [0.5, 0.3], [0.5, 0.3]])
+    tally.update(_batch([0, 0, 1, 1]), ev)
+    by_mean = [c["concept"] for c in tally.class_rows(0, 3, "mean")["positive"]]
+    by_specificity = tally.class_rows(0, 3, "specific")["positive"]
+    assert by_mean == ["fur", "whiskers"]
+    assert [c["concept"] for c in by_specificity] == ["whiskers", "fur"]
+    share_fur = 0.5 / 0.8  # the same in both classes
+    assert by_specificity[1]["specificity"] == pytest.approx(share_fur - share_fur)
+    assert by_specificity[0]["specificity"] == pytest.approx(0.3 / 0.8 - 0.0)
+    with pytest.raises(ReportError, match="rank must be one of"):
+        tally.class_rows(0, 3, "loudest")

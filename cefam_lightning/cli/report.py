@@ -34,7 +34,7 @@ from cefam_lightning.data.mask_datasets import FORMATS
 from cefam_lightning.data.report_data import open_report_data
 from cefam_lightning.data.shapes_world import SPLITS, ShapesWorld
 from cefam_lightning.errors import cli_errors
-from cefam_lightning.reporting.concept_report import ReportSettings, build_report
+from cefam_lightning.reporting.concept_report import RANKS, ReportSettings, build_report
 from cefam_lightning.reporting.explanations import load_explainer_for, select_device
 from cefam_lightning.reporting.report_pages import log_report, write_report
 from cefam_lightning.training.config import world_spec
@@ -47,12 +47,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--checkpoint", required=True, metavar="CKPT", help="a checkpoint written by train.py (any method)")
     p.add_argument("--data", default=None, metavar="SOURCE", help="images to report on (default: the shapes world)")
     p.add_argument("--format", default="auto", choices=("auto", "images", *FORMATS), help="--data's kind (auto)")
-    p.add_argument("--split", default=None, help="shapes world: train, val or test (default test); mask datasets: theirs")
+    p.add_argument("--split", default=None, help="shapes world: train, val or test (default test); mask data: theirs")
     p.add_argument("--max-images", type=int, default=None, metavar="N", help="only the first N images")
     p.add_argument("--top-n", type=int, default=8, metavar="N", help="concepts explained per image (default 8)")
     p.add_argument("--top", type=int, default=5, metavar="N", help="concepts listed per class and sign (default 5)")
     p.add_argument("--typical", type=int, default=4, metavar="N", help="example images per listed concept (4)")
+    p.add_argument("--rank", default="specific", choices=RANKS, help="rank a class's positive concepts by (specific)")
+    p.add_argument("--figure-concepts", type=int, default=3, metavar="N", help="concepts per class example grid (3)")
     p.add_argument("--error-figures", type=int, default=24, metavar="N", help="misclassified images drawn (24)")
+    p.add_argument("--error-concepts", type=int, default=3, metavar="N", help="concepts per error and side (3)")
     p.add_argument("--batch-size", type=int, default=32, metavar="N", help="images explained together (32)")
     p.add_argument("--cache-dir", default=None, help="where the shapes world is cached (default: the run's)")
     p.add_argument("--out", default=None, metavar="DIR", help="output folder (default <run folder>/report[-<data>])")
@@ -99,7 +102,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             top_n=args.top_n,
             top=args.top,
             typical=args.typical,
+            figure_concepts=args.figure_concepts,
             error_figures=args.error_figures,
+            error_concepts=args.error_concepts,
+            rank=args.rank,
             batch_size=args.batch_size,
         )
         settings.check()

@@ -34,6 +34,7 @@ from cefam_lightning.data.report_data import UNLABELED, ReportBatch, ReportData
 from cefam_lightning.errors import CefamError
 
 Z95 = 1.959963984540054  # the normal 97.5 % quantile
+RANKS = ("mean", "specific")  # how a class's positive concepts are ranked (ConceptTally.class_rows)
 
 
 class ReportError(CefamError):
@@ -51,9 +52,14 @@ class ReportSettings:
     error_figures: int = 24  # misclassified images drawn at most
     error_concepts: int = 3  # concepts listed per misclassified image and side
     batch_size: int = 32
+    rank: str = "specific"  # how a class's positive concepts are ranked: "specific" or "mean" (see RANKS)
 
     def check(self) -> None:
+        if self.rank not in RANKS:
+            raise ReportError(f"rank must be one of {list(RANKS)}, got {self.rank!r}")
         for name, value in vars(self).items():
+            if name == "rank":
+                continue
             if not isinstance(value, int) or value < (0 if name in ("error_figures", "figure_concepts") else 1):
                 raise ReportError(f"{name.replace('_', '-')} must be a whole number >= 1, got {value!r}")
 
@@ -174,8 +180,29 @@ class ConceptTally:
         return out
 
     # ------------------------------------------------------------------ results
-    def class_rows(self, k: int, top: int) -> dict[str, Any]:
-        """Class ``k``'s positive and negative concepts (``top`` each), with their statistics."""
+    def specificity(self) -> np.ndarray:
+        """``(classes, concepts)``: a concept's share of a class's positive contribution (signed: its sum over the
+        class's images / the class's total positive contribution) minus its mean share over the other classes that
+        have images. A concept that drives every class alike (an object's texture, "objectness") scores about 0;
+        one that drives this class more than the others scores high."""
+        total = self.positive.sum(axis=1, keepdims=True)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            share = np.where(total > 0, self.sum / total, np.nan)
+        have = np.isfinite(share[:, 0]) if share.shape[1] else np.zeros(len(share), dtype=bool)
+        out = np.zeros_like(self.sum)
+        for k in range(len(share)):
+            others = have.copy()
+            others[k] = False
+            if have[k]:
+                out[k] = share[k] - (share[others].mean(axis=0) if others.any() else 0.0)
+        return out
+
+    def class_rows(self, k: int, top: int, rank: str = "mean") -> dict[str, Any]:
+        """Class ``k``'s positive and negative concepts (``top`` each), with their statistics; positive ones ranked
+        by ``rank``: ``"mean"`` (mean contribution per image) or ``"specific"`` (:meth:`specificity`, among the
+        concepts with a positive mean)."""
+        if rank not in RANKS:
+            raise ReportError(f"rank must be one of {list(RANKS)}, got {rank!r}")
         n = int(self.images[k])
         entry: dict[str, Any] = {
             "class": self.class_names[k],
@@ -189,14 +216,13 @@ class ConceptTally:
             return entry
         mean = self.sum[k] / n
         total_positive = self.positive[k].sum()
-        for sign, order in (
-            ("positive", np.argsort(-mean, kind="stable")),
-            ("negative", np.argsort(mean, kind="stable")),
-        ):
-            for c in order:
-                if len(entry[sign]) == top or (mean[c] <= 0 if sign == "positive" else mean[c] >= 0):
-                    break
-                entry[sign].append(self._concept_stats(k, int(c), n, total_positive))
+        specific = self.specificity()[k]
+        by = -specific if rank == "specific" else -mean
+        positive = [c for c in np.argsort(by, kind="stable") if mean[c] > 0]
+        negative = [c for c in np.argsort(mean, kind="stable") if mean[c] < 0]
+        for sign, chosen in (("positive", positive), ("negative", negative)):
+            for c in chosen[:top]:
+                entry[sign].append({**self._concept_stats(k, int(c), n, total_positive), "specificity": specific[c]})
         return entry
 
     def _concept_stats(self, k: int, c: int, n: int, total_positive: float) -> dict[str, Any]:
@@ -269,16 +295,22 @@ def findings(report: dict[str, Any], definitions: dict[str, list[str]] | None, t
             continue
         if definitions is not None and row["class"] in definitions:
             for rank, c in enumerate(positive, start=1):
-                if c["concept"] in definitions[row["class"]]:
+                # A concept that drives the other classes as much (specificity <= 0) sets nothing apart.
+                if c["concept"] in definitions[row["class"]] or c.get("specificity", 1.0) <= 0:
                     continue
                 where = (
                     "is not part of any class definition"
                     if c["concept"] not in defined
-                    else ("belongs to another class's definition")
+                    else "belongs to another class's definition"
+                )
+                more = (
+                    f"; {100 * c['specificity']:.0f} points more of it than in the other classes"
+                    if "specificity" in c
+                    else ""
                 )
                 lines.append(
                     f"class {row['class']}: '{c['concept']}' contributes {100 * c['share_of_positive']:.0f} % of the "
-                    f"positive contribution (rank {rank}) but is not part of the class's definition "
+                    f"positive contribution (rank {rank}{more}) but is not part of the class's definition "
                     f"({' '.join(definitions[row['class']])}); it {where}"
                 )
         else:
@@ -341,7 +373,7 @@ def build_report(
             bar.update(len(batch.ids))
     if seen == 0:
         raise ReportError(f"{data.description}: no image could be read")
-    classes = [tally.class_rows(k, settings.top) for k in range(len(tally.class_names))]
+    classes = [tally.class_rows(k, settings.top, settings.rank) for k in range(len(tally.class_names))]
     add_missing(tally.errors, classes)
     labeled = int(tally.labeled.sum())
     report: dict[str, Any] = {
