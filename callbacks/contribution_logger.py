@@ -80,7 +80,10 @@ class ContributionLogger(L.Callback):
     through one pass of its loader), writes it to ``<out_dir>/report-val/`` (``report.json``, ``report.md``,
     ``report.html``, ``figures/``) and sends its tables and figures to the run's W&B / TensorBoard loggers under
     ``<report_key>/...`` (:func:`~cefam_lightning.reporting.report_pages.log_report`). On the shapes world the
-    ground-truth presence comes from the masks and the findings check each class's definition.
+    ground-truth presence comes from the masks and the findings check each class's definition. The table's mean
+    of a (class, concept) is the report's ``mean_when_explained``; the report ranks its concepts by the mean per
+    image of the class instead (an image where the concept was not explained counts 0), so a concept explained
+    for few of a class's images ranks lower there.
 
     Only global rank zero explains and writes. (Under DDP a streamed validation source gives rank zero's share of
     it only; the other ranks wait for the report at the end of training.)

@@ -140,7 +140,8 @@ def test_final_report_covers_the_validation_split_and_reaches_the_loggers(make, 
     module, dm = make()
     wandb = mock.create_autospec(WandbLogger, instance=True)
     tensorboard = TensorBoardLogger(tmp_path, name="tb") if _HAS_TENSORBOARD else None
-    cb = ContributionLogger(every_n_epochs=5, top_n=4, top=3, batch_size=8, final_report=True)
+    n = TINY_WORLD["n_val"]
+    cb = ContributionLogger(num_images=n, top_n=4, top=3, batch_size=8, final_report=True)
     # one validation batch of 16 per epoch: the report still reads all 32 images
     _fit(module, dm, [cb], tmp_path, logger=[wandb, tensorboard] if tensorboard else [wandb], limit_val_batches=1)
 
@@ -150,7 +151,7 @@ def test_final_report_covers_the_validation_split_and_reaches_the_loggers(make, 
     assert report["images"] == report["labeled"] == TINY_WORLD["n_val"]
     assert sum(r["images"] for r in report["classes"]) == TINY_WORLD["n_val"]
     assert report["presence"] == "ground truth" and report["method"] == "cefam"
-    assert not (tmp_path / "tables").exists()  # every_n_epochs=5: no periodic table in one epoch
+    assert not (tmp_path / "tables").exists()  # the periodic table went to the loggers
 
     # The report command's aggregation, run directly on the same split with the same settings and weights.
     settings = ReportSettings(top_n=4, top=3, batch_size=8)
@@ -173,6 +174,24 @@ def test_final_report_covers_the_validation_split_and_reaches_the_loggers(make, 
         assert "val/report/classes/text_summary" in tags["tensors"] and "val/report/heatmap/0" in tags["images"]
     assert str(folder) in cb.written and "wandb:val/report/classes" in cb.written
     assert cb.report["global_step"] == 2 and cb.report["images"] == TINY_WORLD["n_val"]  # 2 training batches
+
+    # The periodic table, here on every validation image with the same weights, agrees with the report where they
+    # overlap: its images per class, and its mean of a concept is the report's mean_when_explained.
+    assert "val/contributions" in tables
+    listed = {}
+    for r in report["classes"]:
+        for sign in ("positive", "negative"):
+            listed.update({(r["class"], sign, c["concept"]): c for c in r[sign]})
+    overlap = 0
+    for row in cb.last_rows:
+        assert row[1] == next(r["images"] for r in report["classes"] if r["class"] == row[0])
+        for s, sign in enumerate(("positive", "negative")):
+            cells = row[2 + 2 * 3 * s : 2 + 2 * 3 * (s + 1)]
+            for concept, mean in zip(cells[::2], cells[1::2], strict=True):
+                if (row[0], sign, concept) in listed:
+                    assert mean == pytest.approx(listed[row[0], sign, concept]["mean_when_explained"], abs=1e-5)
+                    overlap += 1
+    assert overlap > 0
 
 
 def test_no_final_report_by_default(make, tmp_path):
