@@ -85,8 +85,8 @@ class ContributionLogger(L.Callback):
     image of the class instead (an image where the concept was not explained counts 0), so a concept explained
     for few of a class's images ranks lower there.
 
-    Only global rank zero explains and writes. (Under DDP a streamed validation source gives rank zero's share of
-    it only; the other ranks wait for the report at the end of training.)
+    Only global rank zero explains and writes. (Under DDP the final report is rank zero's alone: the other ranks
+    go on meanwhile, and a streamed validation source gives it rank zero's share of the images only.)
 
     Args:
         every_n_epochs: log every this many epochs (after epochs ``n, 2n, ...``).
