@@ -1,5 +1,6 @@
 """Per class, the concepts that push its score up and down the most (docs/method.md#contribution), on fixed
-validation images."""
+validation images; and, at the end of training, the ``report`` command's dataset report on the whole validation
+split."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ import torch
 from torch import Tensor
 
 from callbacks.logging_utils import (
+    _root,
+    _val_dataset,
     check_positive,
     fixed_validation_items,
     is_due,
@@ -19,7 +22,12 @@ from callbacks.logging_utils import (
     log_table,
     stack_items,
 )
+from cefam_lightning.data.report_data import ReportData, dataloader_data, world_definitions
+from cefam_lightning.reporting.concept_report import ReportSettings, build_report
 from cefam_lightning.reporting.figures import to_array
+from cefam_lightning.reporting.report_pages import log_report, write_report
+
+REPORT_FOLDER = "report-val"  # the final report's folder, under out_dir
 
 
 def mean_contributions(
@@ -64,7 +72,21 @@ class ContributionLogger(L.Callback):
     - a bar chart (one panel per class, at most ``chart_classes`` classes, those with the most images) under
       ``<key>_chart``, routed like images (PNG files without an image-capable logger).
 
-    Only global rank zero explains and writes.
+    With ``final_report``, at the end of training (``on_train_end``: the weights of the last epoch, not
+    necessarily those of the best checkpoint) it also makes the ``report`` command's dataset report
+    (:func:`~cefam_lightning.reporting.concept_report.build_report`, the same aggregation, with this callback's
+    ``top_n``, ``top`` and ``batch_size``) on the **whole** validation split (every image, whatever
+    ``limit_val_batches``; a map-style dataset is read through itself, unwrapped from a feature cache, a stream
+    through one pass of its loader), writes it to ``<out_dir>/report-val/`` (``report.json``, ``report.md``,
+    ``report.html``, ``figures/``) and sends its tables and figures to the run's W&B / TensorBoard loggers under
+    ``<report_key>/...`` (:func:`~cefam_lightning.reporting.report_pages.log_report`). On the shapes world the
+    ground-truth presence comes from the masks and the findings check each class's definition. The table's mean
+    of a (class, concept) is the report's ``mean_when_explained``; the report ranks its concepts by the mean per
+    image of the class instead (an image where the concept was not explained counts 0), so a concept explained
+    for few of a class's images ranks lower there.
+
+    Only global rank zero explains and writes. (Under DDP the final report is rank zero's alone: the other ranks
+    go on meanwhile, and a streamed validation source gives it rank zero's share of the images only.)
 
     Args:
         every_n_epochs: log every this many epochs (after epochs ``n, 2n, ...``).
@@ -74,7 +96,9 @@ class ContributionLogger(L.Callback):
         batch_size: images explained at once (bounds memory: the Jacobian is ``batch x concepts x dim(z)``).
         key: the table's logging key (the chart's is ``<key>_chart``).
         chart_classes: classes drawn in the bar chart at most (0: no chart).
-        out_dir: root folder of the CSV/PNG files (default ``trainer.default_root_dir``).
+        out_dir: root folder of the CSV/PNG files and of ``report-val/`` (default ``trainer.default_root_dir``).
+        final_report: make the dataset report on the whole validation split at the end of training.
+        report_key: the final report's logging key prefix.
     """
 
     def __init__(
@@ -87,6 +111,8 @@ class ContributionLogger(L.Callback):
         key: str = "val/contributions",
         chart_classes: int = 12,
         out_dir: str | Path | None = None,
+        final_report: bool = False,
+        report_key: str = "val/report",
     ):
         super().__init__()
         check_positive(
@@ -96,6 +122,8 @@ class ContributionLogger(L.Callback):
             raise ValueError(f"chart_classes must be >= 0, got {chart_classes!r}")
         self.every_n_epochs, self.num_images, self.top_n, self.top = every_n_epochs, num_images, top_n, top
         self.batch_size, self.key, self.chart_classes, self.out_dir = batch_size, key, chart_classes, out_dir
+        self.final_report, self.report_key = bool(final_report), report_key
+        self.report: dict | None = None  # the final report, once made
         self._images: Tensor | None = None
         self.sample_ids: list[str] = []  # the fixed images, once chosen
         self.columns: list[str] = ["class", "images"]
@@ -119,6 +147,41 @@ class ContributionLogger(L.Callback):
             chart = self._chart(self.last_rows)
             if chart is not None:
                 self.written.extend(log_images(trainer, f"{self.key}_chart", [chart], out_dir=self.out_dir) or [])
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Not on_fit_end: by then the strategy's teardown has moved the module to the CPU.
+        if self.final_report and trainer.is_global_zero:
+            self.make_report(trainer, pl_module)
+
+    def report_data(self, trainer: L.Trainer, pl_module: L.LightningModule) -> ReportData:
+        """The whole validation split as the report reads it."""
+        dataset, loader = _val_dataset(trainer)
+        world = getattr(getattr(trainer, "datamodule", None), "world", None)
+        return dataloader_data(
+            dataset if dataset is not None else loader,
+            pl_module.class_names,
+            pl_module.evidence_concepts,
+            definitions=world_definitions(world) if world is not None else None,
+        )
+
+    def make_report(self, trainer: L.Trainer, pl_module: L.LightningModule) -> Path:
+        """Make the final report (see the class docstring), write and log it; returns its folder."""
+        settings = ReportSettings(top_n=self.top_n, top=self.top, batch_size=self.batch_size)
+        data = self.report_data(trainer, pl_module)
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            with torch.inference_mode(False), torch.no_grad():  # as in _explain: the Jacobian needs plain tensors
+                report, pictures = build_report(pl_module, data, settings, pl_module.device, progress=False)
+        finally:
+            pl_module.train(was_training)
+        report["global_step"] = trainer.global_step
+        out = _root(trainer, self.out_dir) / REPORT_FOLDER
+        figures = write_report(out, report, pictures)
+        self.written.append(str(out))
+        self.written.extend(log_report(trainer.loggers, report, figures, self.report_key, step=trainer.global_step))
+        self.report = report
+        return out
 
     def _explain(self, trainer: L.Trainer, pl_module: L.LightningModule) -> tuple[Tensor, Tensor, Tensor]:
         was_training = pl_module.training

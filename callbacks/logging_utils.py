@@ -23,7 +23,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
-from cefam_lightning.data.feature_cache import CachedFeatureDataset
+from cefam_lightning.data.feature_cache import CachedFeatureDataset, items_with_images
 from cefam_lightning.io_utils import atomic_write_bytes
 from cefam_lightning.reporting.logged import send_images, send_table
 
@@ -173,26 +173,6 @@ def spaced_indices(length: int, n: int) -> list[int]:
     return sorted({int(i) for i in np.linspace(0, length - 1, n).round()})
 
 
-def _unbatch(batch: dict) -> list[dict]:
-    """A collated batch with images -> items (only the rows that carry an image)."""
-    if "image" not in batch:
-        return []
-    size = len(batch["id"]) if "id" in batch else batch["image"].shape[0]  # the whole batch, cached rows included
-    rows = batch["image_index"].tolist() if "image_index" in batch else list(range(batch["image"].shape[0]))
-    items = []
-    for j, row in enumerate(rows):
-        item = {"image": batch["image"][j]}
-        for k, v in batch.items():
-            if k in ("image", "image_index", "pooled", "pooled_index"):
-                continue
-            if (isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] == size) or (
-                isinstance(v, (list, tuple)) and len(v) == size
-            ):
-                item[k] = v[row]
-        items.append(item)
-    return items
-
-
 def fixed_validation_items(trainer: L.Trainer, n: int) -> list[dict]:
     """``n`` validation items with their images, the same ones at every call for the same data.
 
@@ -210,7 +190,7 @@ def fixed_validation_items(trainer: L.Trainer, n: int) -> list[dict]:
         return [ds[i] for i in spaced_indices(len(ds), n)]
     items: list[dict] = []
     for batch in loader:
-        items.extend(_unbatch(batch))
+        items.extend(items_with_images(batch))
         if len(items) >= n:
             break
     return items[:n]

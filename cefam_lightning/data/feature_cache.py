@@ -355,3 +355,25 @@ def collate_cached(items: list[dict]) -> dict:
         batch["image"] = torch.stack([items[i]["image"] for i in with_image])
         batch[IMAGE_INDEX] = torch.tensor(with_image, dtype=torch.long)
     return batch
+
+
+def items_with_images(batch: dict) -> list[dict]:
+    """A collated batch (plain, or :func:`collate_cached`'s mix) back into items: one dict per row that carries an
+    image, with that row's value of every per-sample key (the cached ``pooled`` features left out). Rows served
+    from the cache without their image are not among them."""
+    if "image" not in batch:
+        return []
+    size = len(batch["id"]) if "id" in batch else batch["image"].shape[0]  # the whole batch, cached rows included
+    rows = batch[IMAGE_INDEX].tolist() if IMAGE_INDEX in batch else list(range(batch["image"].shape[0]))
+    items = []
+    for j, row in enumerate(rows):
+        item = {"image": batch["image"][j]}
+        for k, v in batch.items():
+            if k in ("image", IMAGE_INDEX, POOLED_KEY, POOLED_INDEX):
+                continue
+            if (isinstance(v, torch.Tensor) and v.ndim > 0 and v.shape[0] == size) or (
+                isinstance(v, (list, tuple)) and len(v) == size
+            ):
+                item[k] = v[row]
+        items.append(item)
+    return items

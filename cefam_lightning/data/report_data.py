@@ -7,7 +7,10 @@
 - an **image source** (:func:`~cefam_lightning.data.image_sources.open_source`: a class-per-folder tree, a
   ``.csv``/``.jsonl`` manifest, WebDataset shards): labels where the source has them;
 - a **mask dataset** (:func:`~cefam_lightning.data.mask_datasets.open_mask_dataset`: the documented folder format,
-  Broden, ImageNet-S): labels where it has them and concept presence from its masks.
+  Broden, ImageNet-S): labels where it has them and concept presence from its masks;
+- a **training run's data** (:func:`dataloader_data`: a map-style dataset or a loader of batches, as a DataModule
+  serves them; the ``ContributionLogger``'s report on the validation split at the end of training): labels, and
+  concept presence where the items carry masks.
 
 Each is a :class:`ReportData`: batches of :class:`ReportBatch` in a fixed order, which a second pass can read again
 keeping only some positions (the report draws its figures from a second pass over the images it picked).
@@ -78,8 +81,12 @@ def shapes_world_data(world: Any, split: str, limit: int | None = None) -> Repor
             labels = torch.from_numpy(np.asarray(data.labels[positions])).long()
             yield ReportBatch(positions, [data.ids[i] for i in positions], images, labels, present)
 
-    definitions = {c: c.split() for c in world.class_names}
-    return ReportData(f"shapes world, {split} split ({n} images)", batches, n, names, definitions)
+    return ReportData(f"shapes world, {split} split ({n} images)", batches, n, names, world_definitions(world))
+
+
+def world_definitions(world: Any) -> dict[str, list[str]]:
+    """A shapes world's classes, each defined by its key object's color and shape (``"red square"``)."""
+    return {c: c.split() for c in world.class_names}
 
 
 def _label_index(label: Any, class_names: Sequence[str], where: str) -> int:
@@ -174,6 +181,113 @@ def mask_dataset_data(dataset: Any, class_names: Sequence[str], limit: int | Non
 
     split = f", {dataset.split} split" if dataset.split else ""
     return ReportData(f"{dataset.root} ({dataset.format}{split}, {n} images)", batches, n, names)
+
+
+def dataloader_data(
+    source: Any,
+    class_names: Sequence[str],
+    concepts: Sequence[str] | None = None,
+    definitions: dict[str, list[str]] | None = None,
+    description: str = "validation split",
+) -> ReportData:
+    """Items as a training run reads them: dicts with ``image`` ``(3, H, W)`` in ``[0, 1]``, and ``label`` (an index
+    into ``class_names``, or ``-1``: unlabeled), ``id`` and ``masks`` (``(C, H, W)``) where the data have them.
+
+    ``source`` is a map-style dataset, or a ``DataLoader``. A loader over a map-style dataset is read through its
+    dataset (unwrapped from a :class:`~cefam_lightning.data.feature_cache.CachedFeatureDataset`, so that every item
+    carries its image): all of it, in index order (that of an unshuffled loader), whatever the loader's sampler
+    (a distributed sampler's share) or batch limit. A loader over a stream is read as it serves its batches, one
+    pass each time; an image served from the feature cache without its pixels is skipped and counted. An image's
+    position is its index in that order.
+
+    ``concepts`` names the masks' channels (the module's :attr:`~cefam_lightning.methods.base.ExplainerModule.
+    evidence_concepts` for the data it was trained on): with it, an image's ground-truth presence of concept ``c``
+    is ``masks[c].any()``; data whose items have no masks have no presence, whatever ``concepts`` says.
+    ``definitions``: each class's defining concepts, where known (:func:`world_definitions`).
+    """
+    from torch.utils.data import DataLoader, IterableDataset
+
+    from cefam_lightning.data.feature_cache import CachedFeatureDataset, items_with_images
+
+    dataset = source.dataset if isinstance(source, DataLoader) else source
+    if isinstance(dataset, CachedFeatureDataset):
+        dataset = dataset.dataset
+    names = None if concepts is None else [str(c) for c in concepts]
+    where = f"{description}: image"
+    if not isinstance(dataset, IterableDataset) and hasattr(dataset, "__len__"):
+        n = len(dataset)
+        if names is not None and (n == 0 or "masks" not in dataset[0]):
+            names = None
+
+        def batches(batch_size: int, keep: Collection[int] | None = None) -> Iterator[ReportBatch]:
+            positions = [i for i in range(n) if keep is None or i in keep]
+            for start in range(0, len(positions), batch_size):
+                chunk = positions[start : start + batch_size]
+                yield _item_batch(chunk, [dataset[i] for i in chunk], class_names, names, where)
+
+        return ReportData(f"{description} ({n} images)", batches, n, names, definitions)
+    if not isinstance(source, DataLoader):
+        raise ReportDataError(f"{description}: a stream is read through its DataLoader, got {type(source).__name__}")
+    if names is not None:
+        first = next(iter(source), None)
+        if first is None or "masks" not in first:
+            names = None
+    data = ReportData(description, lambda b, k=None: iter(()), None, names, definitions)
+
+    def stream(batch_size: int, keep: Collection[int] | None = None) -> Iterator[ReportBatch]:
+        position, pending = 0, []
+        for batch in source:
+            items = items_with_images(batch)
+            if keep is None and "id" in batch and len(batch["id"]) > len(items):
+                shown = {str(it.get("id")) for it in items}
+                data.skipped += [
+                    {"id": str(i), "error": "served from the feature cache without its image"}
+                    for i in batch["id"]
+                    if str(i) not in shown
+                ]
+            for item in items:
+                if keep is None or position in keep:
+                    pending.append((position, item))
+                position += 1
+                if len(pending) == batch_size:
+                    yield _item_batch([p for p, _ in pending], [it for _, it in pending], class_names, names, where)
+                    pending = []
+        if pending:
+            yield _item_batch([p for p, _ in pending], [it for _, it in pending], class_names, names, where)
+
+    data.batches = stream
+    return data
+
+
+def _item_batch(
+    positions: list[int], items: list[dict], class_names: Sequence[str], concepts: list[str] | None, where: str
+) -> ReportBatch:
+    ids = [str(it["id"]) if "id" in it else str(p) for p, it in zip(positions, items, strict=True)]
+    labels = [
+        _label_index(_plain(it.get("label")), class_names, f"{where} {i}") if "label" in it else UNLABELED
+        for i, it in zip(ids, items, strict=True)
+    ]
+    present = None
+    if concepts is not None:
+        masks = [torch.as_tensor(it["masks"]) for it in items]
+        bad = next((m.shape for m in masks if m.ndim != 3 or m.shape[0] != len(concepts)), None)
+        if bad is not None:
+            raise ReportDataError(f"{where}s: masks of shape {tuple(bad)} for {len(concepts)} concepts")
+        present = torch.stack([m.flatten(1).any(dim=1) for m in masks])
+    return ReportBatch(
+        positions,
+        ids,
+        torch.stack([torch.as_tensor(it["image"]) for it in items]).float(),
+        torch.tensor(labels, dtype=torch.long),
+        present,
+    )
+
+
+def _plain(label: Any) -> Any:
+    """A label as :func:`_label_index` takes it: ``-1`` (unlabeled) as ``None``, a 0-d tensor as a number."""
+    if isinstance(label, (Tensor, np.generic)):
+        label = label.item()
+    return None if isinstance(label, int) and label == UNLABELED else label
 
 
 def open_report_data(

@@ -305,10 +305,15 @@ def write_report(out_dir: str | os.PathLike, report: dict[str, Any], pictures: d
 
 
 def log_report(
-    loggers: Sequence[Any], report: dict[str, Any], figures: dict[str, bytes], key: str = "report"
+    loggers: Sequence[Any],
+    report: dict[str, Any],
+    figures: dict[str, bytes],
+    key: str = "report",
+    step: int | None = None,
 ) -> list[str]:
-    """Send the report's class tables, error table and figures to W&B / TensorBoard ``loggers``; returns what was
-    sent (:func:`~cefam_lightning.reporting.logged.send_table`)."""
+    """Send the report's class tables, error table and figures to W&B / TensorBoard ``loggers`` (at ``step``,
+    e.g. a training run's last global step; default the logger's own); returns what was sent
+    (:func:`~cefam_lightning.reporting.logged.send_table`)."""
     from PIL import Image
 
     from cefam_lightning.reporting.logged import send_images, send_table
@@ -319,12 +324,12 @@ def log_report(
         for sign in ("positive", "negative"):
             for r in class_table_rows(entry, sign):
                 rows.append([entry["class"], sign, *r])
-    sent += send_table(loggers, f"{key}/classes", ["class", "sign", *CLASS_COLUMNS], rows)
+    sent += send_table(loggers, f"{key}/classes", ["class", "sign", *CLASS_COLUMNS], rows, step)
     if report["errors"]["items"]:
-        sent += send_table(loggers, f"{key}/errors", ERROR_COLUMNS, error_rows(report["errors"]["items"]))
+        sent += send_table(loggers, f"{key}/errors", ERROR_COLUMNS, error_rows(report["errors"]["items"]), step)
     if report["findings"]:
-        sent += send_table(loggers, f"{key}/findings", ["finding"], [[f] for f in report["findings"]])
+        sent += send_table(loggers, f"{key}/findings", ["finding"], [[f] for f in report["findings"]], step)
     for name, png in figures.items():
         image = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
-        sent += send_images(loggers, f"{key}/{Path(name).stem}", [image])
+        sent += send_images(loggers, f"{key}/{Path(name).stem}", [image], step=step)
     return sent

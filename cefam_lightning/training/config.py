@@ -160,6 +160,7 @@ class ContributionsCallbackSchema:
     num_images: int = MISSING
     top_n: int = MISSING
     top: int = MISSING
+    final_report: bool = MISSING
 
 
 @dataclass
@@ -285,6 +286,10 @@ CROSS_RULES: tuple[CrossRule, ...] = (
     CrossRule(
         lambda c: c.world.min_radius <= c.world.max_radius,
         lambda c: f"world.min_radius must be <= world.max_radius, got {c.world.min_radius} > {c.world.max_radius}",
+    ),
+    CrossRule(  # the final report is the contribution logger's: without it, nothing would make it
+        lambda c: c.callbacks.contributions.enabled or not c.callbacks.contributions.final_report,
+        lambda c: "callbacks.contributions.final_report=true needs callbacks.contributions.enabled=true",
     ),
     CrossRule(  # torch's SGD refuses Nesterov momentum without momentum
         lambda c: not (c.optimizer.name.lower() == "sgd" and c.optimizer.nesterov and c.optimizer.momentum == 0),

@@ -148,7 +148,16 @@ def training_callbacks(ctx: TrainContext) -> list[L.Callback]:
     c = cfg.callbacks
     if c.contributions.enabled:
         cc = c.contributions
-        out.append(ContributionLogger(cc.every_n_epochs, cc.num_images, cc.top_n, top=cc.top, out_dir=ctx.run_dir))
+        out.append(
+            ContributionLogger(
+                cc.every_n_epochs,
+                cc.num_images,
+                cc.top_n,
+                top=cc.top,
+                out_dir=ctx.run_dir,
+                final_report=cc.final_report,
+            )
+        )
     if c.region_metrics.enabled and ctx.masks:
         out.append(RegionMetricsCallback(c.region_metrics.every_n_epochs, c.region_metrics.max_images))
     return out
