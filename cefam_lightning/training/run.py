@@ -38,6 +38,7 @@ from cefam_lightning.io_utils import atomic_write_bytes, atomic_write_json
 from cefam_lightning.methods.base import EvaluationSettings
 from cefam_lightning.methods.checkpoints import AtomicCheckpointIO, CheckpointError, read_checkpoint
 from cefam_lightning.methods.registry import BuildContext, TrainContext, get_method
+from cefam_lightning.metrics.shortcut import classifier_shortcut_reliance
 from cefam_lightning.models.classifier import build_classifier
 from cefam_lightning.reporting.evaluations import write_results
 from cefam_lightning.training.classifier_fit import FitSettings, fit_shapes_classifier
@@ -269,7 +270,24 @@ def _shapes_data_and_classifier(cfg: DictConfig, quick: bool) -> tuple[ShapesWor
         widths=list(ccfg.fit.widths),
         image_size=spec.image_size,
     )
+    if spec.shortcut is not None:  # how much the classifier leans on the planted shortcut, on the test split
+        reliance = classifier_shortcut_reliance(classifier, dm.world, "test", batch_size=cfg.evaluation.batch_size)
+        classifier_metrics = {**classifier_metrics, "shortcut": reliance}
+        _stage(f"classifier: {_shortcut_line(reliance)}")
     return dm, classifier, weights, classifier_metrics
+
+
+def _shortcut_line(r: dict[str, Any]) -> str:
+    def acc(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.4f}"
+
+    drop = "n/a" if r["acc_drop"] is None else f"{r['acc_drop']:+.4f}"
+    return (
+        f"shortcut {r['concept']} -> {r['class']} on the {r['split']} split: accuracy {acc(r['acc_tie_holds'])} where "
+        f"the tie holds ({r['n_tie_holds']}), {acc(r['acc_tie_broken'])} where broken ({r['n_tie_broken']}), drop "
+        f"{drop}; shortcut errors {r['shortcut_errors']}/{r['n_other_with_concept']}, {r['class']} without "
+        f"{r['concept']} missed {r['shortcut_misses']}/{r['n_class_without_concept']}"
+    )
 
 
 def _check_random_init(ccfg: DictConfig, why: str) -> None:
@@ -336,6 +354,9 @@ def _summary(m: dict[str, Any], module: Any, images: bool = False) -> None:
     # Plain images have no ground-truth concept presence.
     rows = module.summary_metrics
     lines += [f"  {label:<30} {t[key]:.4f}" for label, key in rows if key in t and not (images and "auroc" in key)]
+    shortcut = m["classifier"].get("shortcut")
+    if shortcut is not None:
+        lines.append(f"  classifier {_shortcut_line(shortcut)}")
     lines += [
         f"  epochs trained {m['epochs_trained']}, {m['seconds']:.0f} s",
         f"  run folder   {m['run_dir']}  ({folders})",
