@@ -196,3 +196,18 @@ def test_classifier_reliance_on_a_built_world(tmp_path):
     assert r["split"] == "test" and r["n_tie_broken"] == int((~tie).sum()) > 0
     assert r["acc_tie_holds"] == 1.0 and r["acc_tie_broken"] == 0.0
     assert r["shortcut_errors"] == r["n_other_with_concept"] > 0
+
+
+def test_a_run_on_a_shortcut_world_reports_the_classifiers_reliance(tmp_path, capsys):
+    """What train.py does before training the explainer: fit (1 epoch here) and measure on the test split."""
+    from cefam_lightning.training.run import _shapes_data_and_classifier
+    from tests.conftest import tiny_overrides
+
+    overrides = tiny_overrides(tmp_path / "cache", tmp_path / "out")
+    cfg = load_config(CONFIG_DIR / "experiment" / "shortcut.yaml", overrides)
+    _, _, _, metrics = _shapes_data_and_classifier(cfg, quick=False)
+    r = metrics["shortcut"]
+    assert r["split"] == "test" and r["n_tie_holds"] + r["n_tie_broken"] == TINY_WORLD["n_test"]
+    assert "shortcut striped -> red circle (test split): accuracy" in capsys.readouterr().out
+    plain = load_config(None, overrides)
+    assert "shortcut" not in _shapes_data_and_classifier(plain, quick=False)[3]
