@@ -12,15 +12,19 @@ VLM precomputation writes.
 
 Every image draws from its own random stream, seeded by ``(seed, split, index)``, so the same seed gives
 byte-identical data and the first images of a split do not change when the split grows.
+
+``world.shortcut`` plants a shortcut in the train split only: a texture tied to one class (:class:`Shortcut`,
+:func:`shortcut_tie`), for testing whether a concept report finds what a classifier leans on.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -46,6 +50,75 @@ COLOR_RGB: dict[str, tuple[float, float, float]] = {
 }
 SHAPES = ("circle", "square", "triangle", "diamond")
 TEXTURES = ("plain", "striped", "dotted")
+SHORTCUT_KEYS = ("class", "concept", "strength")
+# The fourth seed word of an image's shortcut draws (its other draws keep the 3-word stream).
+_SHORTCUT_STREAM = 3000
+
+
+@dataclass(frozen=True)
+class Shortcut:
+    """A texture tied to a class in the train split (``world.shortcut``, parsed and checked).
+
+    An image of ``class_name`` draws its key object's texture as ``concept`` with probability ``strength`` (else
+    one of the other textures); an image of any other class, with probability ``strength``, has no object of
+    that texture (else its textures are drawn as usual).
+    """
+
+    class_name: str
+    concept: str
+    strength: float
+
+    @classmethod
+    def parse(cls, value: Any, spec: WorldSpec) -> Shortcut:
+        """``world.shortcut``'s mapping ``{class, concept, strength}`` checked against ``spec``'s classes and
+        textures; a ``ValueError`` names the offending key."""
+        if not isinstance(value, Mapping):
+            raise ValueError(f"world.shortcut: expected a mapping {{class, concept, strength}} or null, got {value!r}")
+        unknown = sorted(str(k) for k in value if k not in SHORTCUT_KEYS)
+        if unknown:
+            raise ValueError(f"world.shortcut: unknown key(s) {unknown}; its keys are {list(SHORTCUT_KEYS)}")
+        missing = [k for k in SHORTCUT_KEYS if value.get(k) is None]
+        if missing:
+            raise ValueError(
+                f"{', '.join(f'world.shortcut.{k}' for k in missing)}: missing (world.shortcut needs "
+                f"{', '.join(SHORTCUT_KEYS)})"
+            )
+        klass, concept, strength = (value[k] for k in SHORTCUT_KEYS)
+        if klass not in spec.classes:
+            raise ValueError(f"world.shortcut.class: {klass!r} is not one of the world's classes {list(spec.classes)}")
+        if concept not in spec.textures:
+            kind = "color" if concept in spec.colors else "shape" if concept in spec.shapes else None
+            why = f"{concept!r} is a {kind}, but" if kind else f"{concept!r} is not one of the world's textures:"
+            raise ValueError(
+                f"world.shortcut.concept: {why} the shortcut is a texture, which can ride on the key object "
+                f"without changing its class; one of world.textures {list(spec.textures)}"
+            )
+        if len(spec.textures) < 2:
+            raise ValueError(
+                "world.shortcut needs at least two world.textures: the tie is broken by drawing another texture"
+            )
+        number = isinstance(strength, int | float) and not isinstance(strength, bool)
+        if not number or not 0 < strength <= 1:
+            raise ValueError(f"world.shortcut.strength must be in (0, 1], got {strength!r}")
+        return cls(str(klass), str(concept), float(strength))
+
+    def as_config(self) -> dict[str, Any]:
+        return {"class": self.class_name, "concept": self.concept, "strength": self.strength}
+
+    def retexture(self, spec: WorldSpec, label: int, textures: list[str], rng: np.random.Generator) -> list[str]:
+        """The textures of one train image's objects (key object first) under the tie, from the ones it drew
+        without it; only those the tie changes are redrawn, each uniformly among the textures but ``concept``."""
+        others = [t for t in spec.textures if t != self.concept]
+        tied = rng.random() < self.strength
+        if spec.classes[label] == self.class_name:
+            if tied:
+                return [self.concept, *textures[1:]]
+            if textures[0] == self.concept:
+                return [others[int(rng.integers(len(others)))], *textures[1:]]
+            return list(textures)
+        if tied:
+            return [others[int(rng.integers(len(others)))] if t == self.concept else t for t in textures]
+        return list(textures)
 
 
 @dataclass
@@ -82,9 +155,14 @@ class WorldSpec:
     vlm_kind: str = "clip"
     logit_scale: float = 100.0
     logit_bias: float = 0.0
+    # A texture tied to a class in the train split: {class: "red circle", concept: striped, strength: 0.95}
+    # (a mapping, not a dataclass: its key ``class`` is a Python keyword); None: no shortcut. See Shortcut.
+    shortcut: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.validate()
+        if self.shortcut is not None:  # one spelling per shortcut, so that one world has one cache key
+            self.shortcut = Shortcut.parse(self.shortcut, self).as_config()
 
     def validate(self) -> None:
         for c in self.colors:
@@ -116,6 +194,13 @@ class WorldSpec:
             )
         if self.image_size < 16:
             raise ValueError("world.image_size must be >= 16")
+        if self.shortcut is not None:
+            Shortcut.parse(self.shortcut, self)
+
+    @property
+    def shortcut_rule(self) -> Shortcut | None:
+        """``shortcut`` parsed (``None``: no shortcut)."""
+        return None if self.shortcut is None else Shortcut.parse(self.shortcut, self)
 
     @property
     def concepts(self) -> list[Concept]:
@@ -137,8 +222,16 @@ class WorldSpec:
     def split_size(self, split: str) -> int:
         return {"train": self.n_train, "val": self.n_val, "test": self.n_test}[split]
 
+    def as_dict(self) -> dict[str, Any]:
+        """The spec as hashed and recorded: without ``shortcut`` when it is None, so that the worlds cached before
+        the option existed keep their keys."""
+        d = asdict(self)
+        if d["shortcut"] is None:
+            del d["shortcut"]
+        return d
+
     def cache_key(self) -> str:
-        return stable_hash({"spec": asdict(self), "version": GENERATOR_VERSION})
+        return stable_hash({"spec": self.as_dict(), "version": GENERATOR_VERSION})
 
 
 @dataclass
@@ -213,8 +306,16 @@ def _place(rng: np.random.Generator, radii: list[float], size: int) -> list[tupl
     return centers
 
 
-def render_image(spec: WorldSpec, seed_words: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray, int]:
-    """Draw one image from its own seeded stream: returns (uint8 HxWx3 image, bool CxHxW masks, label)."""
+def render_image(
+    spec: WorldSpec, seed_words: tuple[int, ...], shortcut: Shortcut | None = None
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Draw one image from its own seeded stream: returns (uint8 HxWx3 image, bool CxHxW masks, label).
+
+    With ``shortcut`` (the train split of a world with one), the objects' textures follow the tie
+    (:meth:`Shortcut.retexture`), drawn from a stream of their own, ``(*seed_words, 3000)``: the image's own
+    stream makes the same draws as without it, so everything but those textures is the image the world without
+    the shortcut has.
+    """
     rng = np.random.default_rng(np.random.SeedSequence(list(seed_words)))
     s = spec.image_size
     concept_index = {c.name: i for i, c in enumerate(spec.concepts)}
@@ -227,6 +328,9 @@ def render_image(spec: WorldSpec, seed_words: tuple[int, ...]) -> tuple[np.ndarr
     for _ in range(n_obj - 1):
         pairs.append(distractors[int(rng.integers(len(distractors)))])
     textures = [spec.textures[int(rng.integers(len(spec.textures)))] for _ in pairs]
+    if shortcut is not None:
+        tie_rng = np.random.default_rng(np.random.SeedSequence([*seed_words, _SHORTCUT_STREAM]))
+        textures = shortcut.retexture(spec, label, textures, tie_rng)
     while True:
         radii = [float(rng.uniform(spec.min_radius, spec.max_radius) * s) for _ in pairs]
         centers = _place(rng, radii, s)
@@ -249,14 +353,15 @@ def render_image(spec: WorldSpec, seed_words: tuple[int, ...]) -> tuple[np.ndarr
 
 
 def generate_split(spec: WorldSpec, split: str) -> WorldSplit:
-    """Generate a whole split in memory."""
+    """Generate a whole split in memory (the train split with ``spec.shortcut``'s tie, val and test without)."""
     n, s = spec.split_size(split), spec.image_size
+    shortcut = spec.shortcut_rule if split == "train" else None
     images = np.empty((n, s, s, 3), dtype=np.uint8)
     masks = np.empty((n, spec.num_concepts, s, s), dtype=bool)
     labels = np.empty((n,), dtype=np.int64)
     sid = SPLITS.index(split)
     for i in range(n):
-        images[i], masks[i], labels[i] = render_image(spec, (spec.seed, sid, i))
+        images[i], masks[i], labels[i] = render_image(spec, (spec.seed, sid, i), shortcut)
     return WorldSplit(images=images, masks=masks, labels=labels, ids=[f"{split}/{i:06d}" for i in range(n)])
 
 
@@ -349,7 +454,9 @@ class ShapesWorld:
                 extra={"source": "shapes world oracle", "world_key": spec.cache_key()},
             )
             # world.json last: its presence marks a complete world.
-            (tmp / "world.json").write_text(json.dumps({"spec": asdict(spec), "version": GENERATOR_VERSION}, indent=2))
+            (tmp / "world.json").write_text(
+                json.dumps({"spec": spec.as_dict(), "version": GENERATOR_VERSION}, indent=2)
+            )
         return cls(root, spec)
 
 
@@ -386,3 +493,28 @@ def key_object_pixels(spec: WorldSpec, masks: np.ndarray | torch.Tensor, labels)
     pairs = torch.tensor([[index[n] for n in cls.split()] for cls in spec.classes], device=masks.device)
     rows = torch.arange(len(labels), device=masks.device)
     return masks[rows, pairs[labels, 0]] & masks[rows, pairs[labels, 1]]
+
+
+def shortcut_tie(spec: WorldSpec, masks: np.ndarray | torch.Tensor, labels) -> torch.Tensor:
+    """Which images follow ``spec.shortcut``'s tie, ``(B,)`` bool: an image of the shortcut class whose key object
+    carries the concept, or an image of another class with the concept on no object.
+
+    On the train split the tie holds in about ``strength`` of the images; on val and test (drawn without it) at
+    the base rate.
+
+    Args:
+        spec: a world with a shortcut (its concept order, classes and ``shortcut``).
+        masks: ``(B, C, H, W)`` concept masks.
+        labels: ``(B,)`` class indices.
+    """
+    rule = spec.shortcut_rule
+    if rule is None:
+        raise ValueError("shortcut_tie: the world has no shortcut (world.shortcut is null)")
+    masks = torch.as_tensor(np.asarray(masks) if not isinstance(masks, torch.Tensor) else masks).bool()
+    labels = torch.as_tensor(np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels).long()
+    labels = labels.to(masks.device)
+    c = [x.name for x in spec.concepts].index(rule.concept)
+    on_key = key_object_concepts(spec, masks, labels)[:, c]
+    anywhere = masks[:, c].flatten(1).any(dim=1)
+    of_class = labels == spec.classes.index(rule.class_name)
+    return torch.where(of_class, on_key, ~anywhere)

@@ -3,5 +3,12 @@
 from cefam_lightning.metrics.faithfulness import Faithfulness
 from cefam_lightning.metrics.presence import presence_auroc
 from cefam_lightning.metrics.region import RegionMetrics
+from cefam_lightning.metrics.shortcut import classifier_shortcut_reliance, shortcut_reliance
 
-__all__ = ["Faithfulness", "RegionMetrics", "presence_auroc"]
+__all__ = [
+    "Faithfulness",
+    "RegionMetrics",
+    "classifier_shortcut_reliance",
+    "presence_auroc",
+    "shortcut_reliance",
+]

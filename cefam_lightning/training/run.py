@@ -38,6 +38,7 @@ from cefam_lightning.io_utils import atomic_write_bytes, atomic_write_json
 from cefam_lightning.methods.base import EvaluationSettings
 from cefam_lightning.methods.checkpoints import AtomicCheckpointIO, CheckpointError, read_checkpoint
 from cefam_lightning.methods.registry import BuildContext, TrainContext, get_method
+from cefam_lightning.metrics.shortcut import classifier_shortcut_reliance
 from cefam_lightning.models.classifier import build_classifier
 from cefam_lightning.reporting.evaluations import write_results
 from cefam_lightning.training.classifier_fit import FitSettings, fit_shapes_classifier
@@ -269,7 +270,29 @@ def _shapes_data_and_classifier(cfg: DictConfig, quick: bool) -> tuple[ShapesWor
         widths=list(ccfg.fit.widths),
         image_size=spec.image_size,
     )
+    if spec.shortcut is not None:  # how much the classifier leans on the planted shortcut, on the test split
+        reliance = classifier_shortcut_reliance(classifier, dm.world, "test", batch_size=cfg.evaluation.batch_size)
+        classifier_metrics = {**classifier_metrics, "shortcut": reliance}
+        for line in _shortcut_lines(reliance):
+            _stage(f"classifier: {line}")
     return dm, classifier, weights, classifier_metrics
+
+
+def _shortcut_lines(r: dict[str, Any]) -> list[str]:
+    """The classifier's reliance on a planted shortcut (:func:`classifier_shortcut_reliance`), in two lines."""
+
+    def acc(v: float | None) -> str:
+        return "n/a" if v is None else f"{v:.4f}"
+
+    drop = "n/a" if r["acc_drop"] is None else f"{r['acc_drop']:+.4f}"
+    return [
+        f"shortcut {r['concept']} -> {r['class']} ({r['split']} split): accuracy {acc(r['acc_tie_holds'])} where the "
+        f"tie holds ({r['n_tie_holds']} images), {acc(r['acc_tie_broken'])} where broken ({r['n_tie_broken']}), "
+        f"drop {drop}",
+        f"shortcut errors {r['shortcut_errors']} of {r['n_other_with_concept']} (other classes with {r['concept']} "
+        f"taken for {r['class']}); {r['class']} without {r['concept']} missed {r['shortcut_misses']} of "
+        f"{r['n_class_without_concept']}",
+    ]
 
 
 def _check_random_init(ccfg: DictConfig, why: str) -> None:
@@ -336,6 +359,9 @@ def _summary(m: dict[str, Any], module: Any, images: bool = False) -> None:
     # Plain images have no ground-truth concept presence.
     rows = module.summary_metrics
     lines += [f"  {label:<30} {t[key]:.4f}" for label, key in rows if key in t and not (images and "auroc" in key)]
+    shortcut = m["classifier"].get("shortcut")
+    if shortcut is not None:
+        lines += [f"  classifier {line}" for line in _shortcut_lines(shortcut)]
     lines += [
         f"  epochs trained {m['epochs_trained']}, {m['seconds']:.0f} s",
         f"  run folder   {m['run_dir']}  ({folders})",
