@@ -2,9 +2,8 @@
 
 For each seed, two runs on the demo's shapes world (``train.py`` with the demo's settings, the world's seed set):
 
-- **shortcut**: ``configs/experiment/shortcut.yaml``'s planted tie (in the train split only, a red circle's key
-  object is striped with probability 0.95 and the other classes show no stripes with probability 0.95; val and test
-  break the tie);
+- **shortcut**: ``configs/experiment/shortcut.yaml``'s planted tie (in the train split only, every red circle's key
+  object is striped and no other class's image shows stripes; val and test break the tie);
 - **clean**: the same world without it.
 
 Each run's CE-FAM branch is trained, then the report (``report.py``'s :func:`build_report`, default settings) is

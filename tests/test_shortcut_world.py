@@ -115,7 +115,7 @@ def test_a_shortcut_needs_a_texture_to_break_the_tie_with():
 def test_experiment_file_merges_and_validates(tmp_path):
     cfg = load_config(CONFIG_DIR / "experiment" / "shortcut.yaml", [f"cache_dir={tmp_path}"])
     spec = world_spec(cfg)
-    assert spec.shortcut == SHORTCUT and spec.shortcut_rule.class_name == "red circle"
+    assert spec.shortcut == {**SHORTCUT, "strength": 1.0} and spec.shortcut_rule.class_name == "red circle"
     assert spec.cache_key() != world_spec(load_config(None, [f"cache_dir={tmp_path}"])).cache_key()
     # The default config leaves the world as it was, and a bad value is a ConfigError naming the key.
     assert world_spec(load_config()).cache_key() == WorldSpec().cache_key()
