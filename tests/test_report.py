@@ -272,3 +272,24 @@ def test_rank_by_specificity_sets_apart_what_drives_one_class_more_than_the_othe
     assert by_specificity[0]["specificity"] == pytest.approx(0.3 / 0.8 - 0.0)
     with pytest.raises(ReportError, match="rank must be one of"):
         tally.class_rows(0, 3, "loudest")
+
+
+def test_report_command_logs_to_tensorboard(tiny_checkpoint, tmp_path):
+    out = tmp_path / "rep"
+    report = _report_cli(
+        [
+            "--checkpoint",
+            tiny_checkpoint,
+            "--max-images",
+            "8",
+            "--out",
+            str(out),
+            "--top-n",
+            "2",
+            "--logger",
+            "tensorboard",
+        ]
+    )
+    assert "tensorboard:report/classes" in report["logged"] and "tensorboard:report/heatmap/0" in report["logged"]
+    assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
+    assert (out / "report.html").is_file()

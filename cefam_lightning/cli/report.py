@@ -92,7 +92,7 @@ def _loggers(kinds: list[str], out: Path, project: str, settings: dict[str, Any]
     from cefam_lightning.training.loggers import build_loggers
 
     cfg = {"kinds": list(dict.fromkeys(kinds)), "wandb": {"project": project, "name": out.name}}
-    return build_loggers(cfg, out.parent / f".{out.name}-logs", config={"report": settings})
+    return build_loggers(cfg, out, config={"report": settings})  # out/tensorboard/, out/wandb/
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
