@@ -516,7 +516,8 @@ def shortcut_tie(spec: WorldSpec, masks: np.ndarray | torch.Tensor, labels) -> t
     rule = spec.shortcut_rule
     if rule is None:
         raise ValueError("shortcut_tie: the world has no shortcut (world.shortcut is null)")
-    masks = torch.as_tensor(np.asarray(masks) if not isinstance(masks, torch.Tensor) else masks).bool()
+    # A copy of an array: a split's memory-mapped masks are read-only, which torch warns about.
+    masks = (masks if isinstance(masks, torch.Tensor) else torch.from_numpy(np.array(masks))).bool()
     labels = torch.as_tensor(np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels).long()
     labels = labels.to(masks.device)
     c = [x.name for x in spec.concepts].index(rule.concept)
