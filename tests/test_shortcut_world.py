@@ -39,6 +39,9 @@ def test_a_shortcut_is_another_world_with_one_spelling():
     assert a.cache_key() == b.cache_key() != plain.cache_key()
     assert a.shortcut == {"class": "red circle", "concept": "striped", "strength": 1.0}
     assert WorldSpec(**TINY_WORLD, shortcut=SHORTCUT).cache_key() != a.cache_key()
+    # An omitted strength is a tie in every train image.
+    c = WorldSpec(**TINY_WORLD, shortcut={"class": "red circle", "concept": "striped"})
+    assert c.cache_key() == a.cache_key() and c.shortcut_rule.strength == 1.0
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +100,7 @@ def test_strength_one_ties_every_train_image():
         ({**SHORTCUT, "concept": "dotted"}, r"world\.shortcut\.concept: 'dotted' is not one of the world's textures"),
         ({**SHORTCUT, "strength": 0}, r"world\.shortcut\.strength must be in \(0, 1\], got 0"),
         ({**SHORTCUT, "strength": 1.5}, r"world\.shortcut\.strength"),
-        ({"class": "red circle"}, r"world\.shortcut\.concept, world\.shortcut\.strength: missing"),
+        ({"strength": 0.5}, r"world\.shortcut\.class, world\.shortcut\.concept: missing"),
         ({**SHORTCUT, "klass": "x"}, r"world\.shortcut: unknown key\(s\) \['klass'\]"),
         ("red circle", r"world\.shortcut: expected a mapping"),
     ],
