@@ -98,10 +98,15 @@ def test_errors_list_both_sides_and_what_the_true_class_lacked():
 
 
 def test_findings_name_a_leading_concept_outside_the_class_definition():
-    entry = {"concept": "striped", "share_of_positive": 0.38}
+    entry = {"concept": "striped", "share_of_positive": 0.38, "specificity": 0.3}
+    weak = {"concept": "plain", "share_of_positive": 0.2, "specificity": 0.05}
     report = {
         "classes": [
-            {"class": "red circle", "positive": [{"concept": "red", "share_of_positive": 0.4}, entry]},
+            {
+                "class": "red circle",
+                "positive": [{"concept": "red", "share_of_positive": 0.4, "specificity": 0.3}, entry, weak],
+                "defining": [{"concept": "red", "specificity": 0.3}, {"concept": "circle", "specificity": 0.1}],
+            },
             {"class": "blue square", "positive": [{"concept": "blue", "share_of_positive": 0.5}]},
         ],
         "errors": {
@@ -119,8 +124,13 @@ def test_findings_name_a_leading_concept_outside_the_class_definition():
     assert any(
         "class red circle: 'striped' contributes 38 %" in line and "any class definition" in line for line in lines
     )
-    assert not any("'red'" in line for line in lines)
-    assert any("4 images of blue square were predicted as red circle" in line and "75 %" in line for line in lines)
+    assert any("rank 2; 30 points more of it than in the other classes" in line for line in lines)
+    # 'plain' sets red circle apart less than 'circle', part of its definition, does: no finding.
+    assert not any("'red' contributes" in line or "'plain'" in line for line in lines)
+    assert (
+        "4 images of blue square were predicted as red circle; among the top concepts pushing toward red circle: "
+        "'striped' (75 %)"
+    ) in lines
     plain = findings(report, None)
     assert plain[0].startswith("class red circle: the concepts carrying most of its positive contribution: 'red'")
 

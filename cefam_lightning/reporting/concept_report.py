@@ -294,9 +294,12 @@ def findings(report: dict[str, Any], definitions: dict[str, list[str]] | None, t
         if not positive:
             continue
         if definitions is not None and row["class"] in definitions:
+            # A concept outside the definition stands out when it sets the class apart (specificity) more than a
+            # concept of the definition does; one that drives every class alike sets nothing apart.
+            own = [d["specificity"] for d in row.get("defining", [])]
+            bar = max(min(own), 0.0) if own else 0.0
             for rank, c in enumerate(positive, start=1):
-                # A concept that drives the other classes as much (specificity <= 0) sets nothing apart.
-                if c["concept"] in definitions[row["class"]] or c.get("specificity", 1.0) <= 0:
+                if c["concept"] in definitions[row["class"]] or c.get("specificity", 1.0) <= bar:
                     continue
                 where = (
                     "is not part of any class definition"
@@ -316,17 +319,14 @@ def findings(report: dict[str, Any], definitions: dict[str, list[str]] | None, t
         else:
             names = ", ".join(f"'{c['concept']}' ({100 * c['share_of_positive']:.0f} %)" for c in positive)
             lines.append(f"class {row['class']}: the concepts carrying most of its positive contribution: {names}")
-    errors = report["errors"]
-    for pair in errors["pairs"]:
-        if pair["count"] < 3:
-            continue
-        for c in pair["concepts"]:
-            if c["share"] >= 0.5:
-                lines.append(
-                    f"{pair['count']} images of {pair['true']} were predicted as {pair['predicted']}; in "
-                    f"{100 * c['share']:.0f} % of them '{c['concept']}' was among the top concepts pushing toward "
-                    f"{pair['predicted']}"
-                )
+    for pair in report["errors"]["pairs"]:
+        common = [c for c in pair["concepts"] if c["share"] >= 0.5]
+        if pair["count"] >= 3 and common:
+            names = ", ".join(f"'{c['concept']}' ({100 * c['share']:.0f} %)" for c in common)
+            lines.append(
+                f"{pair['count']} images of {pair['true']} were predicted as {pair['predicted']}; among the top "
+                f"concepts pushing toward {pair['predicted']}: {names}"
+            )
     return lines
 
 
@@ -374,6 +374,14 @@ def build_report(
     if seen == 0:
         raise ReportError(f"{data.description}: no image could be read")
     classes = [tally.class_rows(k, settings.top, settings.rank) for k in range(len(tally.class_names))]
+    if data.definitions is not None and concept_names is not None:
+        specific = tally.specificity()
+        for k, row in enumerate(classes):
+            row["defining"] = [
+                {"concept": c, "specificity": float(specific[k, concept_names.index(c)])}
+                for c in data.definitions.get(row["class"], [])
+                if c in concept_names
+            ]
     add_missing(tally.errors, classes)
     labeled = int(tally.labeled.sum())
     report: dict[str, Any] = {
