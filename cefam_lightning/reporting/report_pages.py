@@ -21,7 +21,17 @@ from cefam_lightning.reporting.tables import markdown_table
 
 MAX_HEATMAP = 40  # concepts and classes drawn in the heat map at most (the strongest concepts, the largest classes)
 
-CLASS_COLUMNS = ["rank", "concept", "mean", "95 % interval", "share of +", "explained", "present", "detected"]
+CLASS_COLUMNS = [
+    "rank",
+    "concept",
+    "mean",
+    "95 % interval",
+    "share of +",
+    "specificity",
+    "explained",
+    "present",
+    "detected",
+]
 
 
 def _pct(v: float | None) -> str:
@@ -37,6 +47,7 @@ def class_table_rows(entry: dict[str, Any], sign: str) -> list[list[Any]]:
             f"{c['mean']:.4g}",
             f"[{c['ci95'][0]:.3g}, {c['ci95'][1]:.3g}]",
             _pct(c["share_of_positive"]) if sign == "positive" else "",
+            "" if c.get("specificity") is None else f"{100 * c['specificity']:+.0f} pts",
             f"{c['explained']} ({_pct(c['explained_rate'])})",
             _pct(c["present_rate"]),
             _pct(c["detected_rate"]),
