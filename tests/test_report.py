@@ -303,3 +303,52 @@ def test_report_command_logs_to_tensorboard(tiny_checkpoint, tmp_path):
     assert "tensorboard:report/classes" in report["logged"] and "tensorboard:report/heatmap/0" in report["logged"]
     assert list((out / "tensorboard").rglob("events.out.tfevents.*"))
     assert (out / "report.html").is_file()
+
+
+def test_report_on_tar_shards_and_on_a_mask_dataset(tiny_checkpoint, tiny_world, tmp_path):
+    import io
+
+    import webdataset as wds
+
+    from cefam_lightning.data.mask_datasets import write_shapes_broden
+    from cefam_lightning.data.shapes_world import WorldSpec
+
+    split = tiny_world.split("test")
+    classes = tiny_world.class_names
+    with wds.TarWriter(str(tmp_path / "part-000.tar")) as sink:
+        for i in range(5):
+            buf = io.BytesIO()
+            Image.fromarray(np.asarray(split.images[i])).save(buf, format="PNG")
+            sink.write({"__key__": f"s{i}", "png": buf.getvalue(), "cls": classes[int(split.labels[i])]})
+    shards = _report_cli(
+        [
+            "--checkpoint",
+            tiny_checkpoint,
+            "--data",
+            str(tmp_path / "part-000.tar"),
+            "--top-n",
+            "2",
+            "--out",
+            str(tmp_path / "r1"),
+        ]
+    )
+    assert shards["images"] == 5 and shards["labeled"] == 5 and shards["presence"] is None
+    broden = write_shapes_broden(tmp_path / "broden", WorldSpec(image_size=32), n_val=6, n_train=2, seed=1)
+    masks = _report_cli(
+        [
+            "--checkpoint",
+            tiny_checkpoint,
+            "--data",
+            str(broden),
+            "--split",
+            "val",
+            "--top-n",
+            "3",
+            "--out",
+            str(tmp_path / "r2"),
+        ]
+    )
+    assert masks["images"] == 6 and masks["labeled"] == 0 and masks["presence"] == "ground truth"
+    assert masks["errors"]["count"] == 0 and masks["accuracy"] is None
+    rates = [c["present_rate"] for row in masks["classes"] for c in row["positive"] + row["negative"]]
+    assert rates and any(r is not None for r in rates)
