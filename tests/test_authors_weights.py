@@ -1,0 +1,242 @@
+"""The authors' published translator files (``{'net': MapConverter object, ...}``) are read without running
+anything from them and without their ``converter`` module, and compute the authors' function."""
+
+from __future__ import annotations
+
+import importlib.abc
+import os
+import re
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cefam_lightning.errors import cli_errors
+from cefam_lightning.models.interop import (
+    InteropError,
+    import_authors_translator,
+    load_official_translator,
+    read_authors_file,
+)
+
+RESNET50 = (256, 512, 1024, 2048)
+RESNET18 = (64, 128, 256, 512)
+VIT_B16 = (768, 768, 768, 768)
+
+
+class MapConverter(nn.Module):
+    """A stand-in for the authors' translator class, written for this test: the same attributes and layers
+    (``fc1..fc3`` with tanh, input pooled layer4, layer3, layer2, layer1 or layer4 alone), the same scores."""
+
+    def __init__(self, concept_dim, concept_num, layer_dim, scale, bias, model_type, single_layer, hidden=1024):
+        super().__init__()
+        self.inplanes = layer_dim
+        self.concept_dim, self.concept_num, self.num_classes = concept_dim, concept_num, 1000
+        self.layer_dim1, self.layer_dim2, self.layer_dim3, self.layer_dim4 = layer_dim
+        self.single_layer = single_layer
+        first = layer_dim[3] if single_layer else sum(layer_dim)
+        width = 2048 if not single_layer and layer_dim[3] > 1024 else hidden
+        self.fc1, self.fc2, self.fc3 = nn.Linear(first, width), nn.Linear(width, hidden), nn.Linear(hidden, concept_dim)
+        self.tanh, self.relu, self.leaky_relu = nn.Tanh(), nn.ReLU(inplace=True), nn.LeakyReLU(0.01)
+        self.sigmoid, self.softmax = nn.Sigmoid(), nn.Softmax(dim=-1)
+        self.scale, self.bias, self.model_type = scale, bias, model_type
+
+    def forward(self, pooled, concept_vectors):
+        x = pooled[-1] if self.single_layer else torch.cat(pooled[::-1], dim=-1)
+        embeds = self.fc3(self.tanh(self.fc2(self.tanh(self.fc1(x)))))
+        unit = embeds / embeds.norm(p=2, dim=-1, keepdim=True)
+        return embeds, torch.bmm(concept_vectors, unit.unsqueeze(2))[:, :, 0] * self.scale + self.bias
+
+
+class _Unimportable(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "converter" or name.startswith("converter."):
+            raise ImportError(f"the test made {name} unimportable")
+        return None
+
+
+@pytest.fixture
+def authors_module():
+    """``converter`` (with ``MapConverter``) importable while the test saves files, then unimportable."""
+    module = types.ModuleType("converter")
+    classes = {}
+
+    def declare(cls, name="MapConverter"):
+        cls.__module__, cls.__qualname__, cls.__name__ = "converter", name, name
+        setattr(module, name, cls)
+        classes[name] = cls
+        return cls
+
+    declare(type("MapConverter", (MapConverter,), {}))
+    sys.modules["converter"] = module
+    finder = _Unimportable()
+    state = {"finder": None}
+
+    def lock():
+        sys.modules.pop("converter", None)
+        sys.meta_path.insert(0, finder)
+        state["finder"] = finder
+        with pytest.raises(ImportError):
+            __import__("converter")
+
+    yield types.SimpleNamespace(classes=classes, declare=declare, lock=lock)
+    sys.modules.pop("converter", None)
+    if state["finder"] in sys.meta_path:
+        sys.meta_path.remove(finder)
+
+
+def _publish(model, path, **extra):
+    torch.save({"net": model, "loss": 0.25, "loss_embeds": 0.2, "loss_score": 0.05, "epoch": 7, **extra}, path)
+
+
+SHAPES = {
+    # name: (layer widths, single layer, our layer names, VLM kind, embedding size, scale, bias)
+    "resnet50_four_layer": (RESNET50, False, ["layer1", "layer2", "layer3", "layer4"], "clip", 512, 100.0, 0.0),
+    "resnet18_four_layer": (RESNET18, False, ["layer1", "layer2", "layer3", "layer4"], "siglip", 768, 117.3, -12.9),
+    "resnet50_layer4": (RESNET50, True, ["layer1", "layer2", "layer3", "layer4"], "siglip", 768, 117.3, -12.9),
+    "vit_b16_encoder": (VIT_B16, True, ["encoder"], "clip", 512, 100.0, 0.0),
+}
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_published_file_computes_the_authors_embeddings_and_scores(tmp_path, authors_module, shape):
+    widths, single, names, kind, dim, scale, bias = SHAPES[shape]
+    torch.manual_seed(0)
+    model = authors_module.classes["MapConverter"](dim, 9, widths, scale, bias, kind, single).eval()
+    path = tmp_path / "best_converter_ckpt.pth"
+    _publish(model, path)
+    authors_module.lock()
+
+    channels = dict(zip(names, widths if len(names) == 4 else widths[-1:], strict=True))
+    imported = import_authors_translator(path, channels, embed_dim=dim, kind=kind, given="the test's classifier")
+    assert imported.layers == (names[-1:] if single else names)
+    assert (imported.kind, imported.logit_scale, imported.logit_bias) == (kind, scale, bias)
+    assert imported.source.extra["epoch"] == 7 and imported.source.attributes["concept_num"] == 9
+
+    pooled = [torch.randn(5, c, dtype=torch.float64).float() for c in widths]
+    text = F.normalize(torch.randn(9, dim), dim=-1)
+    with torch.no_grad():
+        embeds, scores = model(pooled, text.expand(5, -1, -1).contiguous())
+        z = pooled[-1] if single else torch.cat(pooled, dim=1)  # ours: the classifier's layer order
+        ours = imported.translator.eval()(z)
+        our_scores = imported.scorer(text)(ours)
+    torch.testing.assert_close(ours, embeds, rtol=1e-6, atol=1e-6 * embeds.abs().max().item())
+    torch.testing.assert_close(our_scores, scores, rtol=1e-6, atol=1e-6 * scores.abs().max().item())
+
+
+def test_state_dict_layouts_still_load(tmp_path):
+    torch.manual_seed(1)
+    model = MapConverter(16, 3, RESNET18, 50.0, 0.0, "clip", False, hidden=32)
+    state = model.state_dict()
+    channels = dict(zip(["layer1", "layer2", "layer3", "layer4"], RESNET18, strict=True))
+    for i, saved in enumerate([state, {"net": state, "epoch": 3}]):
+        path = tmp_path / f"plain{i}.pth"
+        torch.save(saved, path)
+        assert read_authors_file(path).attributes == {}
+        translator = load_official_translator(path, channels)
+        torch.testing.assert_close(translator.net.fc3.weight, state["fc3.weight"])
+        imported = import_authors_translator(path, channels, embed_dim=16, kind="clip", logit_scale=100.0)
+        assert (imported.kind, imported.logit_scale, imported.logit_bias) == ("clip", 100.0, 0.0)
+
+
+def _one_error_line(capsys, call) -> str:
+    """What a command-line tool prints for ``call``'s error: one ``error: ...`` line, exit status 2."""
+    with pytest.raises(SystemExit) as stop, cli_errors():
+        call()
+    assert stop.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
+def _payloads(marker):
+    """Callables a malicious file could name, and what each would do: create ``marker``."""
+    return {
+        "os.system": (os.system, (f"touch {marker}",)),
+        "builtins.exec": (exec, (f"open({str(marker)!r}, 'w').close()",)),
+    }
+
+
+@pytest.mark.parametrize("payload", ["os.system", "builtins.exec"])
+@pytest.mark.parametrize("where", ["authors_class", "unrelated_class", "nested_attribute"])
+def test_a_file_that_would_run_code_runs_nothing(tmp_path, authors_module, capsys, payload, where):
+    marker = tmp_path / "marker"
+    reduce = _payloads(marker)[payload]
+
+    class Payload:
+        def __reduce__(self):
+            return reduce
+
+    if where == "authors_class":
+        evil = authors_module.declare(type("MapConverter", (), {"__reduce__": lambda self: reduce}))()
+    elif where == "unrelated_class":
+        Payload.__module__ = "evil"
+        sys.modules["evil"] = types.ModuleType("evil")
+        sys.modules["evil"].Payload = Payload
+        evil = Payload()
+    else:
+        evil = authors_module.classes["MapConverter"](8, 2, RESNET18, 100.0, 0.0, "clip", False)
+        evil.note = Payload()
+    path = tmp_path / "best_converter_ckpt.pth"
+    _publish(evil, path)
+    sys.modules.pop("evil", None)
+    authors_module.lock()
+
+    line = _one_error_line(capsys, lambda: read_authors_file(path))
+    assert str(path) in line and "nothing was run" in line
+    assert ("system" if payload == "os.system" else "exec") in line
+    assert not marker.exists()
+    with pytest.raises(InteropError):
+        import_authors_translator(path, dict(zip(["layer1", "layer2", "layer3", "layer4"], RESNET18, strict=True)))
+    assert not marker.exists()
+
+
+def test_a_file_that_calls_the_authors_class_is_refused(tmp_path, authors_module, capsys):
+    """Unpickling ``converter.MapConverter(...)`` would run the authors' constructor; the stand-in refuses."""
+    cls = authors_module.classes["MapConverter"]
+    model = cls(8, 2, RESNET18, 100.0, 0.0, "clip", False)
+    cls.__reduce__ = lambda self: (cls, (8, 2, RESNET18, 100.0, 0.0, "clip", False))
+    path = tmp_path / "best_converter_ckpt.pth"
+    _publish(model, path)
+    authors_module.lock()
+    line = _one_error_line(capsys, lambda: read_authors_file(path))
+    assert "converter.MapConverter(...)" in line and "nothing was run" in line
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("widths", r"reads layer widths \[256, 512, 1024, 2048\], but the test's classifier has \[64, 128, 256, 512\]"),
+        ("single_widths", r"reads layer widths \[2048\] \(single layer\), but the test's classifier has \[512\]"),
+        ("embed_dim", r"gives 512-d embeddings, but the test's classifier has 768-d"),
+        ("kind", r"trained on clip scores, but the test's classifier has siglip"),
+        ("layers", r"reads 4 layers, but the test's classifier has 1 \(encoder\)"),
+    ],
+)
+def test_a_file_that_does_not_fit_stops_with_one_line(tmp_path, authors_module, capsys, case, expected):
+    cls = authors_module.classes["MapConverter"]
+    torch.manual_seed(0)
+    single = case == "single_widths"
+    path = tmp_path / "best_converter_ckpt.pth"
+    _publish(cls(512, 4, RESNET50, 100.0, 0.0, "clip", single), path)
+    authors_module.lock()
+    resnet18 = dict(zip(["layer1", "layer2", "layer3", "layer4"], RESNET18, strict=True))
+    resnet50 = dict(zip(["layer1", "layer2", "layer3", "layer4"], RESNET50, strict=True))
+    args = {
+        "widths": (resnet18, 512, "clip"),
+        "single_widths": (resnet18, 512, "clip"),
+        "embed_dim": (resnet50, 768, "clip"),
+        "kind": (resnet50, 512, "siglip"),
+        "layers": ({"encoder": 768}, 512, "clip"),
+    }[case]
+    line = _one_error_line(
+        capsys,
+        lambda: import_authors_translator(
+            path, args[0], embed_dim=args[1], kind=args[2], given="the test's classifier"
+        ),
+    )
+    assert str(path) in line
+    assert re.search(expected, line), line
