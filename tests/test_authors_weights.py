@@ -240,3 +240,74 @@ def test_a_file_that_does_not_fit_stops_with_one_line(tmp_path, authors_module, 
     )
     assert str(path) in line
     assert re.search(expected, line), line
+
+
+def _store(path, dim, kind="siglip", scale=10.0, bias=-1.0, n_concepts=5):
+    import numpy as np
+
+    from cefam_lightning.data.concepts import Concept
+    from cefam_lightning.data.embedding_store import EmbeddingStore, VLMInfo
+
+    rng = np.random.default_rng(0)
+    return EmbeddingStore.write(
+        path,
+        sample_ids=["a", "b"],
+        image_embeddings=rng.standard_normal((2, dim)).astype("float32"),
+        text_embeddings=rng.standard_normal((n_concepts, dim)).astype("float32"),
+        concepts=[Concept(f"c{i}", ["color", "object"][i % 2], f"a photo of c{i}") for i in range(n_concepts)],
+        vlm=VLMInfo("test-vlm", kind, scale, bias),
+    )
+
+
+@pytest.mark.parametrize("single", [False, True])
+def test_import_command_writes_a_checkpoint_computing_the_authors_function(tmp_path, authors_module, capsys, single):
+    """``interop.py import``: published file -> checkpoint; the checkpoint's translator on the classifier's pooled
+    activations and its scores equal the authors' forward, with the file's constants (not the store's)."""
+    import torchvision
+
+    from cefam_lightning.cli.interop import main
+    from cefam_lightning.methods.base import load_explainer
+
+    torch.manual_seed(0)
+    weights = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18(num_classes=3).state_dict(), weights)
+    store = _store(tmp_path / "store", 16)
+    model = authors_module.classes["MapConverter"](16, 5, RESNET18, 117.3, -12.9, "siglip", single).eval()
+    path = tmp_path / "best_converter_ckpt.pth"
+    _publish(model, path)
+    authors_module.lock()
+    (tmp_path / "classes.txt").write_text("cat\ndog\nbird\n")
+    out = tmp_path / "model.ckpt"
+    args = ["import", str(path), "--classifier", "resnet18", "--weights", str(weights), "--store", str(store.path)]
+    main([*args, "--out", str(out), "--class-names", str(tmp_path / "classes.txt"), "--image-size", "64"])
+    assert "wrote" in capsys.readouterr().out
+
+    module = load_explainer(out)
+    assert module.class_names == ["cat", "dog", "bird"]
+    assert module.classifier.layers == (["layer4"] if single else ["layer1", "layer2", "layer3", "layer4"])
+    assert (module.scorer.kind, module.scorer.logit_scale, module.scorer.logit_bias) == ("siglip", 117.3, -12.9)
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        acts = module.classifier(images).activations
+        pooled = [acts[layer].mean(dim=(2, 3)) for layer in module.classifier.layers]
+        if single:
+            pooled = [None, None, None, *pooled]
+        text = F.normalize(torch.from_numpy(store.text_embeddings), dim=-1)
+        embeds, scores = model(pooled, text.expand(2, -1, -1).contiguous())
+        ours = module.translator(torch.cat([p for p in pooled if p is not None], dim=1))
+        our_scores = module.scorer(ours)
+    torch.testing.assert_close(ours, embeds, rtol=1e-6, atol=1e-6 * embeds.abs().max().item())
+    torch.testing.assert_close(our_scores, scores, rtol=1e-6, atol=1e-6 * scores.abs().max().item())
+
+
+def test_import_command_mismatch_is_one_line(tmp_path, authors_module, capsys):
+    from cefam_lightning.cli.interop import main
+
+    store = _store(tmp_path / "store", 16)
+    path = tmp_path / "best_converter_ckpt.pth"
+    _publish(authors_module.classes["MapConverter"](16, 5, RESNET50, 100.0, 0.0, "siglip", False), path)
+    authors_module.lock()
+    args = ["import", str(path), "--classifier", "resnet18", "--store", str(store.path), "--out", str(tmp_path / "m")]
+    line = _one_error_line(capsys, lambda: main([*args, "--num-classes", "3", "--image-size", "64"]))
+    assert "reads layer widths [256, 512, 1024, 2048], but classifier resnet18 and store" in line
+    assert not (tmp_path / "m").exists()
