@@ -311,3 +311,46 @@ def test_import_command_mismatch_is_one_line(tmp_path, authors_module, capsys):
     line = _one_error_line(capsys, lambda: main([*args, "--num-classes", "3", "--image-size", "64"]))
     assert "reads layer widths [256, 512, 1024, 2048], but classifier resnet18 and store" in line
     assert not (tmp_path / "m").exists()
+
+
+def test_published_file_import_then_explain_and_evaluate_on_broden(tmp_path, authors_module, capsys):
+    """End to end: a published-format file -> ``interop.py import`` -> ``explain.py`` and ``evaluate.py --data``
+    (a generated Broden-layout folder) on the checkpoint, each exit 0."""
+    import json
+
+    import torchvision
+
+    from cefam_lightning.cli import evaluate, explain, precompute
+    from cefam_lightning.cli.interop import main as interop_main
+    from cefam_lightning.data import toy_data
+    from cefam_lightning.data.embedding_store import EmbeddingStore
+    from tests.test_vlm import TINY_CLIP, write_tiny_configs
+
+    toy = toy_data.write_toy_data(tmp_path / "toy", n_train=4, n_val=2, image_size=32, per_shard=8, n_broden=4)
+    configs = write_tiny_configs(tmp_path / "open_clip_configs")
+    precompute.main(
+        ["--images", str(toy / "train.csv"), "--concepts", str(toy / "concepts.csv"), "--model", TINY_CLIP]
+        + ["--model-config", str(configs), "--random-init", "--no-progress", "--device", "cpu"]
+        + ["--out", str(toy / "store")]
+    )
+    store = EmbeddingStore.open(toy / "store")
+    torch.manual_seed(0)
+    weights = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18(num_classes=6).state_dict(), weights)
+    model = authors_module.classes["MapConverter"](store.embed_dim, 5, RESNET18, 100.0, 0.0, store.vlm.kind, False)
+    published = tmp_path / "best_converter_ckpt.pth"
+    _publish(model, published)
+    authors_module.lock()
+
+    ckpt = tmp_path / "model.ckpt"
+    interop_main(
+        ["import", str(published), "--classifier", "resnet18", "--weights", str(weights), "--store", str(toy / "store")]
+        + ["--out", str(ckpt), "--num-classes", "6", "--image-size", "32"]
+    )
+    image = sorted((toy / "images").rglob("*.jpg"))[0]
+    summary = explain.main(["--checkpoint", str(ckpt), "--out", str(tmp_path / "explained"), str(image)])
+    assert summary is not None and any((tmp_path / "explained").rglob("report.json"))
+    out = tmp_path / "eval"
+    evaluate.main(["--checkpoint", str(ckpt), "--data", str(toy / "broden"), "--out", str(out)])
+    written = json.loads((out / "evaluation.json").read_text())
+    assert "cefam" in written["regions"]
