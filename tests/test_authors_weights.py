@@ -354,3 +354,46 @@ def test_published_file_import_then_explain_and_evaluate_on_broden(tmp_path, aut
     evaluate.main(["--checkpoint", str(ckpt), "--data", str(toy / "broden"), "--out", str(out)])
     written = json.loads((out / "evaluation.json").read_text())
     assert "cefam" in written["regions"]
+
+
+def test_init_from_reads_the_published_file(tmp_path, authors_module, capsys, cache_dir):
+    """``cefam.init_from=best_converter_ckpt.pth``: fine-tuning starts from the authors' translator (read safely);
+    a translator with input standardization, or another embedding size, is one error line."""
+    from cefam_lightning.cli.train import main as train_main
+    from cefam_lightning.methods.cefam.module import CEFAMModule, init_translator_from
+    from tests.conftest import tiny_overrides
+
+    shapes_cnn = (16, 32, 64, 128)
+    torch.manual_seed(0)
+    model = authors_module.classes["MapConverter"](32, 5, shapes_cnn, 100.0, 0.0, "clip", False)
+    published = tmp_path / "best_converter_ckpt.pth"
+    _publish(model, published)
+    authors_module.lock()
+
+    base = [*tiny_overrides(cache_dir, tmp_path / "runs", "ft_authors"), "evaluation.enabled=false"]
+    base += ["demo.num_figures=0", "cefam.hidden_dims=null", f"cefam.init_from={published}"]
+    line = _one_error_line(capsys, lambda: train_main(base))
+    assert "cefam.input_norm=false" in line and str(published) in line
+    line = _one_error_line(capsys, lambda: train_main([*base, "cefam.input_norm=false", "world.embed_dim=24"]))
+    assert "gives 32-d embeddings, but this run's classifier and store has 24-d" in line
+
+    run = train_main([*base, "cefam.input_norm=false", "trainer.max_epochs=1"])
+    assert f"translator initialized from {published}: 6 tensor(s) loaded\n" in capsys.readouterr().out
+    # What it loaded: the authors' translator, fc1's columns in this framework's layer order (layer1..layer4).
+    module = CEFAMModule.from_checkpoint(run["best_checkpoint"])
+    report = init_translator_from(module, published)
+    assert len(report.loaded) == 6 and not report.reinitialized
+    columns = torch.cat([torch.arange(c) + sum(shapes_cnn[i + 1 :]) for i, c in enumerate(shapes_cnn)])
+    state = module.translator.state_dict()
+    torch.testing.assert_close(state["net.fc1.weight"], model.fc1.weight.detach()[:, columns])
+    torch.testing.assert_close(state["net.fc3.bias"], model.fc3.bias.detach())
+
+
+def test_the_project_reader_points_at_the_import_command(tmp_path, authors_module):
+    from cefam_lightning.methods.checkpoints import CheckpointError, read_checkpoint
+
+    path = tmp_path / "best_converter_ckpt.pth"
+    _publish(authors_module.classes["MapConverter"](8, 2, RESNET18, 100.0, 0.0, "clip", False), path)
+    authors_module.lock()
+    with pytest.raises(CheckpointError, match="interop.py import"):
+        read_checkpoint(path)

@@ -58,12 +58,17 @@ def read_checkpoint(
             raise CheckpointError(
                 f"{path}: {_NOT_OURS}: unpickling it would call code ({detail.split(' was not')[0]}), which a "
                 "checkpoint written by train.py never does; refused, and nothing from it was run"
+                + (_AUTHORS_HINT if "converter.MapConverter" in detail else "")
             ) from None
         raise CheckpointError(f"{path}: {_NOT_OURS} ({type(e).__name__}: {detail})") from None
     except Exception as e:  # not a torch file at all: truncated, another format, garbage
         raise CheckpointError(f"{path}: {_NOT_OURS} ({error_summary(e)})") from e
 
 
+_AUTHORS_HINT = (
+    " (it is the CE-FAM authors' translator file: `python interop.py import` turns it into a checkpoint, and "
+    "cefam.init_from reads it as it is)"
+)
 NOT_AN_EXPLAINER = "not an explainer checkpoint written by train.py (CE-FAM, L-CAM, SIAM, ...)"
 _NOT_OURS = f"{NOT_AN_EXPLAINER}, or one this version cannot read"
 

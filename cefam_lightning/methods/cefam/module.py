@@ -49,6 +49,7 @@ from cefam_lightning.methods.optim import configure_optimization
 from cefam_lightning.metrics import presence_auroc
 from cefam_lightning.models.classifier import FrozenClassifier
 from cefam_lightning.models.components import ConceptScorer, Translator
+from cefam_lightning.models.interop import AUTHORS_CLASS, InteropError, import_authors_translator
 
 IDENTITY_KEY = "cefam_identity"
 
@@ -579,8 +580,12 @@ def init_translator_from(module: CEFAMModule, path: str | Path) -> InitReport:
     try:
         ckpt = read_checkpoint(path)
     except CheckpointError as e:
-        raise CheckpointError(f"cefam.init_from: {e}") from None
+        if AUTHORS_CLASS not in str(e):
+            raise CheckpointError(f"cefam.init_from: {e}") from None
+        return _init_from_authors(module, path)  # their published file: read with its own allow-list
     hp = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
+    if isinstance(ckpt, dict) and "hyper_parameters" not in ckpt:  # the authors' layout as a plain state dict
+        return _init_from_authors(module, path)
     if "translator" not in (hp.get("arch") or {}) or "state_dict" not in ckpt:
         raise ValueError(f"cefam.init_from: {path} is not a CE-FAM checkpoint (no CE-FAM translator in it)")
     saved = ckpt.get(IDENTITY_KEY) or {
@@ -605,6 +610,40 @@ def init_translator_from(module: CEFAMModule, path: str | Path) -> InitReport:
             continue
         key = name[len(prefix) :]
         if own[key].shape == tensor.shape:
+            state[key] = tensor
+            loaded.append(key)
+        else:
+            fresh.append(key)
+    module.translator.load_state_dict(state, strict=False)
+    return InitReport(str(path), loaded, fresh)
+
+
+def _init_from_authors(module: CEFAMModule, path: Path) -> InitReport:
+    """Fine-tuning from the CE-FAM authors' translator file (README: Start from the authors' weights), read
+    without running anything from it; its layer widths, embedding size and scoring kind must fit this run's
+    classifier and store. Their translator has no input standardization, so ``cefam.input_norm`` must be false."""
+    if module.translator.input_norm:
+        raise CheckpointError(
+            f"cefam.init_from: {path} is the authors' translator, which reads the pooled activations as they are; "
+            "set cefam.input_norm=false to start from it"
+        )
+    channels = {layer: c for layer, (c, _, _) in module.classifier.layer_shapes().items()}
+    try:
+        imported = import_authors_translator(
+            path,
+            channels,
+            embed_dim=int(module.scorer.text.shape[1]),
+            kind=module.scorer.kind,
+            logit_scale=module.scorer.logit_scale,
+            logit_bias=module.scorer.logit_bias,
+            given="this run's classifier and store",
+        )
+    except InteropError as e:
+        raise CheckpointError(f"cefam.init_from: {e}") from None
+    own = module.translator.state_dict()
+    loaded, fresh, state = [], [], {}
+    for key, tensor in imported.translator.state_dict().items():
+        if key in own and own[key].shape == tensor.shape:
             state[key] = tensor
             loaded.append(key)
         else:
