@@ -191,7 +191,12 @@ def test_a_file_that_would_run_code_runs_nothing(tmp_path, authors_module, capsy
     assert not marker.exists()
     with pytest.raises(InteropError):
         import_authors_translator(path, dict(zip(["layer1", "layer2", "layer3", "layer4"], RESNET18, strict=True)))
-    assert not marker.exists()
+    # The import command: the same line, exit 2, nothing written.
+    from cefam_lightning.cli.interop import main
+
+    args = ["import", str(path), "--classifier", "resnet18", "--store", str(tmp_path / "no_store")]
+    assert _one_error_line(capsys, lambda: main([*args, "--out", str(tmp_path / "m.ckpt")])) == line
+    assert not marker.exists() and not (tmp_path / "m.ckpt").exists()
 
 
 def test_a_file_that_calls_the_authors_class_is_refused(tmp_path, authors_module, capsys):

@@ -25,7 +25,12 @@ from cefam_lightning.methods.cefam.method import build
 from cefam_lightning.methods.cefam.module import IDENTITY_KEY, CEFAMModule
 from cefam_lightning.methods.registry import BuildContext, get_method
 from cefam_lightning.models.classifier import build_classifier
-from cefam_lightning.models.interop import ImportedTranslator, InteropError, import_authors_translator
+from cefam_lightning.models.interop import (
+    ImportedTranslator,
+    InteropError,
+    import_authors_translator,
+    read_authors_file,
+)
 from cefam_lightning.training.config import load_config
 
 
@@ -47,13 +52,14 @@ def authors_checkpoint(
     Raises:
         InteropError: the file cannot be read safely or does not fit the classifier or the store (one line).
     """
+    authors = read_authors_file(file)  # first: a file that is refused stops before anything is built
     names = [str(c) for c in class_names] if class_names else [str(i) for i in range(num_classes)]
     clf = build_classifier(classifier, len(names), layers, weights, image_size=image_size)
     channels = {layer: c for layer, (c, _, _) in clf.layer_shapes().items()}
     opened = EmbeddingStore.open(store)
     given = f"classifier {classifier} and store {store}"
     imported = import_authors_translator(
-        file,
+        authors,
         channels,
         embed_dim=opened.embed_dim,
         kind=opened.vlm.kind,
