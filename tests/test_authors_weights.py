@@ -402,3 +402,32 @@ def test_the_project_reader_points_at_the_import_command(tmp_path, authors_modul
     authors_module.lock()
     with pytest.raises(CheckpointError, match="interop.py import"):
         read_checkpoint(path)
+
+
+def test_import_command_vit_b16_single_layer_reads_encoder_ln(tmp_path, authors_module, capsys):
+    """The published ViT-B/16 shape: a single-layer translator on the last block's tokens after the encoder's
+    LayerNorm, class token dropped, mean-pooled (as the authors pool them); random weights at a 32 px crop."""
+    from cefam_lightning.cli.interop import main
+    from cefam_lightning.methods.base import load_explainer
+
+    torch.manual_seed(0)
+    store = _store(tmp_path / "store", 512, kind="clip", scale=100.0, bias=0.0)
+    model = authors_module.classes["MapConverter"](512, 5, VIT_B16, 100.0, 0.0, "clip", True).eval()
+    path = tmp_path / "best_converter_ckpt.pth"
+    _publish(model, path)
+    authors_module.lock()
+    out = tmp_path / "vit.ckpt"
+    main(
+        ["import", str(path), "--classifier", "vit_b_16", "--store", str(store.path), "--out", str(out)]
+        + ["--num-classes", "4", "--image-size", "32"]
+    )
+    assert "single-layer translator on encoder.ln" in capsys.readouterr().out
+    module = load_explainer(out)
+    assert module.classifier.layers == ["encoder.ln"]
+    with torch.no_grad():
+        pooled = module.classifier(torch.rand(2, 3, 32, 32)).activations["encoder.ln"].mean(dim=(2, 3))
+        text = F.normalize(torch.from_numpy(store.text_embeddings), dim=-1)
+        embeds, scores = model([None, None, None, pooled], text.expand(2, -1, -1).contiguous())
+        ours = module.translator(pooled)
+    torch.testing.assert_close(ours, embeds, rtol=1e-6, atol=1e-6 * embeds.abs().max().item())
+    torch.testing.assert_close(module.scorer(ours), scores, rtol=1e-6, atol=1e-6 * scores.abs().max().item())
