@@ -132,7 +132,8 @@ def test_state_dict_layouts_still_load(tmp_path):
     model = MapConverter(16, 3, RESNET18, 50.0, 0.0, "clip", False, hidden=32)
     state = model.state_dict()
     channels = dict(zip(["layer1", "layer2", "layer3", "layer4"], RESNET18, strict=True))
-    for i, saved in enumerate([state, {"net": state, "epoch": 3}]):
+    prefixed = {f"module.{k}": v for k, v in state.items()}
+    for i, saved in enumerate([state, {"net": state, "epoch": 3}, {"net": prefixed}]):
         path = tmp_path / f"plain{i}.pth"
         torch.save(saved, path)
         assert read_authors_file(path).attributes == {}

@@ -123,6 +123,8 @@ def _plain_attributes(obj: _StandIn) -> dict[str, Any]:
     for key, value in vars(obj).items():
         if key.startswith("_") or key == "training":
             continue
+        if isinstance(value, Tensor) and value.numel() == 1:  # a constant saved as a tensor
+            value = value.item()
         if isinstance(value, plain) or (isinstance(value, tuple) and all(isinstance(v, plain) for v in value)):
             out[key] = value
     return out
@@ -338,7 +340,8 @@ def import_authors_translator(
     names = list(layer_channels)
     if not names:
         raise InteropError(f"{where}: no classifier layers given")
-    fc1 = f.state.get("fc1.weight")
+    state = _unwrap(f.state, where)  # fc1..fcN, without module./net. prefixes
+    fc1 = state.get("fc1.weight")
     if "single_layer" in attrs:
         single = bool(attrs["single_layer"])
     else:  # a bare state dict: single-layer when fc1 reads the last layer alone
@@ -358,7 +361,7 @@ def import_authors_translator(
                 f"{' (single layer)' if single else ''}, but {given} has {list(want)} ({', '.join(layers)})"
             )
     file_dim = attrs.get("concept_dim")
-    out = f.state.get(f"fc{max((int(m.group(1)) for k in f.state if (m := _FC_KEY.match(k))), default=0)}.weight")
+    out = state.get(f"fc{max(int(_FC_KEY.match(k).group(1)) for k in state)}.weight")
     file_dim = int(file_dim) if file_dim is not None else (int(out.shape[0]) if out is not None else None)
     if embed_dim is not None and file_dim is not None and file_dim != int(embed_dim):
         raise InteropError(
