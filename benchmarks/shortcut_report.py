@@ -37,12 +37,11 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cefam_lightning.metrics.shortcut import classifier_shortcut_reliance  # noqa: E402
-
 from cefam_lightning.cli.train import main as train_main  # noqa: E402
 from cefam_lightning.data.report_data import shapes_world_data  # noqa: E402
 from cefam_lightning.data.shapes_world import ShapesWorld, shortcut_tie  # noqa: E402
 from cefam_lightning.methods.base import load_explainer  # noqa: E402
+from cefam_lightning.metrics.shortcut import classifier_shortcut_reliance  # noqa: E402
 from cefam_lightning.reporting.concept_report import ReportSettings, build_report  # noqa: E402
 from cefam_lightning.training.config import world_spec  # noqa: E402
 
@@ -95,8 +94,9 @@ def rank_of(report: dict[str, Any], cls: str, concept: str) -> int | None:
 def measure(ckpt: Path, args: argparse.Namespace) -> dict[str, Any]:
     module = load_explainer(ckpt).eval()
     world = ShapesWorld.build(world_spec(OmegaConf.create(module.hparams["config"])), args.cache_dir)
+    options = {"contribution_layer": args.contribution_layer} if args.contribution_layer else {}
     report, _ = build_report(
-        module, shapes_world_data(world, "test", args.max_images), ReportSettings(), progress=False
+        module, shapes_world_data(world, "test", args.max_images), ReportSettings(options=options), progress=False
     )
     out: dict[str, Any] = {"rank": rank_of(report, PLANTED["class"], PLANTED["concept"])}
     out["accuracy"] = report["accuracy"]
@@ -139,6 +139,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--reuse", action="store_true", help="reuse a run's trained checkpoint found under --out")
     p.add_argument("--small", action="store_true", help="small worlds, two epochs: a smoke run of the same path")
     p.add_argument("--json", default=None, help="also write every number to this file")
+    p.add_argument(
+        "--contribution-layer", default=None, help="the report's CE-FAM contribution layer (default: the run's)"
+    )
     args = p.parse_args(argv)
     args.cache_dir = str(Path(args.cache_dir).expanduser())
     start = time.time()
@@ -180,7 +183,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ),
     }
     results["checks"] = checks
-    print(f"\n## Planted: '{PLANTED['concept']}' -> {PLANTED['class']} (strength {SHORTCUT.strength})\n")
+    layer = args.contribution_layer or "the run's (last)"
+    print(f"\n## Planted: '{PLANTED['concept']}' -> {PLANTED['class']} (strength {SHORTCUT.strength})")
+    print(f"report contributions measured at: {layer}\n")
     print("\n".join(rows))
     print("\n## Checks\n")
     for name, ok in checks.items():

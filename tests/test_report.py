@@ -352,3 +352,20 @@ def test_report_on_tar_shards_and_on_a_mask_dataset(tiny_checkpoint, tiny_world,
     assert masks["errors"]["count"] == 0 and masks["accuracy"] is None
     rates = [c["present_rate"] for row in masks["classes"] for c in row["positive"] + row["negative"]]
     assert rates and any(r is not None for r in rates)
+
+
+def test_report_takes_the_methods_explanation_options(tiny_checkpoint, tiny_method_run, tmp_path, capsys):
+    from cefam_lightning.methods.base import load_explainer
+
+    args = ["--checkpoint", tiny_checkpoint, "--max-images", "8", "--top-n", "2", "--out", str(tmp_path / "a")]
+    report = _report_cli([*args, "--contribution-layer", "layer1", "--k", "3"])
+    assert report["settings"]["options"] == {"contribution_layer": "layer1", "k": 3}
+    # The same numbers as the module's own explanation with those rules.
+    module = load_explainer(tiny_checkpoint)
+    ev = module.evidence(torch.zeros(1, 3, 32, 32), top_n=2, contribution_layer="layer1", k=3)
+    expl = module.explain(torch.zeros(1, 3, 32, 32), top_n=2, contribution_layer="layer1", k=3)
+    assert torch.equal(ev.contributions, expl.contributions)
+    siam = tiny_method_run("siam")["best_checkpoint"]
+    with pytest.raises(SystemExit) as e:
+        _report_cli(["--checkpoint", siam, "--k", "3", "--out", str(tmp_path / "b")])
+    assert e.value.code == 2 and "--k" in capsys.readouterr().err

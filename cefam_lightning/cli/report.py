@@ -29,13 +29,13 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from cefam_lightning.cli.options import add_debug_option, add_device_option
+from cefam_lightning.cli.options import add_channel_options, add_debug_option, add_device_option, channel_option_values
 from cefam_lightning.data.mask_datasets import FORMATS
 from cefam_lightning.data.report_data import open_report_data
 from cefam_lightning.data.shapes_world import SPLITS, ShapesWorld
 from cefam_lightning.errors import cli_errors
 from cefam_lightning.reporting.concept_report import RANKS, ReportSettings, build_report
-from cefam_lightning.reporting.explanations import load_explainer_for, select_device
+from cefam_lightning.reporting.explanations import check_options, load_explainer_for, select_device
 from cefam_lightning.reporting.report_pages import log_report, write_report
 from cefam_lightning.training.config import world_spec
 
@@ -62,6 +62,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--logger", action="append", choices=LOGGERS, default=[], help="also log to W&B / TensorBoard")
     p.add_argument("--wandb-project", default="cefam-lightning", help="the W&B project (with --logger wandb)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_channel_options(p)
     add_device_option(p)
     add_debug_option(p)
     args = p.parse_args(argv)
@@ -111,6 +112,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         settings.check()
         device = select_device(args.device)
         module = load_explainer_for(args.checkpoint, device).to(device)
+        options = {k: v for k, v in channel_option_values(args).items() if v is not None}
+        check_options(module, options, module.explain_options)
+        settings.options = options
         world = _world(module, args.cache_dir) if args.data is None else None
         data = open_report_data(module, args.data, args.split, args.format, args.max_images, world=world)
         run_dir = Path(args.checkpoint).resolve().parent.parent

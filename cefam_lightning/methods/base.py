@@ -301,11 +301,18 @@ class ExplainerModule(L.LightningModule):
         return None
 
     def evidence(
-        self, images: Tensor, target: Tensor | None = None, *, concepts: Tensor | None = None, top_n: int = 8
+        self,
+        images: Tensor,
+        target: Tensor | None = None,
+        *,
+        concepts: Tensor | None = None,
+        top_n: int = 8,
+        **options: Any,
     ) -> Evidence:
         """The dataset report's view of a batch (``(B, 3, H, W)`` in ``[0, 1]``; ``target``: default the predicted
         classes): ``concepts`` ``(B, N)`` the concepts to explain, else the method's own choice (at most ``top_n``
-        per image where it has to choose)."""
+        per image where it has to choose); ``options``: the method's explanation options (:attr:`explain_options`,
+        e.g. CE-FAM's rules), ``None`` or left out for its own."""
         raise UnsupportedError(f"{self.title} checkpoints cannot be reported on")
 
     def region_panels(self, images: Tensor, top_k: int) -> RegionPanels:

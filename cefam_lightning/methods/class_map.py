@@ -106,7 +106,13 @@ class ClassMapExplainer(ExplainerModule):
         return ClassMapImageExplainer(self, checkpoint)
 
     def evidence(
-        self, images: Tensor, target: Tensor | None = None, *, concepts: Tensor | None = None, top_n: int = 8
+        self,
+        images: Tensor,
+        target: Tensor | None = None,
+        *,
+        concepts: Tensor | None = None,
+        top_n: int = 8,
+        **options: Any,
     ) -> Evidence:
         """The class map of ``target`` (no concepts: the report shows class maps of errors)."""
         expl = self.explain(images, target)

@@ -23,7 +23,7 @@ import heapq
 import math
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -53,12 +53,13 @@ class ReportSettings:
     error_concepts: int = 3  # concepts listed per misclassified image and side
     batch_size: int = 32
     rank: str = "specific"  # how a class's positive concepts are ranked: "specific" or "mean" (see RANKS)
+    options: dict[str, Any] = field(default_factory=dict)  # the method's explanation options (CE-FAM's rules)
 
     def check(self) -> None:
         if self.rank not in RANKS:
             raise ReportError(f"rank must be one of {list(RANKS)}, got {self.rank!r}")
         for name, value in vars(self).items():
-            if name == "rank":
+            if name in ("rank", "options"):
                 continue
             if not isinstance(value, int) or value < (0 if name in ("error_figures", "figure_concepts") else 1):
                 raise ReportError(f"{name.replace('_', '-')} must be a whole number >= 1, got {value!r}")
@@ -359,14 +360,14 @@ def build_report(
     with _progress(data.size, "report", progress) as bar:
         for batch in data.batches(settings.batch_size, None):
             images = batch.images.to(device)
-            evidence = module.evidence(images, top_n=settings.top_n)
+            evidence = module.evidence(images, top_n=settings.top_n, **settings.options)
             true_evidence = None
             pred = evidence.logits.argmax(dim=1).cpu()
             wrong = ((batch.labels != UNLABELED) & (batch.labels != pred)).nonzero()[:, 0]
             if concept_names is not None and len(wrong):
                 rows = wrong.to(device)
                 true_evidence = module.evidence(
-                    images[rows], batch.labels[wrong].to(device), concepts=evidence.concepts[rows]
+                    images[rows], batch.labels[wrong].to(device), concepts=evidence.concepts[rows], **settings.options
                 )
             tally.update(batch, evidence, true_evidence)
             seen += len(batch.ids)
@@ -445,14 +446,14 @@ def _pictures(
             concept_lists = [wanted[p]["concepts"] or [0] for p in batch.positions]
             width = max(len(c) for c in concept_lists)
             concepts = torch.tensor([c + [c[0]] * (width - len(c)) for c in concept_lists], device=device)
-            ev = module.evidence(x, concepts=concepts)
+            ev = module.evidence(x, concepts=concepts, **settings.options)
             for b, p in enumerate(batch.positions):
                 for j, c in enumerate(concept_lists[b]):
                     maps[(p, names[c])] = _small(ev.regions[b, j])
         else:
-            pred = module.evidence(x)
+            pred = module.evidence(x, **settings.options)
             true = torch.tensor([wanted[p].get("true", 0) for p in batch.positions], device=device)
-            truth = module.evidence(x, true)
+            truth = module.evidence(x, true, **settings.options)
             for b, p in enumerate(batch.positions):
                 maps[(p, "predicted")] = _small(pred.class_map[b])
                 maps[(p, "true")] = _small(truth.class_map[b])

@@ -480,11 +480,19 @@ class CEFAMModule(ExplainerModule):
         return [str(c) for c in self.hparams["concept_names"]]
 
     def evidence(
-        self, images: Tensor, target: Tensor | None = None, *, concepts: Tensor | None = None, top_n: int = 8
+        self,
+        images: Tensor,
+        target: Tensor | None = None,
+        *,
+        concepts: Tensor | None = None,
+        top_n: int = 8,
+        **options: Any,
     ) -> Evidence:
-        """The run's rules (:meth:`explain_defaults`): the ``top_n`` concepts by score (or ``concepts``), their
-        contributions to ``target`` and their regions at their selected layers."""
-        expl = self.explain(images, target, concepts=concepts, top_n=top_n)
+        """The ``top_n`` concepts by score (or ``concepts``), their contributions to ``target`` and their regions at
+        their selected layers, by the run's rules (:meth:`explain_defaults`) or those ``options`` give (``preset``,
+        ``k``, ``contribution_layer``, ...)."""
+        rules = {k: v for k, v in options.items() if v is not None}
+        expl = self.explain(images, target, concepts=concepts, top_n=top_n, **rules)
         return Evidence(
             logits=expl.logits,
             target=expl.target,

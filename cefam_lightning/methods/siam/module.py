@@ -351,7 +351,13 @@ class SIAMModule(ExplainerModule):
         return [str(a) for a in self.hparams["attribute_names"]]
 
     def evidence(
-        self, images: Tensor, target: Tensor | None = None, *, concepts: Tensor | None = None, top_n: int = 8
+        self,
+        images: Tensor,
+        target: Tensor | None = None,
+        *,
+        concepts: Tensor | None = None,
+        top_n: int = 8,
+        **options: Any,
     ) -> Evidence:
         """Every attribute (or ``concepts``) with its exact contribution (final-layer weight x score, which with
         the bias sums to the target's logit), its map and its presence call (probability > 0.5); ``top_n`` is not
