@@ -42,6 +42,15 @@ CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".npz", ".npy", ".
 _SCHEMAS = ("hf-hub:", "local-dir:")
 
 
+def _safe_load(create_model: Any) -> dict[str, Any]:
+    """``weights_only=True`` for open_clip's loader where it takes the flag, so a weights file passed in is unpickled
+    without running code (an open_clip without it reads with torch's default: weights-only from torch 2.6, which the
+    project requires)."""
+    import inspect
+
+    return {"weights_only": True} if "weights_only" in inspect.signature(create_model).parameters else {}
+
+
 class VLMError(CefamError):
     """A VLM that cannot be built as asked (unknown model, missing weights, missing tokenizer), for the user."""
 
@@ -205,6 +214,7 @@ class OpenCLIPVLM:
                     cache_dir=self.cache_dir,
                     device=self.device,
                     force_preprocess_cfg=self._tag_preprocess(),
+                    **_safe_load(open_clip.create_model),
                 )
             except (RuntimeError, ValueError, OSError, KeyError) as e:
                 hint = "; files not in the local cache need --download (network access)" if not download else ""

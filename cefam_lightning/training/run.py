@@ -146,7 +146,7 @@ def _run(cfg: DictConfig, folder: RunFolder, extra_callbacks: Sequence[L.Callbac
         _stage(f"resuming from {ckpt_path}")
     trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)
     best = ckpt.best_model_path or None
-    test = trainer.test(module, datamodule=dm, ckpt_path=best, verbose=False)[0]
+    test = trainer.test(module, datamodule=dm, ckpt_path=best, verbose=False, weights_only=True)[0]
 
     evaluation, table = None, None
     ecfg = cfg.evaluation
