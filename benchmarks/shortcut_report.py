@@ -37,6 +37,7 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.explanation_quality import QUIET  # noqa: E402  (the same quiet training runs)
 from cefam_lightning.cli.train import main as train_main  # noqa: E402
 from cefam_lightning.data.report_data import shapes_world_data  # noqa: E402
 from cefam_lightning.data.shapes_world import ShapesWorld, shortcut_tie  # noqa: E402
@@ -47,14 +48,6 @@ from cefam_lightning.training.config import world_spec  # noqa: E402
 
 SHORTCUT = OmegaConf.load(ROOT / "configs" / "experiment" / "shortcut.yaml").world.shortcut
 PLANTED = {"class": SHORTCUT["class"], "concept": SHORTCUT.concept}
-QUIET = [
-    "evaluation.enabled=false",
-    "callbacks.region_maps.enabled=false",
-    "callbacks.contributions.enabled=false",
-    "callbacks.region_metrics.enabled=false",
-    "trainer.enable_progress_bar=false",
-    "demo.num_figures=0",
-]
 SMALL = ["world.n_train=400", "world.n_val=100", "world.n_test=100", "classifier.fit.epochs=2", "trainer.max_epochs=2"]
 TOP_RANK, EXPLAINED, CLEAN_RANK = 2, 0.70, 3  # the checks
 

@@ -189,19 +189,19 @@ class ConceptTally:
         total = self.positive.sum(axis=1, keepdims=True)
         with np.errstate(invalid="ignore", divide="ignore"):
             share = np.where(total > 0, self.sum / total, np.nan)
-        have = np.isfinite(share[:, 0]) if share.shape[1] else np.zeros(len(share), dtype=bool)
-        out = np.zeros_like(self.sum)
-        for k in range(len(share)):
-            others = have.copy()
-            others[k] = False
-            if have[k]:
-                out[k] = share[k] - (share[others].mean(axis=0) if others.any() else 0.0)
-        return out
+        have = (total[:, 0] > 0)[:, None]
+        share = np.where(have, share, 0.0)
+        n_others = have.sum() - have  # (classes, 1): the other classes with a positive contribution
+        others = np.divide(
+            share.sum(axis=0, keepdims=True) - share, n_others, out=np.zeros_like(share), where=n_others > 0
+        )
+        return np.where(have, share - others, 0.0)
 
-    def class_rows(self, k: int, top: int, rank: str = "mean") -> dict[str, Any]:
+    def class_rows(self, k: int, top: int, rank: str = "mean", specificity: np.ndarray | None = None) -> dict[str, Any]:
         """Class ``k``'s positive and negative concepts (``top`` each), with their statistics; positive ones ranked
         by ``rank``: ``"mean"`` (mean contribution per image) or ``"specific"`` (:meth:`specificity`, among the
-        concepts with a positive mean)."""
+        concepts with a positive mean). ``specificity``: :meth:`specificity` when the caller has it (it covers every
+        class, so a caller listing all classes computes it once)."""
         if rank not in RANKS:
             raise ReportError(f"rank must be one of {list(RANKS)}, got {rank!r}")
         n = int(self.images[k])
@@ -217,7 +217,7 @@ class ConceptTally:
             return entry
         mean = self.sum[k] / n
         total_positive = self.positive[k].sum()
-        specific = self.specificity()[k]
+        specific = (self.specificity() if specificity is None else specificity)[k]
         by = -specific if rank == "specific" else -mean
         positive = [c for c in np.argsort(by, kind="stable") if mean[c] > 0]
         negative = [c for c in np.argsort(mean, kind="stable") if mean[c] < 0]
@@ -374,9 +374,9 @@ def build_report(
             bar.update(len(batch.ids))
     if seen == 0:
         raise ReportError(f"{data.description}: no image could be read")
-    classes = [tally.class_rows(k, settings.top, settings.rank) for k in range(len(tally.class_names))]
+    specific = tally.specificity()
+    classes = [tally.class_rows(k, settings.top, settings.rank, specific) for k in range(len(tally.class_names))]
     if data.definitions is not None and concept_names is not None:
-        specific = tally.specificity()
         for k, row in enumerate(classes):
             row["defining"] = [
                 {"concept": c, "specificity": float(specific[k, concept_names.index(c)])}

@@ -73,6 +73,42 @@ def error_rows(errors: Sequence[dict[str, Any]]) -> list[list[Any]]:
     ]
 
 
+PAIR_COLUMNS = ["true", "predicted", "images", "concepts pushing toward predicted"]
+
+
+def pair_rows(pairs: Sequence[dict[str, Any]]) -> list[list[Any]]:
+    """The rows of the (true, predicted) error-pair table."""
+    return [
+        [
+            p["true"],
+            p["predicted"],
+            p["count"],
+            ", ".join(f"{c['concept']} ({_pct(c['share'])})" for c in p["concepts"]),
+        ]
+        for p in pairs
+    ]
+
+
+def report_title(report: dict[str, Any]) -> str:
+    return f"Concept report: {report['method']} on {report['data']}"
+
+
+def summary_line(report: dict[str, Any]) -> str:
+    """The report's first sentence: images, labels and accuracy, skipped images, what a contribution is."""
+    acc = report["accuracy"]
+    return (
+        f"{report['images']} images"
+        + (f", {report['labeled']} labeled, accuracy {100 * acc:.1f} %" if acc is not None else "")
+        + (f", {report['skipped']['count']} unreadable images skipped" if report["skipped"]["count"] else "")
+        + f". Contributions: {report['contribution']}."
+    )
+
+
+def class_heading(entry: dict[str, Any]) -> str:
+    acc = "" if entry["accuracy"] is None else f", accuracy {100 * entry['accuracy']:.1f} %"
+    return f"{entry['class']} ({entry['images']} images predicted{acc})"
+
+
 ERROR_COLUMNS = ["image", "true", "predicted", "pushed toward predicted", "spoke for true", "true class lacked"]
 
 
@@ -178,23 +214,14 @@ def report_figures(report: dict[str, Any], pictures: dict[str, Any]) -> dict[str
 
 # ---------------------------------------------------------------------------------------------- pages
 def report_markdown(report: dict[str, Any], figures: dict[str, bytes]) -> str:
-    lines = [f"# Concept report: {report['method']} on {report['data']}", ""]
-    acc = report["accuracy"]
-    lines.append(
-        f"{report['images']} images"
-        + (f", {report['labeled']} labeled, accuracy {100 * acc:.1f} %" if acc is not None else "")
-        + (f", {report['skipped']['count']} unreadable images skipped" if report["skipped"]["count"] else "")
-        + f". Contributions: {report['contribution']}."
-    )
-    lines.append("")
+    lines = [f"# {report_title(report)}", "", summary_line(report), ""]
     if report["findings"]:
         lines += ["## Findings", ""] + [f"- {f}" for f in report["findings"]] + [""]
     if "heatmap.png" in figures:
         lines += ["## Concept x class", "", "![concept x class](figures/heatmap.png)", ""]
     lines += ["## Classes", ""]
     for k, entry in enumerate(report["classes"]):
-        acc = "" if entry["accuracy"] is None else f", accuracy {100 * entry['accuracy']:.1f} %"
-        lines += [f"### {entry['class']} ({entry['images']} images predicted{acc})", ""]
+        lines += [f"### {class_heading(entry)}", ""]
         for sign in ("positive", "negative"):
             if entry[sign]:
                 lines += [markdown_table(CLASS_COLUMNS, class_table_rows(entry, sign), title=f"**{sign}**"), ""]
@@ -204,16 +231,7 @@ def report_markdown(report: dict[str, Any], figures: dict[str, bytes]) -> str:
     errors = report["errors"]
     lines += [f"## Misclassified images ({errors['count']})", ""]
     if errors["pairs"]:
-        pair_rows = [
-            [
-                p["true"],
-                p["predicted"],
-                p["count"],
-                ", ".join(f"{c['concept']} ({_pct(c['share'])})" for c in p["concepts"]),
-            ]
-            for p in errors["pairs"]
-        ]
-        lines += [markdown_table(["true", "predicted", "images", "concepts pushing toward predicted"], pair_rows), ""]
+        lines += [markdown_table(PAIR_COLUMNS, pair_rows(errors["pairs"])), ""]
     if errors["items"]:
         lines += [markdown_table(ERROR_COLUMNS, error_rows(errors["items"][:100])), ""]
     if "errors.png" in figures:
@@ -249,21 +267,13 @@ def _img(png: bytes, alt: str) -> str:
 
 def report_html(report: dict[str, Any], figures: dict[str, bytes]) -> str:
     """One self-contained page: styles inline, figures as data URIs, nothing fetched."""
-    title = f"Concept report: {report['method']} on {report['data']}"
-    acc = report["accuracy"]
+    title = report_title(report)
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         f"<title>{html.escape(title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{html.escape(title)}</h1>",
-        '<p class="meta">'
-        + html.escape(
-            f"{report['images']} images"
-            + (f", {report['labeled']} labeled, accuracy {100 * acc:.1f} %" if acc is not None else "")
-            + (f", {report['skipped']['count']} unreadable images skipped" if report["skipped"]["count"] else "")
-            + f". Contributions: {report['contribution']}."
-        )
-        + "</p>",
+        f'<p class="meta">{html.escape(summary_line(report))}</p>',
     ]
     if report["findings"]:
         parts.append("<h2>Findings</h2>")
@@ -272,8 +282,7 @@ def report_html(report: dict[str, Any], figures: dict[str, bytes]) -> str:
         parts += ["<h2>Concept x class</h2>", _img(figures["heatmap.png"], "concept x class heat map")]
     parts.append("<h2>Classes</h2>")
     for k, entry in enumerate(report["classes"]):
-        acc = "" if entry["accuracy"] is None else f", accuracy {100 * entry['accuracy']:.1f} %"
-        parts.append(f"<h3>{html.escape(entry['class'])} ({entry['images']} images predicted{acc})</h3>")
+        parts.append(f"<h3>{html.escape(class_heading(entry))}</h3>")
         for sign in ("positive", "negative"):
             if entry[sign]:
                 parts += [f"<p><b>{sign}</b></p>", _html_table(CLASS_COLUMNS, class_table_rows(entry, sign))]
@@ -283,16 +292,7 @@ def report_html(report: dict[str, Any], figures: dict[str, bytes]) -> str:
     errors = report["errors"]
     parts.append(f"<h2>Misclassified images ({errors['count']})</h2>")
     if errors["pairs"]:
-        rows = [
-            [
-                p["true"],
-                p["predicted"],
-                p["count"],
-                ", ".join(f"{c['concept']} ({_pct(c['share'])})" for c in p["concepts"]),
-            ]
-            for p in errors["pairs"]
-        ]
-        parts.append(_html_table(["true", "predicted", "images", "concepts pushing toward predicted"], rows))
+        parts.append(_html_table(PAIR_COLUMNS, pair_rows(errors["pairs"])))
     if errors["items"]:
         parts.append(_html_table(ERROR_COLUMNS, error_rows(errors["items"][:100])))
     if "errors.png" in figures:
