@@ -565,3 +565,29 @@ def test_a_shapes_checkpoint_without_a_recorded_input_spec_uses_the_world_size(t
     torch.save({"hyper_parameters": hparams, "state_dict": module.state_dict()}, path)
     reloaded = CEFAMModule.from_checkpoint(path)
     assert reloaded.classifier.input_spec == InputSpec(32, 32, "bilinear", SHAPES_MEAN, SHAPES_STD)
+
+
+def test_contributions_at_the_last_layer_skip_a_vit_layer_its_head_never_reads():
+    """A ViT's head reads only the class token, so its last patch tokens (``encoder.ln``) are never read: the
+    default ``contribution_layer: last`` measures at the last explained layer the logits do read, and the
+    contributions are not all 0. A ResNet-like ``layer4`` is read (through pooling) and stays the last one."""
+    layers = ["encoder.layers.encoder_layer_1", "encoder.ln"]
+    vit = FrozenClassifier(_tiny_torchvision_vit(), layers, input_spec=InputSpec(32, 32))
+    assert vit.unread_layers() == ["encoder.ln"] and "encoder.ln" in vit.mean_invariant_layers()
+    module = _cefam(vit).eval()
+    torch.manual_seed(3)
+    images = torch.rand(2, 3, 32, 32)
+    last = explain_batch(module, images, top_n=3, k=4, contribution_layer="last")
+    assert (last.contribution_layer_index == 0).all()  # encoder_layer_1, not encoder.ln
+    assert last.contributions.abs().max() > 0
+    at_ln = explain_batch(module, images, top_n=3, k=4, contribution_layer="encoder.ln")
+    torch.testing.assert_close(at_ln.contributions, torch.zeros_like(at_ln.contributions))  # why it is skipped
+
+    only_ln = _cefam(FrozenClassifier(_tiny_torchvision_vit(), ["encoder.ln"], input_spec=InputSpec(32, 32))).eval()
+    with pytest.warns(UserWarning, match=r"read none of the explained layers \['encoder.ln'\]"):
+        explain_batch(only_ln, images, top_n=3, k=4, contribution_layer="last")
+
+    cnn = build_classifier("shapes_cnn", 5, image_size=32, widths=(4, 4, 8, 8))
+    assert cnn.unread_layers() == [] and cnn.mean_invariant_layers() == ["layer4"]
+    expl = explain_batch(_cefam(cnn).eval(), images, top_n=3, k=4, contribution_layer="last")
+    assert (expl.contribution_layer_index == 3).all()

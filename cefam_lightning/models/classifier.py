@@ -191,6 +191,7 @@ class FrozenClassifier(nn.Module):
         # {layer: (form, prefix tokens)}, form "nchw" | "nhwc" | "tokens", learnt from the first forward pass.
         self._forms: dict[str, tuple[str, int]] = {}
         self._mean_invariant: list[str] | None = None  # see mean_invariant_layers()
+        self._unread: list[str] | None = None  # see unread_layers()
         self.register_buffer("mean", torch.tensor(spec.mean, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(spec.std, dtype=torch.float32).view(1, -1, 1, 1), persistent=False)
         self.train(False)
@@ -280,6 +281,19 @@ class FrozenClassifier(nn.Module):
         Found once, on a seeded random image of the input size, by running each layer's :meth:`tail` on its own maps
         and on their spatial means.
         """
+        self._probe_layers()
+        return list(self._mean_invariant)
+
+    @torch.no_grad()
+    def unread_layers(self) -> list[str]:
+        """The wrapped layers whose maps the logits do not read at all: replacing a map by zeros leaves them
+        unchanged (a ViT's last tokens when its head reads only the class token). Masking concept channels there
+        moves nothing under any fill, so contributions measured at "the last layer" skip them
+        (docs/method.md#contribution). Found by the same probe as :meth:`mean_invariant_layers`."""
+        self._probe_layers()
+        return list(self._unread)
+
+    def _probe_layers(self) -> None:
         if self._mean_invariant is None:
             crop = self.input_spec.crop
             g = torch.Generator().manual_seed(0)
@@ -287,12 +301,11 @@ class FrozenClassifier(nn.Module):
             # In full precision even when called under bf16/fp16 autocast (a callback in mixed-precision training):
             # half-precision rounding would hide an exact invariance.
             with torch.autocast(device_type=images.device.type, enabled=False):
-                self._mean_invariant = self._find_mean_invariant(images)
-        return list(self._mean_invariant)
+                self._mean_invariant, self._unread = self._find_invariant(images)
 
-    def _find_mean_invariant(self, images: Tensor) -> list[str]:
+    def _find_invariant(self, images: Tensor) -> tuple[list[str], list[str]]:
         acts = self(images).activations
-        invariant = []
+        mean_invariant, unread = [], []
         for layer in self.layers:
             a, prefix = acts[layer], acts.prefix_tokens.get(layer)
             try:
@@ -300,10 +313,13 @@ class FrozenClassifier(nn.Module):
             except ValueError:  # no tail to run (a skip connection across the cut): contributions fail anyway
                 continue
             same = tail(a, prefix).float()
+            tolerance = 1e-3 * (same.abs().max() + 1e-6)
             meaned = tail(a.mean(dim=(2, 3), keepdim=True).expand_as(a).contiguous(), prefix).float()
-            if (meaned - same).abs().max() <= 1e-3 * (same.abs().max() + 1e-6):
-                invariant.append(layer)
-        return invariant
+            if (meaned - same).abs().max() <= tolerance:
+                mean_invariant.append(layer)
+                if (tail(torch.zeros_like(a), prefix).float() - same).abs().max() <= tolerance:
+                    unread.append(layer)
+        return mean_invariant, unread
 
     @torch.no_grad()
     def layer_shapes(self, image_size: int | None = None) -> dict[str, tuple[int, int, int]]:

@@ -16,6 +16,8 @@ what is scored is what is explained.
 
 from __future__ import annotations
 
+import warnings
+
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -309,12 +311,23 @@ class ExplanationPass:
     def contribution_layers(self, selected: Tensor, rule: str = "selected") -> Tensor:
         """``(B, N)`` index into :attr:`layers` of the layer each concept's contribution is measured at
         (docs/method.md#contribution): ``"selected"``, its own selected layer ``selected`` (the authors'); ``"last"``,
-        the last explained layer for every concept (the one closest to the logits, where the concepts' contributions
-        are on one scale); or a layer name, that layer for every concept."""
+        the last explained layer the logits read, for every concept (the one closest to the logits, where the concepts'
+        contributions are on one scale; a layer the head never reads, like a ViT's last patch tokens, is skipped:
+        :meth:`~cefam_lightning.models.classifier.FrozenClassifier.unread_layers`); or a layer name, that layer for
+        every concept."""
         if rule == "selected":
             return selected
         if rule == "last":
-            return torch.full_like(selected, len(self.layers) - 1)
+            unread = set(self.classifier.unread_layers())
+            read = [i for i, layer in enumerate(self.layers) if layer not in unread]
+            if not read:
+                warnings.warn(
+                    f"contribution_layer 'last': the classifier's logits read none of the explained layers "
+                    f"{self.layers}, so every contribution is 0; explain an earlier layer too",
+                    stacklevel=2,
+                )
+                read = [len(self.layers) - 1]
+            return torch.full_like(selected, read[-1])
         if rule not in self.layers:
             raise ValueError(f"contribution_layer must be 'selected', 'last' or one of {self.layers}, got {rule!r}")
         return torch.full_like(selected, self.layers.index(rule))
