@@ -27,7 +27,7 @@ import logging
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -166,8 +166,33 @@ def select_device(device: str | torch.device) -> torch.device:
     return devices.select_device(device, VLMError)
 
 
+class VLM(Protocol):
+    """What ``precompute`` needs of a VLM, whatever library reads it (:mod:`cefam_lightning.models.vlm_libraries`):
+    a preprocessing of PIL images, raw image and text embeddings (float32, CPU) and the scoring constants."""
+
+    library: str
+    name: str
+    pretrained: str | None
+    weights_file: str | None
+    seed: int
+    device: torch.device
+
+    def preprocess(self, image: Any) -> Tensor: ...
+    def encode_images(self, images: Tensor) -> Tensor: ...
+    def encode_texts(self, prompts: Sequence[str], batch_size: int = 256) -> Tensor: ...
+    def architecture(self) -> dict[str, Any] | None: ...
+
+    @property
+    def info(self) -> VLMInfo: ...
+    @property
+    def embed_dim(self) -> int: ...
+    @property
+    def preprocess_config(self) -> dict[str, Any]: ...
+
+
 class OpenCLIPVLM:
-    """An open_clip model in eval mode with its tokenizer and evaluation transform.
+    """An open_clip model in eval mode with its tokenizer and evaluation transform (library ``open_clip``; the
+    other libraries, :mod:`cefam_lightning.models.vlm_libraries`, share this interface).
 
     Args:
         model_name: an open_clip architecture (``ViT-B-32``, ``ViT-B-16-SigLIP``...), a name registered with
@@ -181,6 +206,8 @@ class OpenCLIPVLM:
         kind: ``"clip"`` or ``"siglip"`` to override the scoring kind read from the model.
         seed: the seed of random weights (``pretrained=None``), so that a rerun gives the same model.
     """
+
+    library = "open_clip"
 
     def __init__(
         self,
@@ -237,6 +264,16 @@ class OpenCLIPVLM:
         bias = getattr(model, "logit_bias", None)
         self.kind = kind or ("siglip" if bias is not None else "clip")
         self._embed_dim: int | None = None
+
+    @staticmethod
+    def brings_own_weights(model_name: str) -> bool:
+        """Whether ``model_name`` comes with its weights (``local-dir:``, ``hf-hub:``), so takes no pretrained tag."""
+        return model_name.startswith(_SCHEMAS)
+
+    @staticmethod
+    def register_config(path: str | os.PathLike) -> list[str]:
+        """:func:`register_model_config`."""
+        return register_model_config(path)
 
     # ------------------------------------------------------------------ weights
     def _resolve_pretrained(
