@@ -7,7 +7,6 @@ import json
 import math
 from pathlib import Path
 
-import lightning as L
 import numpy as np
 import pytest
 import torch
@@ -26,7 +25,9 @@ from cefam_lightning.models.classifier import ClassifierError, build_classifier 
 from cefam_lightning.models.hf import TransformersVLM  # noqa: E402
 from cefam_lightning.models.vlm import VLMError  # noqa: E402
 from tests.cli import cli_error  # noqa: E402
-from tests.test_classifier import _assert_tails_reproduce_logits, _cefam  # noqa: E402
+from tests.test_classifier import _assert_tails_reproduce_logits, _cefam, fit_two_steps  # noqa: E402
+from tests.test_image_datamodule import _train_overrides, source_ids, write_store  # noqa: E402
+from tests.test_image_sources import CLASSES, folder_id, make_images, write_folder, write_manifest  # noqa: E402
 from tests.test_precompute import concept_file, make_folder  # noqa: E402
 
 WORDS = ["a", "photo", "of", "an", "object", "made", "on", "red", "striped", "wood", "dog", "beach", "tail"]
@@ -231,18 +232,7 @@ def test_input_spec_is_the_folders_image_processor(tmp_path):
 def test_cefam_trains_explains_and_reloads_on_a_hf_classifier(arch, tmp_path):
     clf = build_classifier(f"hf:{save_classifier(tmp_path / arch, arch)}", 5)
     module = _cefam(clf)
-    samples = [{"image": torch.rand(3, 32, 32), "embedding": torch.randn(8)} for _ in range(8)]
-    trainer = L.Trainer(
-        accelerator="cpu",
-        max_steps=2,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-    )
-    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(samples, batch_size=4))
-    trainer.save_checkpoint(tmp_path / "m.ckpt")
-    reloaded = CEFAMModule.from_checkpoint(tmp_path / "m.ckpt")
+    reloaded = fit_two_steps(module, tmp_path / "m.ckpt")
     assert reloaded.classifier.name == f"hf:{tmp_path / arch}" and reloaded.classifier.layers == clf.layers
     images = torch.rand(2, 3, 32, 32)
     module.eval()
@@ -253,6 +243,26 @@ def test_cefam_trains_explains_and_reloads_on_a_hf_classifier(arch, tmp_path):
     torch.testing.assert_close(b.regions, a.regions)
     torch.testing.assert_close(b.contributions, a.contributions)
     assert a.contributions.abs().sum() > 0
+
+
+def test_train_py_takes_a_hf_folder_as_the_classifier(tmp_path, capsys):
+    from cefam_lightning.cli.train import main
+
+    items = make_images(12, seed=2, size=(48, 40), formats=("jpg",))
+    write_folder(tmp_path / "images", items)
+    rows = [{"path": folder_id(it), "label": it["cls"]} for it in items]
+    train = write_manifest(tmp_path / "images" / "train.csv", rows[:8])
+    val = write_manifest(tmp_path / "images" / "val.jsonl", rows[8:])
+    write_store(tmp_path / "store", source_ids(train) + source_ids(val))
+    folder = save_classifier(tmp_path / "resnet", "resnet", num_labels=len(CLASSES))
+    overrides = _train_overrides(tmp_path, train, val, tmp_path / "store", "hf")
+    overrides = [o for o in overrides if not o.startswith("classifier.")]  # no weights, no allow_random_init
+    layers = "classifier.layers=[resnet.encoder.stages.2,resnet.encoder.stages.3]"
+    metrics = main([*overrides, f"classifier.name=hf:{folder}", layers])
+    assert "keeps its random initialization" not in capsys.readouterr().out
+    assert np.isfinite(metrics["test"]["test/cosine"])
+    module = CEFAMModule.from_checkpoint(metrics["best_checkpoint"])
+    assert module.classifier.name == f"hf:{folder}" and module.classifier.input_spec.crop == 32
 
 
 def test_unsupported_or_mismatched_classifiers_are_refused_by_name(tmp_path):

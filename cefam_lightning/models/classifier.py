@@ -546,6 +546,11 @@ def _timm_model(name: str, num_classes: int, crop: int | None) -> tuple[nn.Modul
     return model, preset, layers
 
 
+def brings_own_weights(name: str) -> bool:
+    """Whether classifier ``name`` comes with its weights (``hf:<folder>``), so takes no weights file."""
+    return name.startswith(HF_PREFIX)
+
+
 def build_classifier(
     name: str,
     num_classes: int,
@@ -592,7 +597,7 @@ def build_classifier(
         model, preset, default_layers = _torchvision_model(name, num_classes, crop)
     elif name.startswith(TIMM_PREFIX):
         model, preset, default_layers = _timm_model(name, num_classes, crop)
-    elif name.startswith(HF_PREFIX):
+    elif brings_own_weights(name):
         if weights is not None:
             raise ClassifierError(f"{name!r}: a Hugging Face model folder brings its own weights; give no weights file")
         from cefam_lightning.models.hf import hf_image_classifier

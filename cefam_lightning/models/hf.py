@@ -8,7 +8,7 @@ downloaded), ``trust_remote_code=False`` (no code from the folder runs; transfor
 ``weights_only=True``), and a folder whose weights leave any parameter of the model uninitialized is refused.
 ``transformers`` is an optional dependency (``pip install -e ".[hf]"``), imported here only when a folder is loaded.
 
-**VLM** (:class:`TransformersVLM`): the same interface as :class:`~cefam_lightning.models.vlm.OpenCLIPVLM`. Images
+**VLM** (:class:`TransformersVLM`): a :class:`~cefam_lightning.models.vlm.VLMBase`, as open_clip's adapter. Images
 go through the folder's own image processor, prompts through its own tokenizer (padded to the text model's
 length, as SigLIP was trained), and the embeddings are ``get_image_features`` / ``get_text_features``, raw (the
 store keeps them raw; every reader L2-normalizes them). The scale is ``exp(logit_scale)``; a model with a
@@ -28,7 +28,7 @@ different network.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,10 +36,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cefam_lightning.data.embedding_store import VLM_KINDS, VLMInfo
 from cefam_lightning.data.transforms import InputSpec
 from cefam_lightning.errors import CefamError, error_summary
-from cefam_lightning.models.vlm import VLMError, _json_ready, select_device
+from cefam_lightning.models.vlm import VLMBase, VLMError, _json_ready, select_device
 
 INSTALL_HINT = 'pip install -e ".[hf]" (or pip install transformers)'
 WEIGHT_FILES = (
@@ -152,7 +151,7 @@ def processor_input_spec(processor: Any, where: Path, error: type[CefamError]) -
 # ---------------------------------------------------------------------- VLM
 
 
-class TransformersVLM:
+class TransformersVLM(VLMBase):
     """A ``transformers`` CLIP or SigLIP model (any model with ``get_image_features``, ``get_text_features`` and
     ``logit_scale``) from a local folder, with the folder's image processor and tokenizer.
 
@@ -184,8 +183,7 @@ class TransformersVLM:
             raise VLMError(
                 "transformers models are read from a local folder only; --download and --cache-dir do not apply"
             )
-        if kind is not None and kind not in VLM_KINDS:
-            raise VLMError(f"VLM kind must be one of {', '.join(VLM_KINDS)}, got {kind!r}")
+        self.check_kind(kind)
         transformers = require_transformers(VLMError)
         folder = model_folder(model_name, VLMError)
         self.name = str(folder)
@@ -204,8 +202,7 @@ class TransformersVLM:
         self.image_processor = load_pretrained(transformers.AutoImageProcessor, folder, VLMError, "image processor")
         self.tokenizer = load_pretrained(transformers.AutoTokenizer, folder, VLMError, "tokenizer")
         self.max_length = int(model.config.text_config.max_position_embeddings)
-        self.kind = kind or ("siglip" if getattr(model, "logit_bias", None) is not None else "clip")
-        self._embed_dim: int | None = None
+        self.kind = self.scoring_kind(kind)
 
     @staticmethod
     def brings_own_weights(model_name: str) -> bool:  # noqa: ARG004 - the common interface
@@ -221,24 +218,6 @@ class TransformersVLM:
         return self.image_processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"][0]
 
     @property
-    def info(self) -> VLMInfo:
-        """Name (the folder), scoring kind, logit scale ``exp(logit_scale)``, logit bias (0 without one)."""
-        bias = getattr(self.model, "logit_bias", None)
-        return VLMInfo(
-            name=self.name,
-            kind=self.kind,
-            logit_scale=float(self.model.logit_scale.detach().float().exp().reshape(-1)[0]),
-            logit_bias=float(bias.detach().float().reshape(-1)[0]) if bias is not None else 0.0,
-            pretrained=self.pretrained,
-        )
-
-    @property
-    def embed_dim(self) -> int:
-        if self._embed_dim is None:
-            self._embed_dim = int(self.encode_texts(["a photo"]).shape[1])
-        return self._embed_dim
-
-    @property
     def preprocess_config(self) -> dict[str, Any]:
         """The image processor's settings, JSON-ready."""
         return _json_ready(self.image_processor.to_dict())
@@ -252,24 +231,13 @@ class TransformersVLM:
         """Raw (not normalized) image embeddings ``(B, d)``, float32 on the CPU, of preprocessed images."""
         return _features(self.model.get_image_features(pixel_values=images.to(self.device))).float().cpu()
 
-    @torch.inference_mode()
-    def encode_texts(self, prompts: Sequence[str], batch_size: int = 256) -> Tensor:
-        """Raw (not normalized) text embeddings ``(len(prompts), d)``, float32 on the CPU."""
-        prompts = [str(p) for p in prompts]
-        if not prompts:
-            raise VLMError("encode_texts needs at least one prompt")
-        out = []
-        for start in range(0, len(prompts), batch_size):
-            tokens = self.tokenizer(
-                prompts[start : start + batch_size],
-                padding="max_length",
-                truncation=True,
-                max_length=self.max_length,
-                return_tensors="pt",
-            )
-            tokens = {k: v.to(self.device) for k, v in tokens.items() if k in ("input_ids", "attention_mask")}
-            out.append(_features(self.model.get_text_features(**tokens)).float().cpu())
-        return torch.cat(out)
+    def _encode_text_batch(self, prompts: list[str]) -> Tensor:
+        """Padded to the text model's length: SigLIP was trained so (CLIP pools at its end token either way)."""
+        tokens = self.tokenizer(
+            prompts, padding="max_length", truncation=True, max_length=self.max_length, return_tensors="pt"
+        )
+        tokens = {k: v.to(self.device) for k, v in tokens.items() if k in ("input_ids", "attention_mask")}
+        return _features(self.model.get_text_features(**tokens))
 
     def __repr__(self) -> str:
         return f"TransformersVLM({self.name!r}, kind={self.kind!r}, device={self.device})"

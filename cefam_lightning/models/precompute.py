@@ -57,7 +57,7 @@ from cefam_lightning.data.embedding_store import EmbeddingStore
 from cefam_lightning.data.image_sources import ImageRecord, ImageSourceError, WebDataSource, open_image, open_source
 from cefam_lightning.errors import CefamError, error_summary, one_line
 from cefam_lightning.io_utils import atomic_write_bytes, atomic_write_json, stable_hash
-from cefam_lightning.models.vlm import VLM
+from cefam_lightning.models.vlm import VLMBase
 
 log = logging.getLogger("cefam_lightning")
 
@@ -239,7 +239,7 @@ def _as_list(batch):
 
 
 def _encode_chunk(
-    vlm: VLM, records: list[ImageRecord], batch_size: int, num_workers: int, bar
+    vlm: VLMBase, records: list[ImageRecord], batch_size: int, num_workers: int, bar
 ) -> tuple[list[str], np.ndarray, list[dict]]:
     """Embeddings of a chunk's readable images (batches fixed by position in the chunk) and the skipped ones."""
     loader = torch.utils.data.DataLoader(
@@ -312,7 +312,7 @@ class _ChunkRun:
 
 
 def _run_chunks(
-    vlm: VLM,
+    vlm: VLMBase,
     work: Path,
     sources: list[tuple[str, Any]],
     batch_size: int,
@@ -350,7 +350,7 @@ def _run_chunks(
 
 
 def precompute(
-    vlm: VLM,
+    vlm: VLMBase,
     out: str | os.PathLike,
     concepts: Sequence[Concept],
     sources: Sequence[str | os.PathLike] = (),
@@ -475,7 +475,7 @@ def check_sizes(batch_size: int, chunk_size: int, num_workers: int) -> None:
 
 
 def _settings(
-    vlm: VLM, concepts: Sequence[Concept], specs: list[str], batch_size: int, chunk_size: int
+    vlm: VLMBase, concepts: Sequence[Concept], specs: list[str], batch_size: int, chunk_size: int
 ) -> dict[str, Any]:
     """Everything that determines the image embeddings of the chunks (not the storage dtype: chunks are float32)."""
     weights = None

@@ -1,7 +1,7 @@
-"""The VLM libraries ``precompute`` can read a model with, by name: each is a class with the interface of
-:class:`~cefam_lightning.models.vlm.OpenCLIPVLM` (``preprocess``, ``encode_images``, ``encode_texts``, ``info``,
-``embed_dim``, ``preprocess_config``, ``architecture()``, and the static ``brings_own_weights(model)`` and
-``register_config(path)``), so callers look the class up here and never branch on a library's name."""
+"""The VLM libraries ``precompute`` can read a model with, by name: each is a
+:class:`~cefam_lightning.models.vlm.VLMBase` (the interface precompute reads) with the static
+``brings_own_weights(model)`` and ``register_config(path)``, so callers look the class up here and never branch
+on a library's name."""
 
 from __future__ import annotations
 
