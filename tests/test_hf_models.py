@@ -149,7 +149,11 @@ def test_bad_transformers_vlm_inputs_are_one_error_line(vlm_folders, tmp_path, c
     base = ["--library", "transformers", "--concepts", str(concepts), "--out", str(tmp_path / "s"), "--model"]
     assert "folder not found" in cli_error(precompute_main, [*base, str(tmp_path / "nope")], capsys)
     msg = cli_error(precompute_main, [*base, str(vlm_folders["clip"]), "--pretrained", "x.pt"], capsys)
-    assert "--random-init excludes --pretrained" in msg or "brings its own weights" in msg
+    assert "brings its own weights; do not give --pretrained x.pt" in msg
+    msg = cli_error(precompute_main, [*base, str(vlm_folders["clip"]), "--model-config", "m.json"], capsys)
+    assert msg == "--model-config m.json: a transformers model folder has its own config.json"
+    msg = cli_error(precompute_main, [*base, str(vlm_folders["clip"]), "--random-init"], capsys)
+    assert "--random-init excludes --pretrained and a model that brings its weights" in msg
     assert "--download" in cli_error(precompute_main, [*base, str(vlm_folders["clip"]), "--download"], capsys)
     resnet = save_classifier(tmp_path / "resnet", "resnet")
     assert "not a CLIP-style model (no get_image_features)" in cli_error(precompute_main, [*base, str(resnet)], capsys)
