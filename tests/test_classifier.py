@@ -524,8 +524,9 @@ def _cefam(classifier, n_concepts=5, d=8):
     )
 
 
-def test_a_vit_cefam_checkpoint_reloads_and_explains(timm_vit, tmp_path):
-    module = _cefam(timm_vit[1])
+def fit_two_steps(module: CEFAMModule, path) -> CEFAMModule:
+    """Train ``module`` for two steps on random 32 px images and 8-d embeddings, save it to ``path`` and return
+    the module the checkpoint rebuilds."""
     torch.manual_seed(2)
     samples = [{"image": torch.rand(3, 32, 32), "embedding": torch.randn(8)} for _ in range(8)]
     trainer = L.Trainer(
@@ -537,10 +538,13 @@ def test_a_vit_cefam_checkpoint_reloads_and_explains(timm_vit, tmp_path):
         enable_model_summary=False,
     )
     trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(samples, batch_size=4))
-    path = tmp_path / "vit.ckpt"
     trainer.save_checkpoint(path)
+    return CEFAMModule.from_checkpoint(path)
 
-    reloaded = CEFAMModule.from_checkpoint(path)
+
+def test_a_vit_cefam_checkpoint_reloads_and_explains(timm_vit, tmp_path):
+    module = _cefam(timm_vit[1])
+    reloaded = fit_two_steps(module, tmp_path / "vit.ckpt")
     clf = reloaded.classifier
     assert clf.name == "timm:test_vit" and clf.layers == TIMM_VIT_LAYERS
     assert clf.input_spec == timm_vit[1].input_spec and clf.input_spec.crop == 32

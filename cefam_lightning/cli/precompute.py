@@ -28,14 +28,23 @@ from cefam_lightning.models.precompute import (
     precompute,
     read_templates,
 )
-from cefam_lightning.models.vlm import OpenCLIPVLM, VLMError, register_model_config
+from cefam_lightning.models.vlm import VLMError
+from cefam_lightning.models.vlm_libraries import VLM_LIBRARIES, vlm_library
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", nargs="+", default=[], metavar="SRC", help="image folders, manifests or tar shards")
     p.add_argument("--concepts", required=True, metavar="FILE", help="concept file: one 'name,type' per line")
-    p.add_argument("--model", required=True, metavar="NAME", help="open_clip model name, e.g. ViT-B-32")
+    p.add_argument(
+        "--model", required=True, metavar="NAME", help="open_clip model name (ViT-B-32), or a transformers folder"
+    )
+    p.add_argument(
+        "--library",
+        choices=tuple(VLM_LIBRARIES),
+        default="open_clip",
+        help="the library that reads --model (default open_clip; transformers: a CLIP/SigLIP folder)",
+    )
     p.add_argument("--pretrained", default=None, metavar="TAG|PATH", help="open_clip pretrained tag or checkpoint")
     p.add_argument("--out", required=True, metavar="STORE", help="embedding store folder to write")
     p.add_argument("--float16", action="store_true", help="store image embeddings as float16")
@@ -69,7 +78,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> PrecomputeResult:
     """Check the arguments, build the VLM and run :func:`precompute`; bad input raises :class:`PrecomputeError`."""
-    own_weights = args.model.startswith(("local-dir:", "hf-hub:"))  # the weights come with the model
+    try:
+        library = vlm_library(args.library)
+    except VLMError as e:
+        raise PrecomputeError(str(e)) from e
+    own_weights = library.brings_own_weights(args.model)
     if args.pretrained is None and not args.random_init and not own_weights:
         raise PrecomputeError(
             "no weights: give --pretrained TAG|PATH (e.g. --model ViT-B-32 --pretrained laion2b_s34b_b79k), "
@@ -86,8 +99,8 @@ def run(args: argparse.Namespace) -> PrecomputeResult:
             raise PrecomputeError(f"image source not found: {spec}")
     try:
         if args.model_config:
-            register_model_config(args.model_config)
-        vlm = OpenCLIPVLM(
+            library.register_config(args.model_config)
+        vlm = library(
             args.model,
             args.pretrained,
             cache_dir=args.cache_dir,

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from cefam_lightning.errors import CefamError, error_summary
+from cefam_lightning.io_utils import atomic_write_bytes
 
 # The CE-FAM authors' prompt templates, chosen by concept type.
 DEFAULT_PROMPTS: dict[str, str] = {
@@ -87,3 +88,60 @@ def read_concept_file(path: str | os.PathLike) -> list[tuple[str, str | None]]:
     if dups:
         raise ConceptFileError(f"duplicate concept name(s) in {path}: {', '.join(map(repr, dups))}")
     return items
+
+
+@dataclass
+class ConceptFileSummary:
+    """What :func:`write_concept_file` wrote: the concepts kept, and the names dropped as repeats of earlier ones."""
+
+    path: Path
+    concepts: list[tuple[str, str]]
+    dropped: list[str] = field(default_factory=list)
+
+    @property
+    def type_counts(self) -> dict[str, int]:
+        return dict(Counter(t for _, t in self.concepts))
+
+
+def concept_key(name: str) -> str:
+    """Names that differ only in case or spacing are one concept: a VLM reads the same prompt for both."""
+    return " ".join(name.split()).casefold()
+
+
+def write_concept_file(
+    path: str | os.PathLike, concepts: Iterable[tuple[str, str]], overwrite: bool = False, header: str | None = None
+) -> ConceptFileSummary:
+    """Write ``(name, type)`` pairs as a concept file :func:`read_concept_file` reads back, atomically.
+
+    A name repeated (by :func:`concept_key`, whatever its type) keeps its first occurrence; the later ones are
+    dropped and listed in the summary. A name holding a comma is written tab-separated. ``header`` is written as
+    a ``#`` comment line first.
+
+    Raises:
+        ConceptFileError: ``path`` exists (without ``overwrite``) or is a folder; a name or type that cannot be
+            written (empty, or holding ``#``, a tab or a line break); no concepts.
+    """
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise ConceptFileError(f"{path}: is a folder; give the concept file to write")
+    if path.exists() and not overwrite:
+        raise ConceptFileError(f"{path}: already exists; add --overwrite to replace it")
+    kept: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    dropped: list[str] = []
+    for name, ctype in concepts:
+        name, ctype = " ".join(str(name).split()), str(ctype).strip()
+        for what, value in (("name", name), ("type", ctype)):
+            if not value or any(ch in value for ch in "#\t\n\r") or (what == "type" and "," in value):
+                raise ConceptFileError(f"{path}: concept {what} {value!r} cannot be written to a concept file")
+        if concept_key(name) in seen:
+            dropped.append(name)
+            continue
+        seen.add(concept_key(name))
+        kept.append((name, ctype))
+    if not kept:
+        raise ConceptFileError(f"{path}: no concepts to write")
+    lines = [f"# {line}" for line in (header or "").splitlines()] + ["# name,type"]
+    lines += [f"{n}\t{t}" if "," in n else f"{n},{t}" for n, t in kept]
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode("utf-8"))
+    return ConceptFileSummary(path, kept, dropped)

@@ -516,6 +516,19 @@ def _read_broden_labels(path: Path, strip_suffixes: bool) -> tuple[list[int], li
     return [numbers[i] for i in order], [MaskConcept(names[i], types[i]) for i in order]
 
 
+def broden_concepts(root: str | os.PathLike, strip_suffixes: bool = True) -> list[MaskConcept]:
+    """The labels of a Broden release as concepts, named and typed as :class:`BrodenMaskDataset` names them, from
+    its ``label.csv`` alone (in label-number order)."""
+    return _read_broden_labels(_dataset_root(root) / "label.csv", strip_suffixes)[1]
+
+
+def _dataset_root(root: str | os.PathLike) -> Path:
+    path = Path(root).expanduser()
+    if not path.is_dir():
+        raise MaskDatasetError(f"{path}: dataset folder not found")
+    return path
+
+
 def broden_concept_name(name: str, category: str) -> str:
     """Broden's label name as a concept name: ``red-c`` -> ``red``, ``living_room-s`` -> ``living room``."""
     suffix = BRODEN_SUFFIXES.get(category)
@@ -549,10 +562,8 @@ class ImageNetSMaskDataset(MaskDataset):
                 f"{root}: no annotated split {split!r} (no folder {root / (split + '-segmentation')}); "
                 f"annotated splits here: {', '.join(splits) or 'none'}"
             )
-        wnids = _imagenet_s_wnids(root, split, categories)
-        names = _imagenet_s_names(wnids, class_names)
-        concepts = [MaskConcept(n, "object") for n in names]
-        name_of = dict(zip(wnids, names, strict=True))
+        wnids, concepts = _imagenet_s_classes(root, split, categories, class_names)
+        name_of = {w: c.name for w, c in zip(wnids, concepts, strict=True)}
         seg_root, image_root = root / f"{split}-segmentation", root / split
         images: dict[tuple[str, str], Path] = {}
         for f in sorted(image_root.rglob("*")) if image_root.is_dir() else []:
@@ -588,6 +599,25 @@ class ImageNetSMaskDataset(MaskDataset):
             )
         # Class id k is concept k - 1, i.e. already "concept + 1"; ignored pixels belong to no mask.
         return np.where(ids == IMAGENET_S_IGNORE, 0, ids)[None].astype(np.int32), []
+
+
+def imagenet_s_concepts(
+    root: str | os.PathLike,
+    categories: str | os.PathLike | None = None,
+    class_names: str | os.PathLike | None = None,
+    split: str = "validation",
+) -> list[MaskConcept]:
+    """The classes of an ImageNet-S release as concepts (type ``object``), named as :class:`ImageNetSMaskDataset`
+    names them, from its class list alone (the class folders or ``categories``; ``class_names``)."""
+    return _imagenet_s_classes(_imagenet_s_root(_dataset_root(root)), split, categories, class_names)[1]
+
+
+def _imagenet_s_classes(
+    root: Path, split: str, categories: str | os.PathLike | None, class_names: str | os.PathLike | None
+) -> tuple[list[str], list[MaskConcept]]:
+    """The sorted wnids and their concepts."""
+    wnids = _imagenet_s_wnids(root, split, categories)
+    return wnids, [MaskConcept(n, "object") for n in _imagenet_s_names(wnids, class_names)]
 
 
 def _imagenet_s_root(root: Path) -> Path:
@@ -705,9 +735,7 @@ def open_mask_dataset(
     Raises:
         MaskDatasetError: a missing folder, an unknown layout or option, a malformed file (named).
     """
-    root = Path(root).expanduser()
-    if not root.is_dir():
-        raise MaskDatasetError(f"{root}: dataset folder not found")
+    root = _dataset_root(root)
     fmt = detect_format(root) if format == "auto" else format
     readers = {"folder": FolderMaskDataset, "broden": BrodenMaskDataset, "imagenet-s": ImageNetSMaskDataset}
     if fmt not in readers:

@@ -3,7 +3,9 @@
 
 Families (:func:`build_classifier`): the shapes world's ``shapes_cnn``; torchvision's ``resnet18/34/50/101``,
 ``vgg16``, ``vgg16_bn`` and ``vit_b_16``; and any timm model as ``timm:<name>`` (``timm:resnet50.a1_in1k``: a tag
-selects that pretrained configuration's input transform). Weights always come from a local file.
+selects that pretrained configuration's input transform); and a Hugging Face ``AutoModelForImageClassification``
+folder as ``hf:<folder>`` (:mod:`cefam_lightning.models.hf`: its blocks, the modules giving its hidden states, are
+the layers). Weights always come from a local file or folder.
 
 **How activations are taken: one FX graph for every family.** The model is traced with torchvision's
 ``create_feature_extractor`` using timm's tracer settings (its non-traceable leaf modules and auto-wrapped
@@ -62,6 +64,7 @@ TORCHVISION_VITS = ("vit_b_16",)
 TORCHVISION_MODELS = (*TORCHVISION_RESNETS, *TORCHVISION_VGGS, *TORCHVISION_VITS)
 CLASSIFIER_NAMES = ("shapes_cnn", *TORCHVISION_MODELS)
 TIMM_PREFIX = "timm:"
+HF_PREFIX = "hf:"
 TORCHVISION_DEFAULT_PRESET = "IMAGENET1K_V1"
 
 
@@ -330,7 +333,11 @@ class FrozenClassifier(nn.Module):
 
 
 def _tracer_kwargs(model: nn.Module) -> dict[str, Any] | None:
-    """timm's FX settings (modules and functions it marks as not traceable) for a timm model, else none."""
+    """The model's own FX settings (``fx_tracer_kwargs``: a Hugging Face model's leaf blocks), timm's (modules and
+    functions it marks as not traceable) for a timm model, else none."""
+    own = getattr(model, "fx_tracer_kwargs", None)
+    if isinstance(own, dict):
+        return own
     if not type(model).__module__.startswith("timm."):
         return None  # importing timm costs a second; torchvision models and ShapesCNN trace without it
     from timm.layers import get_notrace_functions, get_notrace_modules
@@ -555,6 +562,11 @@ def _timm_model(name: str, num_classes: int, crop: int | None) -> tuple[nn.Modul
     return model, preset, layers
 
 
+def brings_own_weights(name: str) -> bool:
+    """Whether classifier ``name`` comes with its weights (``hf:<folder>``), so takes no weights file."""
+    return name.startswith(HF_PREFIX)
+
+
 def build_classifier(
     name: str,
     num_classes: int,
@@ -576,7 +588,8 @@ def build_classifier(
 
     Args:
         name: ``shapes_cnn``, ``resnet18``, ``resnet34``, ``resnet50``, ``resnet101``, ``vgg16``, ``vgg16_bn``,
-            ``vit_b_16`` (each optionally ``.<torchvision weights preset>``), or ``timm:<timm model name>``.
+            ``vit_b_16`` (each optionally ``.<torchvision weights preset>``), ``timm:<timm model name>``, or
+            ``hf:<folder>`` (a Hugging Face image classifier saved with ``save_pretrained``; no ``weights``).
         num_classes: output classes (1000 for ImageNet weights).
         layers: activation maps to return (default per family: see :func:`_torchvision_model`; timm: its
             ``feature_info`` modules; ``shapes_cnn``: ``layer1..layer4``).
@@ -600,10 +613,19 @@ def build_classifier(
         model, preset, default_layers = _torchvision_model(name, num_classes, crop)
     elif name.startswith(TIMM_PREFIX):
         model, preset, default_layers = _timm_model(name, num_classes, crop)
+    elif brings_own_weights(name):
+        if weights is not None:
+            raise ClassifierError(f"{name!r}: a Hugging Face model folder brings its own weights; give no weights file")
+        from cefam_lightning.models.hf import hf_image_classifier
+
+        folder = name.removeprefix(HF_PREFIX)
+        model, own, default_layers = hf_image_classifier(folder, num_classes, crop, ClassifierError)
+        preset = _Preset(own.crop, own.interpolation, own.mean, own.std, resize=own.resize)
     else:
         raise ClassifierError(
-            f"Unknown classifier {name!r}; choose from {', '.join(CLASSIFIER_NAMES)}, or timm:<model name> for any "
-            "timm model (e.g. timm:resnet18, timm:vit_tiny_patch16_224)"
+            f"Unknown classifier {name!r}; choose from {', '.join(CLASSIFIER_NAMES)}, timm:<model name> for any "
+            "timm model (e.g. timm:resnet18, timm:vit_tiny_patch16_224), or hf:<folder> for a Hugging Face "
+            "AutoModelForImageClassification folder"
         )
     spec = override or preset.spec(crop)
     if weights is not None:

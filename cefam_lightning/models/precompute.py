@@ -6,6 +6,7 @@ Usage::
                          [--float16] [--batch-size 64] [--chunk-size 1024] [--device auto] [--num-workers 0]
                          [--templates FILE] [--template TYPE=TEMPLATE ...] [--default-type object]
                          [--kind clip|siglip] [--cache-dir DIR] [--download] [--model-config FILE]
+                         [--library open_clip|transformers]
                          [--random-init [--seed 0]] [--restart] [--overwrite] [--no-progress]
 
 ``SRC`` is an image folder (``root/<class>/<image>``), a ``.csv``/``.jsonl`` manifest or WebDataset ``.tar``
@@ -16,7 +17,8 @@ zero-shot explanation). ``FILE`` lists one concept per line, ``name,type`` (or `
 by ``--templates`` (a YAML/JSON mapping ``type: template``) and ``--template type=template``; ``{}`` marks the name).
 
 The store (:class:`~cefam_lightning.data.embedding_store.EmbeddingStore`) holds raw (not normalized) image
-embeddings of open_clip's evaluation preprocessing of each image, float32 (``--float16`` halves the size), and
+embeddings of the VLM's own evaluation preprocessing of each image (open_clip's transform, or the image processor
+of a ``--library transformers`` folder), float32 (``--float16`` halves the size), and
 raw float32 text embeddings. Its ``extra`` metadata lists the sources, the preprocessing, and the images that
 could not be read: ``num_skipped`` and ``skipped`` (``[{"id": ..., "error": ...}]``). Unreadable images are
 skipped and counted, never silently dropped. A truncated or damaged tar shard is refused before any image is
@@ -55,7 +57,7 @@ from cefam_lightning.data.embedding_store import EmbeddingStore
 from cefam_lightning.data.image_sources import ImageRecord, ImageSourceError, WebDataSource, open_image, open_source
 from cefam_lightning.errors import CefamError, error_summary, one_line
 from cefam_lightning.io_utils import atomic_write_bytes, atomic_write_json, stable_hash
-from cefam_lightning.models.vlm import OpenCLIPVLM
+from cefam_lightning.models.vlm import VLMBase
 
 log = logging.getLogger("cefam_lightning")
 
@@ -237,7 +239,7 @@ def _as_list(batch):
 
 
 def _encode_chunk(
-    vlm: OpenCLIPVLM, records: list[ImageRecord], batch_size: int, num_workers: int, bar
+    vlm: VLMBase, records: list[ImageRecord], batch_size: int, num_workers: int, bar
 ) -> tuple[list[str], np.ndarray, list[dict]]:
     """Embeddings of a chunk's readable images (batches fixed by position in the chunk) and the skipped ones."""
     loader = torch.utils.data.DataLoader(
@@ -310,7 +312,7 @@ class _ChunkRun:
 
 
 def _run_chunks(
-    vlm: OpenCLIPVLM,
+    vlm: VLMBase,
     work: Path,
     sources: list[tuple[str, Any]],
     batch_size: int,
@@ -348,7 +350,7 @@ def _run_chunks(
 
 
 def precompute(
-    vlm: OpenCLIPVLM,
+    vlm: VLMBase,
     out: str | os.PathLike,
     concepts: Sequence[Concept],
     sources: Sequence[str | os.PathLike] = (),
@@ -407,7 +409,7 @@ def precompute(
     extra: dict[str, Any] = {
         "created_by": "cefam_lightning.cli.precompute",
         "sources": [{"spec": spec, "description": src.describe()} for spec, src in opened],
-        "preprocessing": {"open_clip": vlm.preprocess_config, "transform": repr(vlm.preprocess)},
+        "preprocessing": {vlm.library: vlm.preprocess_config, "transform": repr(vlm.preprocess)},
         "settings": {"batch_size": batch_size, "chunk_size": chunk_size, "device": vlm.device.type},
     }
     if vlm.pretrained is None:
@@ -473,7 +475,7 @@ def check_sizes(batch_size: int, chunk_size: int, num_workers: int) -> None:
 
 
 def _settings(
-    vlm: OpenCLIPVLM, concepts: Sequence[Concept], specs: list[str], batch_size: int, chunk_size: int
+    vlm: VLMBase, concepts: Sequence[Concept], specs: list[str], batch_size: int, chunk_size: int
 ) -> dict[str, Any]:
     """Everything that determines the image embeddings of the chunks (not the storage dtype: chunks are float32)."""
     weights = None

@@ -166,8 +166,70 @@ def select_device(device: str | torch.device) -> torch.device:
     return devices.select_device(device, VLMError)
 
 
-class OpenCLIPVLM:
-    """An open_clip model in eval mode with its tokenizer and evaluation transform.
+class VLMBase:
+    """The interface ``precompute`` reads a VLM through, whatever library reads it (``library``;
+    :mod:`cefam_lightning.models.vlm_libraries`), and what every adapter computes alike.
+
+    An adapter provides ``preprocess`` (PIL image -> tensor), ``encode_images`` (raw image embeddings, float32 on
+    the CPU), ``preprocess_config`` and ``architecture()`` (JSON-ready), ``weights_file`` and ``seed``, and
+    :meth:`_encode_text_batch`; this class gives the scoring constants (:attr:`info`, from the model's
+    ``logit_scale`` and an optional ``logit_bias``), :attr:`embed_dim` and batched :meth:`encode_texts`.
+    """
+
+    library: str
+    model: nn.Module
+    name: str
+    kind: str
+    pretrained: str | None
+    weights_file: str | None
+    seed: int
+    device: torch.device
+    _embed_dim: int | None = None
+
+    @staticmethod
+    def check_kind(kind: str | None) -> None:
+        if kind is not None and kind not in VLM_KINDS:
+            raise VLMError(f"VLM kind must be one of {', '.join(VLM_KINDS)}, got {kind!r}")
+
+    def scoring_kind(self, kind: str | None) -> str:
+        """``kind`` if given, else ``"siglip"`` (sigmoid scoring) for a model with a logit bias, else ``"clip"``."""
+        return kind or ("siglip" if getattr(self.model, "logit_bias", None) is not None else "clip")
+
+    @property
+    def info(self) -> VLMInfo:
+        """Name, scoring kind, logit scale ``exp(logit_scale)``, logit bias (0 without one) and weights."""
+        bias = getattr(self.model, "logit_bias", None)
+        return VLMInfo(
+            name=self.name,
+            kind=self.kind,
+            logit_scale=float(self.model.logit_scale.detach().float().exp().reshape(-1)[0]),
+            logit_bias=float(bias.detach().float().reshape(-1)[0]) if bias is not None else 0.0,
+            pretrained=self.pretrained,
+        )
+
+    @property
+    def embed_dim(self) -> int:
+        """The size of the joint embedding space (of image and text embeddings)."""
+        if self._embed_dim is None:
+            self._embed_dim = int(self.encode_texts(["a photo"]).shape[1])
+        return self._embed_dim
+
+    @torch.inference_mode()
+    def encode_texts(self, prompts: Sequence[str], batch_size: int = 256) -> Tensor:
+        """Raw (not normalized) text embeddings ``(len(prompts), d)``, float32 on the CPU."""
+        prompts = [str(p) for p in prompts]
+        if not prompts:
+            raise VLMError("encode_texts needs at least one prompt")
+        batches = range(0, len(prompts), batch_size)
+        return torch.cat([self._encode_text_batch(prompts[i : i + batch_size]).float().cpu() for i in batches])
+
+    def _encode_text_batch(self, prompts: list[str]) -> Tensor:
+        raise NotImplementedError
+
+
+class OpenCLIPVLM(VLMBase):
+    """An open_clip model in eval mode with its tokenizer and evaluation transform (library ``open_clip``; the
+    other libraries, :mod:`cefam_lightning.models.vlm_libraries`, share this interface).
 
     Args:
         model_name: an open_clip architecture (``ViT-B-32``, ``ViT-B-16-SigLIP``...), a name registered with
@@ -181,6 +243,8 @@ class OpenCLIPVLM:
         kind: ``"clip"`` or ``"siglip"`` to override the scoring kind read from the model.
         seed: the seed of random weights (``pretrained=None``), so that a rerun gives the same model.
     """
+
+    library = "open_clip"
 
     def __init__(
         self,
@@ -196,8 +260,7 @@ class OpenCLIPVLM:
         import open_clip
         from open_clip.transform import PreprocessCfg, image_transform_v2
 
-        if kind is not None and kind not in VLM_KINDS:
-            raise VLMError(f"VLM kind must be one of {', '.join(VLM_KINDS)}, got {kind!r}")
+        self.check_kind(kind)
         check_model_name(model_name)
         self.name = model_name
         self.device = select_device(device)
@@ -234,9 +297,17 @@ class OpenCLIPVLM:
         self.model: nn.Module = model.eval().requires_grad_(False)
         self.preprocess = image_transform_v2(PreprocessCfg(**model.visual.preprocess_cfg), is_train=False)
         self.tokenizer = tokenizer
-        bias = getattr(model, "logit_bias", None)
-        self.kind = kind or ("siglip" if bias is not None else "clip")
-        self._embed_dim: int | None = None
+        self.kind = self.scoring_kind(kind)
+
+    @staticmethod
+    def brings_own_weights(model_name: str) -> bool:
+        """Whether ``model_name`` comes with its weights (``local-dir:``, ``hf-hub:``), so takes no pretrained tag."""
+        return model_name.startswith(_SCHEMAS)
+
+    @staticmethod
+    def register_config(path: str | os.PathLike) -> list[str]:
+        """:func:`register_model_config`."""
+        return register_model_config(path)
 
     # ------------------------------------------------------------------ weights
     def _resolve_pretrained(
@@ -287,25 +358,6 @@ class OpenCLIPVLM:
 
     # ------------------------------------------------------------------ description
     @property
-    def info(self) -> VLMInfo:
-        """Name, scoring kind, logit scale ``exp(logit_scale)``, logit bias (0 without one) and weights."""
-        bias = getattr(self.model, "logit_bias", None)
-        return VLMInfo(
-            name=self.name,
-            kind=self.kind,
-            logit_scale=float(self.model.logit_scale.detach().float().exp().reshape(-1)[0]),
-            logit_bias=float(bias.detach().float().reshape(-1)[0]) if bias is not None else 0.0,
-            pretrained=self.pretrained,
-        )
-
-    @property
-    def embed_dim(self) -> int:
-        """The size of the joint embedding space (of image and text embeddings)."""
-        if self._embed_dim is None:
-            self._embed_dim = int(self.encode_texts(["a photo"]).shape[1])
-        return self._embed_dim
-
-    @property
     def preprocess_config(self) -> dict[str, Any]:
         """open_clip's preprocessing settings (size, mean, std, interpolation, resize mode), JSON-ready."""
         from open_clip.model import get_model_preprocess_cfg
@@ -331,17 +383,9 @@ class OpenCLIPVLM:
         x = images.to(self.device)
         return self.model.encode_image(x, normalize=False).float().cpu()
 
-    @torch.inference_mode()
-    def encode_texts(self, prompts: Sequence[str], batch_size: int = 256) -> Tensor:
-        """Raw (not normalized) text embeddings ``(len(prompts), d)``, float32 on the CPU."""
-        prompts = [str(p) for p in prompts]
-        if not prompts:
-            raise VLMError("encode_texts needs at least one prompt")
-        out = []
-        for start in range(0, len(prompts), batch_size):
-            tokens = self.tokenizer(prompts[start : start + batch_size]).to(self.device)
-            out.append(self.model.encode_text(tokens, normalize=False).float().cpu())
-        return torch.cat(out)
+    def _encode_text_batch(self, prompts: list[str]) -> Tensor:
+        tokens = self.tokenizer(prompts).to(self.device)
+        return self.model.encode_text(tokens, normalize=False)
 
     def __repr__(self) -> str:
         return f"OpenCLIPVLM({self.name!r}, pretrained={self.pretrained!r}, kind={self.kind!r}, device={self.device})"

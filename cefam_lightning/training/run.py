@@ -39,7 +39,7 @@ from cefam_lightning.methods.base import EvaluationSettings
 from cefam_lightning.methods.checkpoints import AtomicCheckpointIO, CheckpointError, read_checkpoint
 from cefam_lightning.methods.registry import BuildContext, TrainContext, get_method
 from cefam_lightning.metrics.shortcut import classifier_shortcut_reliance
-from cefam_lightning.models.classifier import build_classifier
+from cefam_lightning.models.classifier import brings_own_weights, build_classifier
 from cefam_lightning.reporting.evaluations import write_results
 from cefam_lightning.training.classifier_fit import FitSettings, fit_shapes_classifier
 from cefam_lightning.training.config import to_dict, world_spec
@@ -321,7 +321,7 @@ def _image_data_and_classifier(cfg: DictConfig) -> tuple[ImageDataModule, Any, A
     if class_names is not None and len(class_names) != num_classes:
         raise ConfigError(f"classifier.num_classes={num_classes}, but the data have {len(class_names)} class names")
     weights = ccfg.weights
-    if weights is None:
+    if weights is None and not brings_own_weights(ccfg.name):
         _check_random_init(ccfg, "data.source=images: no classifier is fitted here")
         torch.manual_seed(cfg.seed)  # a reproducible random classifier
     kwargs: dict[str, Any] = {"image_size": ccfg.image_size}
