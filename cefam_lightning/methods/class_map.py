@@ -270,9 +270,10 @@ class ClassMapEvaluation(nn.Module):
         maps: dict[str, Tensor],
         target: Tensor,
         logits: Tensor | None = None,
+        road: bool = True,
     ) -> None:
         """Score given maps (``{name: (B, h, w)}``, any resolution and scale; each normalized per image and
-        upsampled here) of the ``target`` classes."""
+        upsampled here) of the ``target`` classes; ``road=False`` leaves this batch out of ROAD (the slowest)."""
         size = images.shape[-2:]
         concept_ids = torch.zeros(len(images), dtype=torch.long, device=images.device)
         for method, m in maps.items():
@@ -282,7 +283,7 @@ class ClassMapEvaluation(nn.Module):
             self.faithfulness[method].update(y, o)
             if method in self.deletion:
                 self.deletion[method].update(*deletion_insertion_curves(classifier, images, m, target, self.steps))
-            if method in self.road:
+            if road and method in self.road:
                 seed = self.seed + int(self.road[method].total)  # other noise per batch, the same per method
                 self.road[method].update(*road_probabilities(classifier, images, m, target, self.percentiles, seed))
 
