@@ -38,6 +38,7 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.explanation_quality import QUIET  # noqa: E402  (the same quiet training runs)
 from cefam_lightning.cli.train import main as train_main  # noqa: E402
 from cefam_lightning.data.shapes_world import ShapesWorld, key_object_pixels  # noqa: E402
 from cefam_lightning.methods.base import load_explainer  # noqa: E402
@@ -56,14 +57,6 @@ SMALL = [
     "world.n_test=32",
     "classifier.fit.epochs=1",
     "trainer.max_epochs=1",
-]
-QUIET = [
-    "evaluation.enabled=false",
-    "callbacks.region_maps.enabled=false",
-    "callbacks.contributions.enabled=false",
-    "callbacks.region_metrics.enabled=false",
-    "trainer.enable_progress_bar=false",
-    "demo.num_figures=0",
 ]
 LEARNED = ("lcam_img", "lcam_fm", "cefam")
 SMALL_BASELINES = ("gradcam", "gradcampp", "eigencam")
