@@ -27,6 +27,10 @@ dataset's concepts the checkpoint knows by name are evaluated; others take their
 The single-channel baseline is fitted on the dataset's training split (``train``, ImageNet-S ``train-semi``;
 ``--fit-split``) and left out, with a note, where there is none.
 
+``--baselines gradcam,gradcampp,scorecam`` sets the class-map baselines compared (registered by name in
+:mod:`cefam_lightning.methods.cam_baselines`; pytorch-grad-cam's CAMs are an optional extra), and ``--curves`` adds the
+class maps' deletion / insertion AUC and ROAD (CE-FAM and the class-map methods).
+
 ``--k``, ``--fill``, ``--select-layers``, ``--per-layer-contributions`` and ``--data`` are options of the methods that
 take them (CE-FAM); left out, they are the checkpoint's own (its run's settings). An option the checkpoint's method
 does not take is an error.
@@ -56,6 +60,7 @@ from cefam_lightning.data.mask_datasets import FORMATS, open_evaluation_splits
 from cefam_lightning.data.shapes_world import ShapesWorld
 from cefam_lightning.errors import CefamError, cli_errors
 from cefam_lightning.methods.base import EvaluationSettings
+from cefam_lightning.methods.cam_baselines import baseline_names, parse_baselines
 from cefam_lightning.reporting.evaluations import EvaluateError, write_results
 from cefam_lightning.reporting.explanations import check_options, load_explainer_for, select_device
 from cefam_lightning.training.config import world_spec
@@ -93,6 +98,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--per-layer-contributions",
         action="store_true",
         help="also score contributions with every concept masked at each single layer (slower)",
+    )
+    p.add_argument(
+        "--baselines",
+        default=None,
+        metavar="NAMES",
+        help="class-map baselines beside the method's maps, comma-separated (default gradcam; choices: "
+        + ", ".join(baseline_names())
+        + "; all but gradcam and rise need pip install -e '.[cams]')",
+    )
+    p.add_argument(
+        "--curves", action="store_true", help="also the class maps' deletion / insertion AUC and ROAD (slower)"
     )
     p.add_argument("--batch-size", type=int, default=None, help="images per batch (default 64; 16 with --data)")
     p.add_argument("--cache-dir", default=None, help="where the shapes world is cached (default: the run's)")
@@ -167,12 +183,15 @@ def _evaluate_data(args: argparse.Namespace, module: Any, settings: EvaluationSe
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     with cli_errors(args.debug):
+        baselines = parse_baselines(args.baselines) if args.baselines is not None else None
         device = select_device(args.device)
         module = load_explainer_for(args.checkpoint, device).to(device)
         given = {
             "data": args.data,
             **channel_option_values(args),
             "per_layer_contributions": args.per_layer_contributions,
+            "baselines": baselines,
+            "curves": args.curves,
         }
         check_options(module, given, module.evaluate_options)
         recorded = (module.hparams.get("config") or {}).get("evaluation") or {}
@@ -182,6 +201,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             seed=recorded.get("seed", 0),
             **channel_option_values(args),
             per_layer_contributions=args.per_layer_contributions,
+            baselines=baselines,
+            curves=args.curves,
         )
         evaluate = _evaluate_data if args.data is not None else _evaluate_world
         results, table, default_out = evaluate(args, module, settings)

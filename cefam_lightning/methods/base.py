@@ -100,6 +100,8 @@ class EvaluationSettings:
     batch_size: int = 64
     max_images: int | None = None
     seed: int = 0  # of the random-map baselines
+    baselines: tuple[str, ...] | None = None  # class-map baselines by name (methods/cam_baselines.py); None: Grad-CAM
+    curves: bool = False  # also deletion / insertion AUC and ROAD of the class maps
     k: int | None = None  # CE-FAM
     fill: str | None = None  # CE-FAM
     select_layers: str | list[str] | None = None  # CE-FAM

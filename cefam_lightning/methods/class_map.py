@@ -34,10 +34,18 @@ from cefam_lightning.methods.base import (
     ImageReport,
     RegionPanels,
 )
-from cefam_lightning.methods.baselines import gradcam_maps, random_maps
-from cefam_lightning.metrics import Faithfulness, RegionMetrics
+from cefam_lightning.methods.baselines import random_maps
+from cefam_lightning.methods.cam_baselines import baseline_names, get_baseline
+from cefam_lightning.metrics import ROAD, DeletionInsertion, Faithfulness, RegionMetrics
 from cefam_lightning.metrics.functional.faithfulness import DEFAULT_KEEPS, faithfulness_probabilities, setting_name
 from cefam_lightning.metrics.functional.maps import minmax_normalize
+from cefam_lightning.metrics.functional.perturbation import (
+    DEFAULT_PERCENTILES,
+    DEFAULT_STEPS,
+    deletion_insertion_curves,
+    road_available,
+    road_probabilities,
+)
 from cefam_lightning.reporting import figures
 from cefam_lightning.reporting.explanations import class_entry, float16_map, image_title, json_number, region
 from cefam_lightning.reporting.tables import markdown_table
@@ -74,6 +82,8 @@ class ClassMapExplainer(ExplainerModule):
 
     Subclasses implement :meth:`class_maps_at_layer` and set :attr:`map_layer`.
     """
+
+    evaluate_options = frozenset({"baselines", "curves"})  # beside its own maps (evaluate --baselines, --curves)
 
     @property
     def map_layer(self) -> str:
@@ -198,55 +208,108 @@ class ClassMapImageExplainer:
 
 # ---------------------------------------------------------------------- evaluation
 
-COMPARED = ("method", "gradcam", "random")
+DEFAULT_BASELINES = ("gradcam",)
+COMPARED = ("method", *DEFAULT_BASELINES, "random")
 
 
 class ClassMapEvaluation(nn.Module):
-    """Accumulate region and faithfulness metrics of a class-map explainer, Grad-CAM at its layer and random maps.
+    """Accumulate region and faithfulness metrics of named class maps (a class-map explainer's, baselines', random
+    maps') over batches.
 
     Args:
+        methods: the names of the compared maps (:meth:`update` computes ``"method"``, the registered baselines of
+            :mod:`~cefam_lightning.methods.cam_baselines` and ``"random"``; :meth:`update_maps` takes any).
         keeps: kept pixel fractions of the faithfulness metrics.
-        seed: seed of the random maps.
+        seed: seed of the random maps (and of ROAD's imputation noise).
         sync_on_compute: sum the states over DDP ranks in :meth:`compute` (every rank must then call it).
+        curves: also the deletion / insertion AUC (``steps`` steps) and, where pytorch-grad-cam is installed, ROAD at
+            ``percentiles`` (docs/method.md#deletion-insertion-and-road).
     """
 
-    def __init__(self, keeps: Sequence[float] = DEFAULT_KEEPS, seed: int = 0, sync_on_compute: bool = True):
+    def __init__(
+        self,
+        methods: Sequence[str] = COMPARED,
+        keeps: Sequence[float] = DEFAULT_KEEPS,
+        seed: int = 0,
+        sync_on_compute: bool = True,
+        curves: bool = False,
+        steps: int = DEFAULT_STEPS,
+        percentiles: Sequence[float] = DEFAULT_PERCENTILES,
+    ):
         super().__init__()
-        self.keeps = list(keeps)
-        self.region = nn.ModuleDict({m: RegionMetrics([KEY_OBJECT], sync_on_compute=sync_on_compute) for m in COMPARED})
+        self.methods, self.keeps, self.seed = list(methods), list(keeps), seed
+        self.steps, self.percentiles = steps, list(percentiles)
+        self.region = nn.ModuleDict({m: RegionMetrics([KEY_OBJECT], sync_on_compute=sync_on_compute) for m in methods})
         self.faithfulness = nn.ModuleDict(
-            {m: Faithfulness(self.keeps, sync_on_compute=sync_on_compute) for m in COMPARED}
+            {m: Faithfulness(self.keeps, sync_on_compute=sync_on_compute) for m in methods}
         )
+        kw = {"sync_on_compute": sync_on_compute}
+        self.deletion = nn.ModuleDict({m: DeletionInsertion(steps, **kw) for m in methods} if curves else {})
+        road = curves and bool(self.percentiles) and road_available()
+        self.road = nn.ModuleDict({m: ROAD(self.percentiles, **kw) for m in methods} if road else {})
         self.generator = torch.Generator().manual_seed(seed)
 
     @torch.no_grad()
     def update(self, module: ClassMapExplainer, images: Tensor, key_masks: Tensor) -> None:
-        """Score one batch: ``images`` ``(B, 3, H, W)`` in ``[0, 1]``, ``key_masks`` ``(B, H, W)`` the key object."""
-        size = images.shape[-2:]
+        """Score one batch of a class-map explainer (``"method"``) beside the baselines and random maps at its
+        layer: ``images`` ``(B, 3, H, W)`` in ``[0, 1]``, ``key_masks`` ``(B, H, W)`` the key object."""
         out, c = module.class_maps_at_layer(images)
         pred = out.logits.argmax(dim=1)
-        layer = module.map_layer
-        maps = {
-            "method": normalize_maps(select_class(c, pred), size),
-            "gradcam": normalize_maps(gradcam_maps(module.classifier, out.activations, pred, [layer])[layer], size),
-            "random": random_maps((len(images), *size), self.generator, images.device),
-        }
+        maps = {"method": select_class(c, pred)} if "method" in self.methods else {}
+        maps.update(baseline_maps(self.methods, module.classifier, images, out, pred, module.map_layer))
+        if "random" in self.methods:
+            maps["random"] = random_maps((len(images), *images.shape[-2:]), self.generator, images.device)
+        self.update_maps(module.classifier, images, key_masks, maps, pred, out.logits)
+
+    @torch.no_grad()
+    def update_maps(
+        self,
+        classifier: Any,
+        images: Tensor,
+        key_masks: Tensor,
+        maps: dict[str, Tensor],
+        target: Tensor,
+        logits: Tensor | None = None,
+        road: bool = True,
+    ) -> None:
+        """Score given maps (``{name: (B, h, w)}``, any resolution and scale; each normalized per image and
+        upsampled here) of the ``target`` classes; ``road=False`` leaves this batch out of ROAD (the slowest)."""
+        size = images.shape[-2:]
         concept_ids = torch.zeros(len(images), dtype=torch.long, device=images.device)
         for method, m in maps.items():
+            m = normalize_maps(m.to(images.device), size)
             self.region[method].update(m, key_masks, concept_ids)
-            y, o = faithfulness_probabilities(module.classifier, images, m, pred, self.keeps, logits=out.logits)
+            y, o = faithfulness_probabilities(classifier, images, m, target, self.keeps, logits=logits)
             self.faithfulness[method].update(y, o)
+            if method in self.deletion:
+                self.deletion[method].update(*deletion_insertion_curves(classifier, images, m, target, self.steps))
+            if road and method in self.road:
+                seed = self.seed + int(self.road[method].total)  # other noise per batch, the same per method
+                self.road[method].update(*road_probabilities(classifier, images, m, target, self.percentiles, seed))
 
     def compute(self) -> dict[str, dict[str, float]]:
-        """``{method: {"nra", "epg", "hit_rate", "scored", "ad/100%", "ic/100%", ...}}`` as plain numbers."""
+        """``{method: {"nra", "epg", "hit_rate", "scored", "ad/100%", "ic/100%", ..., ["deletion", "insertion",
+        "road/morf", "road/lerf", "road/combined"]}}`` as plain numbers."""
         results = {}
-        for method in COMPARED:
+        for method in self.methods:
             regions = self.region[method].compute()
             row = {name: float(regions[f"{name}/mean"]) for name in ("nra", "epg", "hit_rate")}
             row["scored"] = int(regions[f"count/{KEY_OBJECT}"])  # images with a non-empty key-object mask
             row.update({k: float(v) for k, v in self.faithfulness[method].compute().items()})
+            if method in self.deletion:
+                row.update({k: float(v) for k, v in self.deletion[method].compute().items() if "/" not in k})
+            if method in self.road:
+                row.update({k: float(v) for k, v in self.road[method].compute().items()})
             results[method] = row
         return results
+
+
+def baseline_maps(
+    names: Sequence[str], classifier: Any, images: Tensor, output: Any, target: Tensor, layer: str
+) -> dict[str, Tensor]:
+    """``{name: (B, h, w)}``: the maps at ``layer`` of those ``names`` that are registered baselines."""
+    registered = set(baseline_names())
+    return {n: get_baseline(n)(classifier, images, output, target, [layer])[layer] for n in names if n in registered}
 
 
 @torch.no_grad()
@@ -271,7 +334,10 @@ def evaluate_class_maps(
     device = module.device
     module.eval()
     t0 = time.time()
-    evaluation = ClassMapEvaluation(DEFAULT_KEEPS, seed=settings.seed, sync_on_compute=False).to(device)
+    baselines = settings.baselines or DEFAULT_BASELINES
+    evaluation = ClassMapEvaluation(
+        ("method", *baselines, "random"), DEFAULT_KEEPS, settings.seed, sync_on_compute=False, curves=settings.curves
+    ).to(device)
     for images, masks, labels in world.split(split).batches(settings.batch_size, settings.max_images, device):
         evaluation.update(module, images, key_object_pixels(world.spec, masks, labels))
     rows = evaluation.compute()
@@ -282,23 +348,44 @@ def evaluate_class_maps(
         "images": int(evaluation.faithfulness["method"].total),
         "layer": module.map_layer,
         "keeps": list(DEFAULT_KEEPS),
+        "baselines": list(baselines),
+        **({"curves": _curve_settings(evaluation)} if settings.curves else {}),
         "seconds": round(time.time() - t0, 1),
     }
 
 
+def _curve_settings(evaluation: ClassMapEvaluation) -> dict[str, Any]:
+    road = evaluation.percentiles if len(evaluation.road) else None  # None: pytorch-grad-cam is not installed
+    return {"steps": evaluation.steps, "road_percentiles": road}
+
+
+CURVE_COLUMNS = (
+    ("deletion", "deletion AUC ↓", "{:.3f}"),
+    ("insertion", "insertion AUC ↑", "{:.3f}"),
+    ("road/morf", "ROAD MoRF ↓", "{:.3f}"),
+    ("road/lerf", "ROAD LeRF ↑", "{:.3f}"),
+)
+
+
 def format_class_map_table(results: dict[str, Any]) -> str:
-    """A Markdown table: NRA, hit rate, EPG against the key object's pixels and AD/IC per kept fraction."""
+    """A Markdown table: NRA, hit rate, EPG against the key object's pixels and AD/IC per kept fraction (and the
+    deletion / insertion AUC and ROAD where evaluated)."""
     names = [setting_name(k) for k in results.get("keeps", DEFAULT_KEEPS)]
-    head = ["method", "NRA", "hit rate", "EPG", *[f"AD {n} ↓" for n in names], *[f"IC {n} ↑" for n in names]]
     explainer = next(iter(results["methods"]))
-    titles = {explainer: results.get("title", explainer), "gradcam": "Grad-CAM", "random": "random map"}
+    curves = [c for c in CURVE_COLUMNS if c[0] in results["methods"][explainer]]
+    head = ["method", "NRA", "hit rate", "EPG", *[f"AD {n} ↓" for n in names], *[f"IC {n} ↑" for n in names]]
+    head += [title for _, title, _ in curves]
+    titles = {explainer: results.get("title", explainer), "random": "random map"}
+    titles.update({n: get_baseline(n).title for n in results["methods"] if n in baseline_names() and n != explainer})
     rows = []
     for method, row in results["methods"].items():
         cells = [f"{row['nra']:.3f}", f"{row['hit_rate']:.3f}", f"{row['epg']:.3f}"]
         cells += [f"{row[f'ad/{n}']:.2f}" for n in names] + [f"{row[f'ic/{n}']:.1f}" for n in names]
+        cells += [fmt.format(row[key]) for key, _, fmt in curves]
         rows.append([titles.get(method, method), *cells])
+    compared = [titles[n] for n in results.get("baselines", DEFAULT_BASELINES)]
     title = (
-        f"{titles[explainer]} at {results.get('layer')} vs Grad-CAM at the same layer, {results.get('images')} "
-        f"{results.get('split')} images (regions: the key object's pixels)"
+        f"{titles[explainer]} at {results.get('layer')} vs {', '.join(compared)} at the same layer, "
+        f"{results.get('images')} {results.get('split')} images (regions: the key object's pixels)"
     )
     return markdown_table(head, rows, title=title) + "\n"

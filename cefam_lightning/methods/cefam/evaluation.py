@@ -47,27 +47,44 @@ from cefam_lightning.data.mask_datasets import MaskBatch, MaskConcept, MaskDatas
 from cefam_lightning.data.shapes_world import key_object_concepts
 from cefam_lightning.errors import one_line
 from cefam_lightning.methods.base import EvaluationSettings
-from cefam_lightning.methods.baselines import SingleChannelBaseline, gradcam_maps, random_maps
+from cefam_lightning.methods.baselines import SingleChannelBaseline, random_maps
+from cefam_lightning.methods.cam_baselines import get_baseline
 from cefam_lightning.methods.cefam.concept_sets import resolve_concepts
 from cefam_lightning.methods.cefam.pipeline import ExplanationPass, fused_class_map, padded_concepts
 from cefam_lightning.methods.cefam.rules import describe_rules, resolve_rules, rule_settings
 from cefam_lightning.methods.cefam.zero_shot import ZeroShotSplit, holdout_of, zero_shot_lines
-from cefam_lightning.metrics import Faithfulness, RegionMetrics
+from cefam_lightning.methods.class_map import CURVE_COLUMNS
+from cefam_lightning.metrics import ROAD, DeletionInsertion, Faithfulness, RegionMetrics
 from cefam_lightning.metrics.functional.faithfulness import DEFAULT_KEEPS, faithfulness_probabilities, setting_name
+from cefam_lightning.metrics.functional.perturbation import (
+    deletion_insertion_curves,
+    road_available,
+    road_probabilities,
+)
 from cefam_lightning.metrics.functional.region import nra
 from cefam_lightning.reporting.evaluations import EvaluateError
 from cefam_lightning.reporting.explanations import ExplainError
 from cefam_lightning.reporting.tables import markdown_table
 
-METHODS = ("cefam", "gradcam", "single_channel", "random")
 METHOD_TITLES = {
     "cefam": "CE-FAM",
     "gradcam": "Grad-CAM (class)",
     "single_channel": "single channel",
     "random": "random map",
 }
-FAITHFULNESS_METHODS = ("cefam", "gradcam")
 FAITHFULNESS_TITLES = {"cefam": "CE-FAM class map", "gradcam": "Grad-CAM at that layer"}
+DEFAULT_BASELINES = ("gradcam",)
+
+
+def method_title(method: str) -> str:
+    """A compared method's row title: CE-FAM, a baseline's (``Grad-CAM (class)``), single channel, random map."""
+    return METHOD_TITLES.get(method) or f"{get_baseline(method).title} (class)"
+
+
+def faithfulness_title(method: str) -> str:
+    return FAITHFULNESS_TITLES.get(method) or f"{get_baseline(method).title} at that layer"
+
+
 _MAX_NOTED = 20  # skipped concepts named at most in a note
 
 
@@ -166,6 +183,9 @@ class ExplanationEvaluation(nn.Module):
         faithfulness_top_n: score the faithfulness of CE-FAM's class map built from the top this many concepts
             (and of Grad-CAM at its main layer); ``None`` leaves it out.
         keeps: kept pixel fractions of the faithfulness metrics.
+        baselines: the class-map baselines compared (:mod:`~cefam_lightning.methods.cam_baselines`), each at every
+            layer like Grad-CAM, the default.
+        curves: also the deletion / insertion AUC and ROAD of the class maps of the faithfulness comparison.
 
     Besides each layer and the top-1 layer, every map method is scored at its **best layer by the mask**
     (``best_layer``: per pair, the layer whose map has the highest NRA against the pair's own mask, among all
@@ -185,8 +205,11 @@ class ExplanationEvaluation(nn.Module):
         contributions: bool = True,
         faithfulness_top_n: int | None = None,
         keeps: Sequence[float] = DEFAULT_KEEPS,
+        baselines: Sequence[str] = DEFAULT_BASELINES,
+        curves: bool = False,
     ):
         super().__init__()
+        self.baselines = list(baselines)
         self.rules = resolve_rules({}, rules, layers=list(layers))
         k, fill, select_layers = self.rules["k"], self.rules["fill"], self.rules["select_layers"]
         if faithfulness_top_n is not None and faithfulness_top_n < 1:
@@ -196,7 +219,7 @@ class ExplanationEvaluation(nn.Module):
         self.selectable: list[str] | None = None  # resolved against the classifier at the first batch
         self.settings = [*self.layers, "top1", "best_layer"]
         self.single_channel, self.k, self.fill = single_channel, k, fill
-        self.methods = [m for m in METHODS if m != "single_channel" or single_channel is not None]
+        self.methods = ["cefam", *self.baselines, *(["single_channel"] if single_channel is not None else []), "random"]
         self.region = nn.ModuleDict(
             {
                 f"{m}/{s}": RegionMetrics(concept_types, sync_on_compute=sync_on_compute)
@@ -215,11 +238,17 @@ class ExplanationEvaluation(nn.Module):
         )
         self.register_buffer("selected", torch.zeros(len(self.layers), dtype=torch.long), persistent=False)
         self.faithfulness_top_n, self.keeps = faithfulness_top_n, list(keeps)
+        compared = ["cefam", *self.baselines] if faithfulness_top_n is not None else []
         self.faithfulness = nn.ModuleDict(
-            {m: Faithfulness(self.keeps, sync_on_compute=sync_on_compute) for m in FAITHFULNESS_METHODS}
-            if faithfulness_top_n is not None
-            else {}
+            {m: Faithfulness(self.keeps, sync_on_compute=sync_on_compute) for m in compared}
         )
+        self.curves = nn.ModuleDict(
+            {m: DeletionInsertion(sync_on_compute=sync_on_compute) for m in compared} if curves else {}
+        )
+        self.road = nn.ModuleDict(
+            {m: ROAD(sync_on_compute=sync_on_compute) for m in compared} if curves and road_available() else {}
+        )
+        self.seed = seed
         # Per image: the layer Grad-CAM is scored at, and whether any top concept contributed positively.
         self.register_buffer("class_map_layer", torch.zeros(len(self.layers), dtype=torch.long), persistent=False)
         self.register_buffer("class_map_empty", torch.zeros((), dtype=torch.long), persistent=False)
@@ -307,15 +336,21 @@ class ExplanationEvaluation(nn.Module):
                 extra_low = {layer: maps[pi, n + extra[1]][:, None] for layer, maps in union_low.items()}
                 rel = p.relevance(ids_extra[:, None], k=self.k, rows=pi, low=extra_low)
                 union_top[pi, n + extra[1]] = p.selected_layers(rel[:, 0])
-        gradcam_low = gradcam_maps(p.classifier, p.activations, pred, self.layers)  # {layer: (B, h, w)}
+        output = SimpleNamespace(logits=p.logits, activations=p.activations)
+        baseline_low = {  # {baseline: {layer: (B, h, w)}}
+            name: get_baseline(name)(p.classifier, p.images, output, pred, self.layers) for name in self.baselines
+        }
 
         # Per method, the pair maps at every layer, stacked: (L, P, H, W).
         per_layer = {
             "cefam": torch.stack([p.upsample(cefam_low[layer])[rows] for layer in self.layers]),
-            "gradcam": torch.stack([p.upsample(gradcam_low[layer][:, None])[:, 0][rows[0]] for layer in self.layers]),
+            **{
+                name: torch.stack([p.upsample(low[layer][:, None].float())[:, 0][rows[0]] for layer in self.layers])
+                for name, low in baseline_low.items()
+            },
         }
-        # The top-1 layer: CE-FAM's selection for CE-FAM and Grad-CAM, the baseline's own best layer for it.
-        top_layer_of = {"cefam": top[rows], "gradcam": top[rows]}
+        # The top-1 layer: CE-FAM's selection for CE-FAM and the class-map baselines, the single channel's own best.
+        top_layer_of = {"cefam": top[rows], **{name: top[rows] for name in baseline_low}}
         if self.single_channel is not None:
             sc = self.single_channel
             per_layer["single_channel"] = torch.stack(
@@ -353,7 +388,7 @@ class ExplanationEvaluation(nn.Module):
                 self.contribution[setting].update(contributions, valid, key_present, correct)
         if faithfulness:
             self._update_faithfulness(
-                p, union_low, gradcam_low, union_top.gather(1, slot), union_contributions.gather(1, slot), slot
+                p, union_low, baseline_low, union_top.gather(1, slot), union_contributions.gather(1, slot), slot
             )
         return p.scores()
 
@@ -361,7 +396,7 @@ class ExplanationEvaluation(nn.Module):
         self,
         p: ExplanationPass,
         union_low: dict[str, Tensor],
-        gradcam_low: dict[str, Tensor],
+        baseline_low: dict[str, dict[str, Tensor]],
         chosen: Tensor,
         contributions: Tensor,
         slot: Tensor,
@@ -376,12 +411,20 @@ class ExplanationEvaluation(nn.Module):
         empty = per_layer.sum(dim=1) <= 0
         # Grad-CAM's layer: the one carrying most of the class map's weight (the top concept's when it is empty).
         main = torch.where(empty, chosen[:, 0], per_layer.argmax(dim=1))
-        gradcam = p.selected_regions({layer: maps[:, None] for layer, maps in gradcam_low.items()}, main[:, None])
+        maps_of = {"cefam": class_map}
+        for name, low in baseline_low.items():
+            at_main = p.selected_regions({layer: maps[:, None].float() for layer, maps in low.items()}, main[:, None])
+            maps_of[name] = at_main[:, 0]
         self.class_map_layer += torch.bincount(main, minlength=len(self.layers)).to(self.class_map_layer.device)
         self.class_map_empty += empty.sum().to(self.class_map_empty.device)
-        for method, maps in (("cefam", class_map), ("gradcam", gradcam[:, 0])):
+        for method, maps in maps_of.items():
             y, o = faithfulness_probabilities(p.classifier, p.images, maps, pred, self.keeps, logits=p.logits)
             self.faithfulness[method].update(y, o)
+            if method in self.curves:
+                self.curves[method].update(*deletion_insertion_curves(p.classifier, p.images, maps, pred))
+            if method in self.road:
+                seed = self.seed + int(self.road[method].total)
+                self.road[method].update(*road_probabilities(p.classifier, p.images, maps, pred, seed=seed))
 
     def compute(self) -> dict[str, Any]:
         """Plain-number results: ``regions[method][setting]`` (metric dicts), ``contribution``, ``layer_selection``."""
@@ -412,7 +455,14 @@ class ExplanationEvaluation(nn.Module):
             "keeps": self.keeps,
             "images": images,
             "methods": {
-                m: {k: float(v) for k, v in metric.compute().items()} for m, metric in self.faithfulness.items()
+                m: {k: float(v) for k, v in metric.compute().items()}
+                | {
+                    k: float(v)
+                    for k, v in (self.curves[m].compute() if m in self.curves else {}).items()
+                    if "/" not in k
+                }
+                | {k: float(v) for k, v in (self.road[m].compute() if m in self.road else {}).items()}
+                for m, metric in self.faithfulness.items()
             },
             # Share of images whose Grad-CAM was taken at each layer (CE-FAM's main layer).
             "gradcam_layer": {
@@ -472,6 +522,8 @@ def evaluate_on_world(
         sync_on_compute=False,
         per_layer_contributions=settings.per_layer_contributions,
         faithfulness_top_n=faithfulness_top_n,
+        baselines=settings.baselines or DEFAULT_BASELINES,
+        curves=settings.curves,
     ).to(device)
     zero_shot = _zero_shot_split(module, evaluation, device)  # None unless the checkpoint held concepts out
     data = world.split(split)
@@ -625,6 +677,7 @@ def evaluate_on_masks(
         seed=seed,
         sync_on_compute=False,
         contributions=False,
+        baselines=settings.baselines or DEFAULT_BASELINES,
     ).to(device)
     skipped_pairs = torch.zeros(len(dataset.concepts), dtype=torch.long)
     n_images = 0
@@ -701,23 +754,27 @@ def _title(setting: str) -> str:
 
 def _faithfulness_lines(faith: dict[str, Any]) -> list[str]:
     names = [setting_name(k) for k in faith["keeps"]]
-    head = ["method", *[f"AD {n} ↓" for n in names], *[f"IC {n} ↑" for n in names]]
+    curves = [c for c in CURVE_COLUMNS if c[0] in next(iter(faith["methods"].values()))]
+    head = ["method", *[f"AD {n} ↓" for n in names], *[f"IC {n} ↑" for n in names], *[c[1] for c in curves]]
     layers = ", ".join(f"{k} {v:.2f}" for k, v in faith["gradcam_layer"].items())
+    compared = ", ".join(get_baseline(m).title for m in faith["methods"] if m != "cefam")
     title = (
         f"Faithfulness of the class map (predicted class, {faith['images']} images): CE-FAM's top-{faith['top_n']} "
-        "concepts' regions weighted by their positive contributions, beside Grad-CAM at the layer carrying most of "
-        "that weight"
+        f"concepts' regions weighted by their positive contributions, beside {compared} at the layer carrying most "
+        "of that weight"
     )
     rows = [
-        [FAITHFULNESS_TITLES.get(method, method)]
+        [faithfulness_title(method)]
         + [f"{row[f'ad/{n}']:.2f}" for n in names]
         + [f"{row[f'ic/{n}']:.1f}" for n in names]
+        + [fmt.format(row[key]) for key, _, fmt in curves]
         for method, row in faith["methods"].items()
     ]
     return [
         markdown_table(head, rows, title=title),
         "",
-        f"Grad-CAM's layer (share of images): {layers}; images whose top concepts contribute nothing positive "
+        f"{'Grad-CAM' if compared == 'Grad-CAM' else 'The baselines'}' layer (share of images): {layers}; "
+        "images whose top concepts contribute nothing positive "
         f"(an all-zero class map): {faith['images_without_positive_contribution']}",
         "",
     ]
@@ -734,7 +791,7 @@ def format_table(results: dict[str, Any]) -> str:
     for metric, title in (("nra", "NRA"), ("hit_rate", "hit rate"), ("epg", "EPG")):
         # The random map does not depend on the layer: one value, shown in every column.
         rows = [
-            [METHOD_TITLES.get(method, method)]
+            [method_title(method)]
             + [f"{per_setting.get(s, per_setting.get('top1'))[f'{metric}/mean']:.3f}" for s in settings]
             for method, per_setting in regions.items()
         ]
@@ -775,7 +832,9 @@ def format_table(results: dict[str, Any]) -> str:
             "Best layer by the mask: each pair at the layer whose map fits its own mask best (the authors' Top-4); "
             "it reads the ground truth, so it is an upper bound on any layer choice, not an explanation."
         )
-    lines.extend(zero_shot_lines(results, METHOD_TITLES))  # a checkpoint trained with a holdout: seen vs unseen
+    lines.extend(
+        zero_shot_lines(results, {m: method_title(m) for m in regions})
+    )  # a checkpoint trained with a holdout: seen vs unseen
     notes = results.get("notes", [])
     if notes:
         lines.append("")
