@@ -17,7 +17,6 @@ what is scored is what is explained.
 from __future__ import annotations
 
 import warnings
-
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
