@@ -69,6 +69,9 @@ from cefam_lightning.errors import CefamError
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
 ATTRIBUTE_SPLITS = {"attr_train": "train", "attr_val": "val"}  # the second data set of the two-data-set setting
+# The two-data-set setting's batches: {TARGET_BATCH: a batch of the target data, ATTRIBUTE_BATCH: one of the
+# attribute data}, either None where that data set ran out (validation, test).
+TARGET_BATCH, ATTRIBUTE_BATCH = "target_data", "attribute_data"
 
 
 class EmbeddingJoinError(CefamError):
@@ -426,9 +429,9 @@ class ImageDataModule(L.LightningDataModule):
         targets: a target table: batches carry ``target`` ``(B, n_targets)`` (regression).
         attribute_train, attribute_val: the authors' two-data-set setting (SIAM): image sources whose images have
             the attribute rows, while ``train``/``val``/``test`` give the target and need none. Each batch is then
-            ``{"target": batch, "attributes": batch}``, one batch of each data set (training: an epoch is the longer
-            data set once, the shorter one cycled; validation and test: every batch of both, ``None`` for the one
-            that ran out). The attribute batches' labels are not the target's and are not used as targets.
+            ``{TARGET_BATCH: batch, ATTRIBUTE_BATCH: batch}``, one batch of each data set (training: an epoch is the
+            longer data set once, the shorter one cycled; validation and test: every batch of both, ``None`` for the
+            one that ran out). The attribute batches' labels are not the target's and are not used as targets.
         input_spec: the classifier's input geometry; images become ``3 x crop x crop`` in ``[0, 1]``.
         batch_size: per-device batch size.
         num_workers: DataLoader workers (persistent when > 0).
@@ -727,15 +730,16 @@ class ImageDataModule(L.LightningDataModule):
 
     def _paired(self, split: str, train: bool) -> Any:
         """Without attribute splits, ``split``'s loader; with them (the two-data-set setting), a Lightning
-        ``CombinedLoader`` of ``{"target": split's batches, "attributes": the attribute split's}`` (Lightning puts
-        its distributed sampler into each under DDP)."""
+        ``CombinedLoader`` of ``{TARGET_BATCH: split's batches, ATTRIBUTE_BATCH: the attribute split's}``
+        (Lightning puts its distributed sampler into each under DDP)."""
         loader = self._loader(split, train)
         if not self.two_datasets:
             return loader
         from lightning.pytorch.utilities import CombinedLoader
 
         attributes = self._loader("attr_train" if train else "attr_val", train)
-        return CombinedLoader({"target": loader, "attributes": attributes}, "max_size_cycle" if train else "max_size")
+        mode = "max_size_cycle" if train else "max_size"
+        return CombinedLoader({TARGET_BATCH: loader, ATTRIBUTE_BATCH: attributes}, mode)
 
     def train_dataloader(self) -> Any:
         return self._paired("train", train=True)
