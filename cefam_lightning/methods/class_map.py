@@ -11,7 +11,10 @@ class_maps_at_layer`), namely
 - the maps the region-map callback draws;
 - the evaluation on the shapes world (:func:`evaluate_class_maps`): NRA, hit rate and EPG against the key object's
   pixels (:func:`~cefam_lightning.data.shapes_world.key_object_pixels`, the one ground truth of a class map), and
-  Average Drop / Increase in Confidence, beside Grad-CAM at the same layer and a random map.
+  Average Drop / Increase in Confidence, beside Grad-CAM at the same layer and a random map;
+- the evaluation on data (``evaluate --data``, :func:`evaluate_class_maps_on_data`): AD / IC of the predicted class's
+  map on any image source or mask dataset, and where the data have class masks (a mask named after one of the
+  checkpoint's classes: ImageNet-S's, the folder format's) the region metrics of that class's map against them.
 """
 
 from __future__ import annotations
@@ -19,12 +22,14 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cefam_lightning.data.mask_datasets import collate_masks
 from cefam_lightning.data.shapes_world import key_object_pixels
 from cefam_lightning.methods.base import (
     EvaluationSettings,
@@ -38,6 +43,7 @@ from cefam_lightning.methods.baselines import gradcam_maps, random_maps
 from cefam_lightning.metrics import Faithfulness, RegionMetrics
 from cefam_lightning.metrics.functional.faithfulness import DEFAULT_KEEPS, faithfulness_probabilities, setting_name
 from cefam_lightning.metrics.functional.maps import minmax_normalize
+from cefam_lightning.models.classifier import Activations
 from cefam_lightning.reporting import figures
 from cefam_lightning.reporting.explanations import class_entry, float16_map, image_title, json_number, region
 from cefam_lightning.reporting.tables import markdown_table
@@ -74,6 +80,8 @@ class ClassMapExplainer(ExplainerModule):
 
     Subclasses implement :meth:`class_maps_at_layer` and set :attr:`map_layer`.
     """
+
+    evaluate_options = frozenset({"data"})
 
     @property
     def map_layer(self) -> str:
@@ -135,6 +143,14 @@ class ClassMapExplainer(ExplainerModule):
 
     def evaluate_on_world(self, world: Any, split: str, settings: EvaluationSettings) -> tuple[dict[str, Any], str]:
         results = evaluate_class_maps(self, world, split, settings)
+        return results, format_class_map_table(results)
+
+    def evaluate_on_data(
+        self, dataset: Any, settings: EvaluationSettings, num_workers: int = 0, **options: Any
+    ) -> tuple[dict[str, Any], str]:
+        """AD / IC on any image data, and region metrics against its class masks where it has them
+        (:func:`evaluate_class_maps_on_data`)."""
+        results = evaluate_class_maps_on_data(self, dataset, settings, num_workers)
         return results, format_class_map_table(results)
 
 
@@ -219,23 +235,50 @@ class ClassMapEvaluation(nn.Module):
         )
         self.generator = torch.Generator().manual_seed(seed)
 
+    def _maps(self, module: ClassMapExplainer, images: Tensor, out: Any, c: Tensor, classes: Tensor) -> dict:
+        """Each compared method's map of ``classes`` (``(B,)``) on ``images``, normalized, at the image size."""
+        size, layer = images.shape[-2:], module.map_layer
+        return {
+            "method": normalize_maps(select_class(c, classes), size),
+            "gradcam": normalize_maps(gradcam_maps(module.classifier, out.activations, classes, [layer])[layer], size),
+            "random": random_maps((len(images), *size), self.generator, images.device),
+        }
+
     @torch.no_grad()
     def update(self, module: ClassMapExplainer, images: Tensor, key_masks: Tensor) -> None:
         """Score one batch: ``images`` ``(B, 3, H, W)`` in ``[0, 1]``, ``key_masks`` ``(B, H, W)`` the key object."""
-        size = images.shape[-2:]
         out, c = module.class_maps_at_layer(images)
         pred = out.logits.argmax(dim=1)
-        layer = module.map_layer
-        maps = {
-            "method": normalize_maps(select_class(c, pred), size),
-            "gradcam": normalize_maps(gradcam_maps(module.classifier, out.activations, pred, [layer])[layer], size),
-            "random": random_maps((len(images), *size), self.generator, images.device),
-        }
+        maps = self._maps(module, images, out, c, pred)
         concept_ids = torch.zeros(len(images), dtype=torch.long, device=images.device)
         for method, m in maps.items():
             self.region[method].update(m, key_masks, concept_ids)
             y, o = faithfulness_probabilities(module.classifier, images, m, pred, self.keeps, logits=out.logits)
             self.faithfulness[method].update(y, o)
+
+    @torch.no_grad()
+    def update_with_class_masks(
+        self, module: ClassMapExplainer, images: Tensor, masks: Tensor, image_index: Tensor, classes: Tensor
+    ) -> None:
+        """Score one batch of data: AD / IC of the predicted class's maps, and each class mask (``masks``
+        ``(P, H, W)`` of image ``image_index`` ``(P,)``, class ``classes`` ``(P,)``) against that class's maps."""
+        out, c = module.class_maps_at_layer(images)
+        pred = out.logits.argmax(dim=1)
+        for method, m in self._maps(module, images, out, c, pred).items():
+            y, o = faithfulness_probabilities(module.classifier, images, m, pred, self.keeps, logits=out.logits)
+            self.faithfulness[method].update(y, o)
+        if not len(image_index):
+            return
+        layer = module.map_layer
+        rows = Activations(
+            {layer: out.activations[layer][image_index]},
+            {k: v[image_index] for k, v in out.activations.prefix_tokens.items() if k == layer},
+        )
+        pairs = SimpleNamespace(activations=rows)
+        maps = self._maps(module, images[image_index], pairs, c[image_index], classes)
+        concept_ids = torch.zeros(len(image_index), dtype=torch.long, device=images.device)
+        for method, m in maps.items():
+            self.region[method].update(m, masks, concept_ids)
 
     def compute(self) -> dict[str, dict[str, float]]:
         """``{method: {"nra", "epg", "hit_rate", "scored", "ad/100%", "ic/100%", ...}}`` as plain numbers."""
@@ -286,19 +329,89 @@ def evaluate_class_maps(
     }
 
 
+@torch.no_grad()
+def evaluate_class_maps_on_data(
+    module: ClassMapExplainer, dataset: Any, settings: EvaluationSettings | None = None, num_workers: int = 0
+) -> dict[str, Any]:
+    """Evaluate a class-map explainer on image data (``evaluate --data``), beside Grad-CAM at its layer and a random
+    map: AD / IC of the predicted class's map on every image, and NRA, hit rate and EPG of a class's map against
+    each class mask, a mask whose concept is named like one of the checkpoint's classes (ImageNet-S's masks, the
+    folder format's; none in a plain image source).
+
+    Args:
+        module: the explainer.
+        dataset: a mask dataset or an image source dataset (:mod:`cefam_lightning.data.evaluation_data`).
+        settings: batch size, image limit, random-map seed.
+        num_workers: DataLoader workers.
+
+    Returns:
+        ``{"methods": {<method> | "gradcam" | "random": metrics}, "title", "data", "images", "class_masks",
+        "regions_against", "layer", "keeps", "seconds"}``; without class masks the rows hold AD / IC only.
+    """
+    from torch.utils.data import DataLoader, Subset
+
+    settings = settings or EvaluationSettings()
+    device = module.device
+    module.eval()
+    t0 = time.time()
+    class_of = {name: i for i, name in enumerate(module.class_names)}
+    concept_class = torch.tensor([class_of.get(c.name, -1) for c in dataset.concepts] or [-1], dtype=torch.long)
+    n = len(dataset) if settings.max_images is None else min(settings.max_images, len(dataset))
+    if n < 1:
+        raise ValueError(f"no images to evaluate in {dataset.describe()['root']}")
+    data = dataset if n == len(dataset) else Subset(dataset, range(n))
+    loader = DataLoader(data, batch_size=settings.batch_size, collate_fn=collate_masks, num_workers=num_workers)
+    evaluation = ClassMapEvaluation(DEFAULT_KEEPS, seed=settings.seed, sync_on_compute=False).to(device)
+    pairs = 0
+    for batch in loader:
+        classes = concept_class[batch.concepts] if len(batch.concepts) else batch.concepts
+        keep = classes >= 0  # the masks of the checkpoint's classes
+        pairs += int(keep.sum())
+        evaluation.update_with_class_masks(
+            module,
+            batch.images.to(device),
+            batch.masks[keep].to(device),
+            batch.image_index[keep].to(device),
+            classes[keep].to(device),
+        )
+    rows = evaluation.compute()
+    if pairs == 0:  # no class masks: region metrics have nothing to score
+        rows = {m: {k: v for k, v in row.items() if k not in REGION_KEYS} for m, row in rows.items()}
+    return {
+        "methods": {module.method: rows.pop("method"), **rows},
+        "title": module.title,
+        "data": dataset.describe(),
+        "split": dataset.split or "all",
+        "images": int(evaluation.faithfulness["method"].total),
+        "class_masks": pairs,
+        "regions_against": f"{pairs} class masks" if pairs else None,
+        "layer": module.map_layer,
+        "keeps": list(DEFAULT_KEEPS),
+        "seconds": round(time.time() - t0, 1),
+    }
+
+
+REGION_KEYS = ("nra", "epg", "hit_rate", "scored")
+
+
 def format_class_map_table(results: dict[str, Any]) -> str:
-    """A Markdown table: NRA, hit rate, EPG against the key object's pixels and AD/IC per kept fraction."""
+    """A Markdown table: NRA, hit rate, EPG against the key object's pixels (the shapes world) or the class masks
+    (data), where there are any, and AD/IC per kept fraction."""
     names = [setting_name(k) for k in results.get("keeps", DEFAULT_KEEPS)]
-    head = ["method", "NRA", "hit rate", "EPG", *[f"AD {n} ↓" for n in names], *[f"IC {n} ↑" for n in names]]
     explainer = next(iter(results["methods"]))
+    regions = "nra" in results["methods"][explainer]
+    head = ["method", *(["NRA", "hit rate", "EPG"] if regions else [])]
+    head += [*[f"AD {n} ↓" for n in names], *[f"IC {n} ↑" for n in names]]
     titles = {explainer: results.get("title", explainer), "gradcam": "Grad-CAM", "random": "random map"}
     rows = []
     for method, row in results["methods"].items():
-        cells = [f"{row['nra']:.3f}", f"{row['hit_rate']:.3f}", f"{row['epg']:.3f}"]
+        cells = [f"{row['nra']:.3f}", f"{row['hit_rate']:.3f}", f"{row['epg']:.3f}"] if regions else []
         cells += [f"{row[f'ad/{n}']:.2f}" for n in names] + [f"{row[f'ic/{n}']:.1f}" for n in names]
         rows.append([titles.get(method, method), *cells])
+    against = results.get("regions_against", "the key object's pixels")
+    where = f"{results.get('split')} images" if "data" not in results else f"images of {results['data']['root']}"
     title = (
-        f"{titles[explainer]} at {results.get('layer')} vs Grad-CAM at the same layer, {results.get('images')} "
-        f"{results.get('split')} images (regions: the key object's pixels)"
+        f"{titles[explainer]} at {results.get('layer')} vs Grad-CAM at the same layer, {results.get('images')} {where} "
+        + (f"(regions: {against})" if against else "(no class masks: faithfulness only)")
     )
     return markdown_table(head, rows, title=title) + "\n"

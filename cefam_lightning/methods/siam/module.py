@@ -115,10 +115,12 @@ class SIAMModule(ExplainerModule):
 
     summary_metrics = (
         ("SIAM class accuracy", "test/acc"),
+        ("SIAM regression MSE", "test/mse"),
         ("attribute-presence AUROC", "test/attr_auroc"),
         ("test loss", "test/loss"),
     )
     explain_options = frozenset({"top_n"})
+    evaluate_options = frozenset({"data", "attributes", "targets"})
 
     def __init__(
         self,
@@ -432,6 +434,26 @@ class SIAMModule(ExplainerModule):
 
         results = evaluate_siam_on_world(self, world, split, settings.batch_size, settings.max_images)
         return results, format_siam_table(results)
+
+    def evaluate_on_data(
+        self,
+        dataset: Any,
+        settings: EvaluationSettings,
+        attributes: Any = None,
+        targets: Any = None,
+        num_workers: int = 0,
+        **options: Any,
+    ) -> tuple[dict[str, Any], str]:
+        """Attribute AUROC against an attribute table (``attributes``, required) and the target metric
+        (:func:`~cefam_lightning.methods.siam.evaluation.evaluate_siam_on_data`)."""
+        from cefam_lightning.methods.siam.evaluation import evaluate_siam_on_data, format_siam_data_table
+
+        if attributes is None:
+            raise UnsupportedError("a SIAM checkpoint is evaluated on data against an attribute table: --attributes")
+        results = evaluate_siam_on_data(
+            self, dataset, attributes, targets, settings.batch_size, settings.max_images, num_workers
+        )
+        return results, format_siam_data_table(results)
 
 
 @dataclass
