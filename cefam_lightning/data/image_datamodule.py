@@ -565,11 +565,12 @@ class ImageDataModule(L.LightningDataModule):
         return [r.id for r in source if r.id not in self.skipped]
 
     def _report_unmatched(self) -> None:
-        """Count the table rows that match no image of any split, and say so (never dropped in silence)."""
+        """Count each table's rows that match no image of the splits that read it, and say so (never dropped in
+        silence)."""
         if not self.tables:
             return
-        ids = {i for split_ids in self._ids.values() for i in split_ids}
         for key, table in self.tables.items():
+            ids = {i for split, split_ids in self._ids.items() if key in self._tables_of(split) for i in split_ids}
             extra = table.unmatched(ids)
             self.unmatched[key] = len(extra)
             if extra and rank_zero_only.rank == 0:

@@ -280,13 +280,16 @@ class ClassMapEvaluation(nn.Module):
         for method, m in maps.items():
             self.region[method].update(m, masks, concept_ids)
 
-    def compute(self) -> dict[str, dict[str, float]]:
-        """``{method: {"nra", "epg", "hit_rate", "scored", "ad/100%", "ic/100%", ...}}`` as plain numbers."""
+    def compute(self, regions: bool = True) -> dict[str, dict[str, float]]:
+        """``{method: {"nra", "epg", "hit_rate", "scored", "ad/100%", "ic/100%", ...}}`` as plain numbers
+        (``regions=False``: AD / IC only, for data without masks)."""
         results = {}
         for method in COMPARED:
-            regions = self.region[method].compute()
-            row = {name: float(regions[f"{name}/mean"]) for name in ("nra", "epg", "hit_rate")}
-            row["scored"] = int(regions[f"count/{KEY_OBJECT}"])  # images with a non-empty key-object mask
+            row = {}
+            if regions:
+                scores = self.region[method].compute()
+                row = {name: float(scores[f"{name}/mean"]) for name in ("nra", "epg", "hit_rate")}
+                row["scored"] = int(scores[f"count/{KEY_OBJECT}"])  # images (pairs) with a non-empty mask
             row.update({k: float(v) for k, v in self.faithfulness[method].compute().items()})
             results[method] = row
         return results
@@ -374,9 +377,7 @@ def evaluate_class_maps_on_data(
             batch.image_index[keep].to(device),
             classes[keep].to(device),
         )
-    rows = evaluation.compute()
-    if pairs == 0:  # no class masks: region metrics have nothing to score
-        rows = {m: {k: v for k, v in row.items() if k not in REGION_KEYS} for m, row in rows.items()}
+    rows = evaluation.compute(regions=pairs > 0)  # no class masks: region metrics have nothing to score
     return {
         "methods": {module.method: rows.pop("method"), **rows},
         "title": module.title,
@@ -389,9 +390,6 @@ def evaluate_class_maps_on_data(
         "keeps": list(DEFAULT_KEEPS),
         "seconds": round(time.time() - t0, 1),
     }
-
-
-REGION_KEYS = ("nra", "epg", "hit_rate", "scored")
 
 
 def format_class_map_table(results: dict[str, Any]) -> str:
