@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.utils.data import Dataset
 
-from cefam_lightning.data.image_sources import ImageSourceError, open_image, open_source
+from cefam_lightning.data.image_sources import ImageSourceError, is_shard_spec, open_image, open_source
 from cefam_lightning.data.mask_datasets import MaskDataset, MaskDatasetError, detect_format, open_evaluation_splits
 from cefam_lightning.data.transforms import InputSpec, image_transform
 
@@ -109,6 +109,9 @@ def open_evaluation_data(
         MaskDatasetError: a malformed mask dataset, or a split asked of an image source.
         ImageSourceError: a malformed image source, or a path that is neither.
     """
+    path = Path(root).expanduser()
+    if not path.exists() and not is_shard_spec(str(path)):
+        raise MaskDatasetError(f"{root}: dataset folder not found (nor a manifest or tar shards)")
     if format == "auto":
         try:
             format = detect_format(root)
