@@ -163,6 +163,7 @@ BAD_VALUES = [
     ("scheduler.name=step", "scheduler.name must be one of ('plateau', 'cosine', 'none'), got 'step'"),
     ("cefam.activation=sigmoid", "cefam.activation must be one of ('tanh', 'relu', 'gelu'), got 'sigmoid'"),
     ("lcam.label_source=truth", "lcam.label_source must be one of ('prediction', 'target'), got 'truth'"),
+    ("siam.task=ranking", "siam.task must be one of ('classification', 'regression'), got 'ranking'"),
     ("cefam.fill=mean", "cefam.fill must be one of ('spatial_mean', 'zero'), got 'mean'"),
     ("cefam.gradient=total", "cefam.gradient must be one of ('direct', 'full'), got 'total'"),
     ("cefam.region_weights=abs", "cefam.region_weights must be one of ('signed', 'positive'), got 'abs'"),

@@ -18,7 +18,7 @@ import torch
 from cefam_lightning.data.concepts import make_concepts
 from cefam_lightning.data.embedding_store import EmbeddingStore, VLMInfo
 from cefam_lightning.data.feature_cache import PooledFeatureCache
-from cefam_lightning.data.image_datamodule import EmbeddingJoinError, ImageDataModule, _LazyStore, _SampleToItem
+from cefam_lightning.data.image_datamodule import EmbeddingJoinError, ImageDataModule, SampleJoin, _SampleToItem
 from cefam_lightning.data.image_sources import (
     ImageSourceError,
     TruncatedShardError,
@@ -242,7 +242,7 @@ def test_missing_embeddings_are_counted_and_listed(data, kind, tmp_path):
 
 def test_a_missing_embedding_while_streaming_names_the_id_and_shard(data):
     sample = next(iter_shard_samples(open_source(data["shards"]).shards))
-    to_item = _SampleToItem({}, _LazyStore(data["store"]), image_transform(SPEC), CLASSES)
+    to_item = _SampleToItem(SampleJoin(data["store"], {}), image_transform(SPEC), CLASSES)
     with pytest.raises(EmbeddingJoinError, match=r"sample 'dog/img001' of shard .*shard-000.tar has no embedding"):
         to_item({**sample, "__key__": "dog/img001"})
 

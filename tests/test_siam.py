@@ -249,7 +249,7 @@ def test_regression_task(classifier, tiny_spec, tiny_world):
         losses.append(float(step.loss_task.detach()))
     # Better than the best constant prediction (the target's variance): the attributes explain the target.
     assert losses[-1] < 0.5 * float(batch["target"].var(unbiased=False))
-    torch.testing.assert_close(step.loss_task, F.mse_loss(step.out.outputs[:, 0], batch["target"]))
+    torch.testing.assert_close(step.loss_task, F.mse_loss(step.outputs[:, 0], batch["target"]))
     ex = module.explain(images)
     assert (ex.target == 0).all()
     torch.testing.assert_close(ex.contributions.sum(1) + ex.bias, ex.logits[:, 0])

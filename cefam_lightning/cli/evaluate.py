@@ -3,8 +3,9 @@
 Usage::
 
     python evaluate.py --checkpoint RUN/checkpoints/best.ckpt [--split test] [--max-images N] [--out DIR]
-    python evaluate.py --checkpoint CKPT --data ROOT [--format auto|folder|broden|imagenet-s] [--split SPLIT]
+    python evaluate.py --checkpoint CKPT --data ROOT [--format auto|folder|broden|imagenet-s|images] [--split SPLIT]
                        [--store STORE_DIR] [--fit-split SPLIT|none] [--max-images N] [--max-fit-images N]
+                       [--attributes CSV] [--targets CSV]
 
 The checkpoint's method is read from it. Without ``--data`` it is evaluated on the shapes world it was trained on
 (rebuilt from the run's config), on the held-out split, by the method's own evaluation
@@ -19,21 +20,31 @@ The checkpoint's method is read from it. Without ``--data`` it is evaluated on t
 - **SIAM**: attribute-presence AUROC, class accuracy beside the frozen classifier's, how often the top
   contribution is a key-object concept, the attribute maps' region metrics and the class map's NRA.
 
-With ``--data`` (methods that take it: CE-FAM) it is evaluated on a mask dataset
-(:mod:`cefam_lightning.data.mask_datasets`: the documented folder format, Broden's or ImageNet-S's released
-layout), on ``--split`` (default ``val`` / ``validation`` where the dataset has it, else every image). The
-dataset's concepts the checkpoint knows by name are evaluated; others take their text embeddings from ``--store``
-(an embedding store made with the checkpoint's VLM) and otherwise are skipped, counted and listed in the results.
-The single-channel baseline is fitted on the dataset's training split (``train``, ImageNet-S ``train-semi``;
-``--fit-split``) and left out, with a note, where there is none.
+With ``--data`` it is evaluated on a mask dataset (:mod:`cefam_lightning.data.mask_datasets`: the documented folder
+format, Broden's or ImageNet-S's released layout), on ``--split`` (default ``val`` / ``validation`` where the
+dataset has it, else every image), or on any image source (a class-per-folder tree, a manifest, tar shards; no
+masks), by the method's own evaluation
+(:meth:`~cefam_lightning.methods.base.ExplainerModule.evaluate_on_data`):
+
+- **CE-FAM** (mask datasets): the dataset's concepts the checkpoint knows by name are evaluated; others take their
+  text embeddings from ``--store`` (an embedding store made with the checkpoint's VLM) and otherwise are skipped,
+  counted and listed in the results. The single-channel baseline is fitted on the dataset's training split
+  (``train``, ImageNet-S ``train-semi``; ``--fit-split``) and left out, with a note, where there is none;
+- **L-CAM-Fm / L-CAM-Img**: Average Drop / Increase in Confidence at 100/50/15 % of the predicted class's map on
+  every image, and where the data have class masks (a mask named after one of the checkpoint's classes:
+  ImageNet-S's, the folder format's) NRA, hit rate and EPG of that class's map against them; beside Grad-CAM and
+  a random map;
+- **SIAM**: the attribute-presence AUROC against ``--attributes`` (a CSV of id + one column per attribute in
+  [0, 1], joined by the images' ids) and the target metric: class accuracy against the data's labels, or the MSE
+  against ``--targets`` (a CSV of id + one column per output) for a regression checkpoint.
 
 ``--baselines gradcam,gradcampp,scorecam`` sets the class-map baselines compared (registered by name in
 :mod:`cefam_lightning.methods.cam_baselines`; pytorch-grad-cam's CAMs are an optional extra), and ``--curves`` adds the
 class maps' deletion / insertion AUC and ROAD (CE-FAM and the class-map methods).
 
-``--k``, ``--fill``, ``--select-layers``, ``--per-layer-contributions`` and ``--data`` are options of the methods that
-take them (CE-FAM); left out, they are the checkpoint's own (its run's settings). An option the checkpoint's method
-does not take is an error.
+``--k``, ``--fill``, ``--select-layers``, ``--per-layer-contributions``, ``--store``, ``--fit-split``,
+``--attributes``, ``--targets`` and ``--data`` are options of the methods that take them; left out, they are the
+checkpoint's own (its run's settings). An option the checkpoint's method does not take is an error.
 
 Writes ``evaluation.json`` (every number) and ``evaluation.md`` (the readable table) to ``--out`` (default:
 ``evaluation/`` in the checkpoint's run folder, ``evaluation-<dataset>-<split>/`` with ``--data``) and prints the
@@ -56,7 +67,8 @@ from cefam_lightning.cli.options import (
     add_device_option,
     channel_option_values,
 )
-from cefam_lightning.data.mask_datasets import FORMATS, open_evaluation_splits
+from cefam_lightning.data.evaluation_data import IMAGES_FORMAT, open_evaluation_data
+from cefam_lightning.data.mask_datasets import FORMATS
 from cefam_lightning.data.shapes_world import ShapesWorld
 from cefam_lightning.errors import CefamError, cli_errors
 from cefam_lightning.methods.base import EvaluationSettings
@@ -68,7 +80,8 @@ from cefam_lightning.training.config import world_spec
 WORLD_SPLITS = ("train", "val", "test")
 
 
-DATA_OPTIONS = ("format", "store", "fit_split", "max_fit_images", "categories", "class_names")
+DATA_OPTIONS = ("format", "store", "fit_split", "max_fit_images", "categories", "class_names", "attributes", "targets")
+METHOD_DATA_OPTIONS = ("store", "fit_split", "max_fit_images", "attributes", "targets")  # checked per method
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -81,8 +94,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--max-images", type=int, default=None, help="evaluate only the first N images of the split")
     data = p.add_argument_group("mask datasets (--data)")
-    data.add_argument("--data", default=None, metavar="ROOT", help="evaluate on this mask dataset folder instead")
-    data.add_argument("--format", default=None, choices=("auto", *FORMATS), help="its layout (default auto)")
+    data.add_argument(
+        "--data", default=None, metavar="ROOT", help="evaluate on this mask dataset or image source instead"
+    )
+    data.add_argument(
+        "--format", default=None, choices=("auto", *FORMATS, IMAGES_FORMAT), help="its layout (default auto)"
+    )
     data.add_argument(
         "--store", default=None, metavar="STORE_DIR", help="embedding store for concepts the checkpoint lacks"
     )
@@ -93,6 +110,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     data.add_argument("--num-workers", type=int, default=0, help="DataLoader workers reading the dataset (default 0)")
     data.add_argument("--categories", default=None, help="ImageNet-S: the release's ImageNetS_categories_im{N}.txt")
     data.add_argument("--class-names", default=None, help="ImageNet-S: '<wnid> <name>' lines (LOC_synset_mapping.txt)")
+    data.add_argument("--attributes", default=None, metavar="CSV", help="SIAM: attribute table (id + attributes)")
+    data.add_argument("--targets", default=None, metavar="CSV", help="SIAM regression: target table (id + targets)")
     add_channel_options(p)
     p.add_argument(
         "--per-layer-contributions",
@@ -158,24 +177,23 @@ def _evaluate_world(args: argparse.Namespace, module: Any, settings: EvaluationS
 
 
 def _evaluate_data(args: argparse.Namespace, module: Any, settings: EvaluationSettings) -> tuple[dict, str, Path]:
-    """The method's evaluation on a mask dataset, opened with the classifier's input geometry."""
-    dataset, fit = open_evaluation_splits(
+    """The method's evaluation on a mask dataset or image source, opened with the classifier's input geometry."""
+    fits = "fit_split" in module.evaluate_options  # a method that fits a baseline on the data's training split
+    dataset, fit = open_evaluation_data(
         args.data,
         module.classifier.input_spec,
         args.format or "auto",
         split=args.split,
-        fit_split=args.fit_split,
+        fit_split=args.fit_split if fits else "none",
+        class_names=module.class_names,
         categories=args.categories,
-        class_names=args.class_names,
+        imagenet_class_names=args.class_names,
     )
-    results, table = module.evaluate_on_masks(
-        dataset,
-        settings,
-        store=args.store,
-        fit_dataset=fit,
-        max_fit_images=args.max_fit_images,
-        num_workers=args.num_workers,
-    )
+    options = {name: getattr(args, name) for name in METHOD_DATA_OPTIONS if getattr(args, name) is not None}
+    options.pop("fit_split", None)
+    if fit is not None:
+        options["fit_dataset"] = fit
+    results, table = module.evaluate_on_data(dataset, settings, num_workers=args.num_workers, **options)
     name = re.sub(r"[^\w.\-]+", "_", Path(args.data).resolve().name) or "data"
     return results, table, Path(args.checkpoint).resolve().parent.parent / f"evaluation-{name}-{dataset.split or 'all'}"
 
@@ -188,6 +206,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         module = load_explainer_for(args.checkpoint, device).to(device)
         given = {
             "data": args.data,
+            **{name: getattr(args, name) for name in METHOD_DATA_OPTIONS},
             **channel_option_values(args),
             "per_layer_contributions": args.per_layer_contributions,
             "baselines": baselines,

@@ -1,10 +1,14 @@
-"""Training data from real images: a source of images joined by sample id with the VLM embeddings of a store.
+"""Training data from real images: a source of images joined by sample id with what the explainer reads besides
+them: the VLM embeddings of a store (CE-FAM), an attribute table or a target table (SIAM;
+:mod:`cefam_lightning.data.attributes`).
 
 Batches are dicts like the shapes world's (:mod:`cefam_lightning.data.shapes_datamodule`): ``image`` (``B x 3 x crop
-x crop``
-in ``[0, 1]``, the classifier's own resize and center crop, :func:`~cefam_lightning.data.transforms.image_transform`),
-``label`` (``-1`` for an unlabeled image), ``id`` and ``embedding`` (the VLM's raw image embedding, float32). Plain
-image data has no ``presence`` or ``masks``.
+x crop`` in ``[0, 1]``, the classifier's own resize and center crop,
+:func:`~cefam_lightning.data.transforms.image_transform`), ``label`` (``-1`` for an unlabeled image), ``id``, and as
+given ``embedding`` (the VLM's raw image embedding, float32), ``attributes`` and ``target`` (float32 table rows).
+Plain image data has no ``presence`` or ``masks``. Images without an embedding or without a row of a table are an
+error that counts and lists them; table rows that match no image are counted in a logged line
+(:attr:`ImageDataModule.unmatched`).
 
 - A folder or a manifest is a map-style dataset: every id is checked against the store at setup, and under DDP
   Lightning's ``DistributedSampler`` splits it.
@@ -45,6 +49,7 @@ import torch
 from lightning.pytorch.utilities import rank_zero_only
 from torch.utils.data import DataLoader, Dataset, default_collate, get_worker_info
 
+from cefam_lightning.data.attributes import IdTable, read_table
 from cefam_lightning.data.embedding_store import EmbeddingStore
 from cefam_lightning.data.feature_cache import CachedFeatureDataset, PooledFeatureCache, collate_cached
 from cefam_lightning.data.image_sources import (
@@ -63,6 +68,10 @@ from cefam_lightning.errors import CefamError
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
+ATTRIBUTE_SPLITS = {"attr_train": "train", "attr_val": "val"}  # the second data set of the two-data-set setting
+# The two-data-set setting's batches: {TARGET_BATCH: a batch of the target data, ATTRIBUTE_BATCH: one of the
+# attribute data}, either None where that data set ran out (validation, test).
+TARGET_BATCH, ATTRIBUTE_BATCH = "target_data", "attribute_data"
 
 
 class EmbeddingJoinError(CefamError):
@@ -118,43 +127,72 @@ def _rank_world(trainer: L.Trainer | None) -> tuple[int, int]:
     return rank, world
 
 
-def _item(record: ImageRecord, transform: Callable, store: _LazyStore, row: int) -> dict[str, Any]:
+class SampleJoin:
+    """What a sample id brings to its item beside the image and label: its embedding (the store's row, as
+    ``embedding``) and its rows of the id tables (``{batch key: table}``, e.g. ``attributes``, ``target``).
+
+    Args:
+        store: the store's folder (``None``: no embeddings).
+        rows: ``{id: store row}`` (with a store).
+        tables: ``{batch key: IdTable}``; every id served must have a row in each.
+    """
+
+    def __init__(
+        self,
+        store: str | os.PathLike | None = None,
+        rows: dict[str, int] | None = None,
+        tables: dict[str, IdTable] | None = None,
+    ):
+        self.store = _LazyStore(store) if store is not None else None
+        self.path = None if store is None else Path(store)
+        self.rows = rows or {}
+        self.tables = {key: (t.index, t.values) for key, t in (tables or {}).items()}
+
+    def has_embedding(self, sample_id: str) -> bool:
+        return self.store is None or sample_id in self.rows
+
+    def __call__(self, sample_id: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.store is not None:
+            out["embedding"] = self.store.embedding(self.rows[sample_id])
+        for key, (index, values) in self.tables.items():
+            out[key] = torch.from_numpy(values[index[sample_id]].copy())
+        return out
+
+
+def _item(record: ImageRecord, transform: Callable, join: SampleJoin) -> dict[str, Any]:
     return {
         "image": transform(open_image(record)),
         "label": -1 if record.label is None else int(record.label),
         "id": record.id,
-        "embedding": store.embedding(row),
+        **join(record.id),
     }
 
 
 # ---------------------------------------------------------------------------------------------------- map-style
 class ImageDataset(Dataset):
-    """Map-style dataset of records joined with their embedding rows.
+    """Map-style dataset of records joined with their embeddings and table rows.
 
     Args:
         records: the images.
-        rows: the store row of each record.
-        store: the store's folder.
+        join: what each record's id brings (:class:`SampleJoin`).
         transform: PIL image -> tensor.
     """
 
-    def __init__(self, records: Sequence[ImageRecord], rows: np.ndarray, store: str | os.PathLike, transform: Callable):
-        if len(records) != len(rows):
-            raise ValueError(f"{len(records)} records but {len(rows)} store rows")
-        self.records, self.rows = list(records), np.asarray(rows, dtype=np.int64)
-        self.store, self.transform = _LazyStore(store), transform
+    def __init__(self, records: Sequence[ImageRecord], join: SampleJoin, transform: Callable):
+        self.records, self.join, self.transform = list(records), join, transform
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return _item(self.records[i], self.transform, self.store, int(self.rows[i]))
+        return _item(self.records[i], self.transform, self.join)
 
     def item_without_image(self, i: int) -> dict[str, Any]:
         """Item ``i`` without decoding its image (what a feature cache serves)."""
         record = self.records[i]
         label = -1 if record.label is None else int(record.label)
-        return {"label": label, "id": record.id, "embedding": self.store.embedding(int(self.rows[i]))}
+        return {"label": label, "id": record.id, **self.join(record.id)}
 
 
 # ---------------------------------------------------------------------------------------------------- streaming
@@ -255,19 +293,18 @@ class _EpochShuffle:
 
 
 class _SampleToItem:
-    """Decode a ``webdataset`` sample, apply the transform and join its embedding by ``__key__``."""
+    """Decode a ``webdataset`` sample, apply the transform and join its embedding and table rows by ``__key__``."""
 
-    def __init__(self, rows: dict[str, int], store: _LazyStore, transform: Callable, class_names: list[str] | None):
-        self.rows, self.store, self.transform, self.class_names = rows, store, transform, class_names
+    def __init__(self, join: SampleJoin, transform: Callable, class_names: list[str] | None):
+        self.join, self.transform, self.class_names = join, transform, class_names
 
     def __call__(self, sample: dict) -> dict[str, Any]:
         record = record_from_sample(sample, self.class_names)
-        row = self.rows.get(record.id)
-        if row is None:
+        if not self.join.has_embedding(record.id):
             raise EmbeddingJoinError(
-                f"sample {record.id!r} of shard {record.origin} has no embedding in the store {self.store.path}"
+                f"sample {record.id!r} of shard {record.origin} has no embedding in the store {self.join.path}"
             )
-        return _item(record, self.transform, self.store, row)
+        return _item(record, self.transform, self.join)
 
 
 def num_batches(n: int, batch_size: int, train: bool) -> int:
@@ -325,8 +362,7 @@ class StreamPlan:
 def shard_stream(
     plan: StreamPlan,
     *,
-    rows: dict[str, int],
-    store: str | os.PathLike,
+    join: SampleJoin,
     transform: Callable,
     class_names: list[str] | None,
     batch_size: int,
@@ -371,7 +407,7 @@ def shard_stream(
             ds = ds.compose(_EpochShuffle(shuffle_buffer, seed, rank, epoch))
     else:
         counts = plan.worker_counts(rank, world_size, num_workers)
-    ds = ds.map(_SampleToItem(rows, _LazyStore(store), transform, class_names))
+    ds = ds.map(_SampleToItem(join, transform, class_names))
     ds = ds.batched(batch_size, collation_fn=_collate, partial=True)
     if train:  # a one-image batch cannot train BatchNorm; all ranks drop theirs alike (equal per-worker counts)
         ds = ds.select(_MoreThanOne())
@@ -380,12 +416,22 @@ def shard_stream(
 
 # ---------------------------------------------------------------------------------------------------- datamodule
 class ImageDataModule(L.LightningDataModule):
-    """Images from folders, manifests or tar shards, joined by sample id with a store's VLM embeddings.
+    """Images from folders, manifests or tar shards, joined by sample id with what the explainer needs besides the
+    images and labels: a store's VLM embeddings, an attribute table, a target table.
 
     Args:
         train, val, test: source specs (see :func:`~cefam_lightning.data.image_sources.open_source`) or opened sources;
             ``test=None`` tests on the validation data.
-        store: the embedding store folder (its concepts, text embeddings and VLM constants define the explainer).
+        store: the embedding store folder (its concepts, text embeddings and VLM constants define CE-FAM);
+            ``None``: batches carry no ``embedding`` (L-CAM, SIAM).
+        attributes: an attribute table (:mod:`cefam_lightning.data.attributes`; a CSV path or read): batches carry
+            ``attributes`` ``(B, n_attr)`` in ``[0, 1]``.
+        targets: a target table: batches carry ``target`` ``(B, n_targets)`` (regression).
+        attribute_train, attribute_val: the authors' two-data-set setting (SIAM): image sources whose images have
+            the attribute rows, while ``train``/``val``/``test`` give the target and need none. Each batch is then
+            ``{TARGET_BATCH: batch, ATTRIBUTE_BATCH: batch}``, one batch of each data set (training: an epoch is the
+            longer data set once, the shorter one cycled; validation and test: every batch of both, ``None`` for the
+            one that ran out). The attribute batches' labels are not the target's and are not used as targets.
         input_spec: the classifier's input geometry; images become ``3 x crop x crop`` in ``[0, 1]``.
         batch_size: per-device batch size.
         num_workers: DataLoader workers (persistent when > 0).
@@ -403,8 +449,12 @@ class ImageDataModule(L.LightningDataModule):
         val: str | os.PathLike | ImageSource,
         test: str | os.PathLike | ImageSource | None = None,
         *,
-        store: str | os.PathLike,
+        store: str | os.PathLike | None,
         input_spec: InputSpec,
+        attributes: str | os.PathLike | IdTable | None = None,
+        targets: str | os.PathLike | IdTable | None = None,
+        attribute_train: str | os.PathLike | ImageSource | None = None,
+        attribute_val: str | os.PathLike | ImageSource | None = None,
         batch_size: int = 128,
         num_workers: int = 0,
         shuffle_buffer: int = 1000,
@@ -419,31 +469,63 @@ class ImageDataModule(L.LightningDataModule):
                 f"need batch_size >= 1, num_workers >= 0, shuffle_buffer >= 0; got {batch_size}, {num_workers}, "
                 f"{shuffle_buffer}"
             )
+        if (attribute_train is None) != (attribute_val is None):
+            raise ValueError("the two-data-set setting needs both attribute_train and attribute_val")
+        if attribute_train is not None and attributes is None:
+            raise ValueError("attribute_train / attribute_val need an attribute table (attributes)")
         self.specs = {"train": train, "val": val, "test": test}
-        self.store_path, self.input_spec = Path(store).expanduser(), input_spec
+        self.specs.update(attr_train=attribute_train, attr_val=attribute_val)
+        self.store_path = Path(store).expanduser() if store is not None else None
+        self.input_spec = input_spec
+        self.tables_given = {"attributes": attributes, "target": targets}
         self.batch_size, self.num_workers = batch_size, num_workers
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
         self._class_names = list(class_names) if class_names is not None else None
         self.store: EmbeddingStore | None = None
+        self.tables: dict[str, IdTable] = {}
         self.sources: dict[str, ImageSource] = {}
         self.datasets: dict[str, ImageDataset] = {}
-        self.plans: dict[str, tuple[StreamPlan, dict[str, int]]] = {}
+        self.plans: dict[str, tuple[StreamPlan, SampleJoin]] = {}
         self.skipped: set[str] = set()
+        self.unmatched: dict[str, int] = {}  # per table: its rows that match no image of any split
+        self._ids: dict[str, list[str]] = {}  # per split: its images' ids (the skipped ones left out)
+        self._ready = False
+
+    @property
+    def two_datasets(self) -> bool:
+        """The two-data-set setting: attributes from ``attribute_train``/``attribute_val``, targets from the rest."""
+        return self.specs["attr_train"] is not None
+
+    @property
+    def attribute_names(self) -> list[str] | None:
+        """The attribute table's columns (``None``: no table)."""
+        table = self.tables.get("attributes")
+        return None if table is None else list(table.names)
+
+    @property
+    def target_names(self) -> list[str] | None:
+        """The target table's columns (``None``: no table)."""
+        table = self.tables.get("target")
+        return None if table is None else list(table.names)
 
     # ------------------------------------------------------------------ setup
     def setup(self, stage: str | None = None) -> None:
-        """Open the store and the sources and join them (once; later calls return at once).
+        """Open the store, the tables and the sources and join them (once; later calls return at once).
 
         Raises:
             EmbeddingJoinError: images without an embedding, counted and listed.
+            TableError: a malformed table, or images without a row in it (counted and listed).
             ImageSourceError: a malformed source.
         """
-        if self.store is not None:
+        if self._ready:
             return
-        store = EmbeddingStore.open(self.store_path)
-        self.skipped = skipped_ids(store)
+        store = EmbeddingStore.open(self.store_path) if self.store_path is not None else None
+        self.skipped = skipped_ids(store) if store is not None else set()
+        for key, given in self.tables_given.items():
+            if given is not None:
+                self.tables[key] = given if isinstance(given, IdTable) else read_table(given, _TABLE_KIND[key])
         transform = image_transform(self.input_spec)
-        for split in SPLITS:
+        for split in self.specs:
             spec = self.specs[split]
             if spec is None:
                 continue
@@ -451,38 +533,89 @@ class ImageDataModule(L.LightningDataModule):
             if self._class_names is None and split == "train":
                 self._class_names = source.class_names
             self.sources[split] = source
+            self._ids[split] = self._ids_of(source)
+            join = self._join_tables(split, source, store)
             if isinstance(source, WebDataSource):
-                self.plans[split] = self._join_stream(split, source, store)
+                self.plans[split] = self._join_stream(split, source, store, join)
             else:
-                self.datasets[split] = self._join_map(split, source, store, transform)
+                self.datasets[split] = self._join_map(split, source, store, join, transform)
+        self._report_unmatched()
         self.store = store
+        self._ready = True
 
-    def _join_map(self, split: str, source: ImageSource, store: EmbeddingStore, transform: Callable) -> ImageDataset:
+    def _tables_of(self, split: str) -> dict[str, IdTable]:
+        """The tables whose rows ``split``'s images carry: in the two-data-set setting the attribute table goes
+        with the attribute splits only, and the target table with the others."""
+        if not self.two_datasets:
+            return dict(self.tables)
+        wanted = {"attributes"} if split in ATTRIBUTE_SPLITS else {"target"}
+        return {k: t for k, t in self.tables.items() if k in wanted}
+
+    def _join_tables(self, split: str, source: ImageSource, store: EmbeddingStore | None) -> SampleJoin:
+        tables = self._tables_of(split)
+        where = f"the {split} data ({source.describe()})"
+        for table in tables.values():
+            table.rows_for(self._ids[split], where)
+        rows = self._index(store) if store is not None else None
+        return SampleJoin(store.path if store is not None else None, rows, tables)
+
+    def _ids_of(self, source: ImageSource) -> list[str]:
+        if isinstance(source, WebDataSource):
+            return [k for keys in source.keys_by_shard() for k in keys if k not in self.skipped]
+        return [r.id for r in source if r.id not in self.skipped]
+
+    def _report_unmatched(self) -> None:
+        """Count each table's rows that match no image of the splits that read it, and say so (never dropped in
+        silence)."""
+        if not self.tables:
+            return
+        for key, table in self.tables.items():
+            ids = {i for split, split_ids in self._ids.items() if key in self._tables_of(split) for i in split_ids}
+            extra = table.unmatched(ids)
+            self.unmatched[key] = len(extra)
+            if extra and rank_zero_only.rank == 0:
+                first = ", ".join(repr(i) for i in extra[:5])
+                log.info(
+                    f"{table.path}: {len(extra)} of {len(table.ids)} rows match no image of the data given "
+                    f"(first: {first}); they are not used"
+                )
+
+    def _join_map(
+        self,
+        split: str,
+        source: ImageSource,
+        store: EmbeddingStore | None,
+        join: SampleJoin,
+        transform: Callable,
+    ) -> ImageDataset:
         records = list(source)
         kept = [r for r in records if r.id not in self.skipped]
         self._log_skipped(split, source, len(records) - len(kept))
-        index = self._index(store)
-        missing = [r.id for r in kept if r.id not in index]
-        if missing:
-            raise EmbeddingJoinError(_missing_error(split, source, store, len(missing), len(kept), str(missing[:5])))
+        if store is not None:
+            missing = [r.id for r in kept if not join.has_embedding(r.id)]
+            if missing:
+                raise EmbeddingJoinError(
+                    _missing_error(split, source, store, len(missing), len(kept), str(missing[:5]))
+                )
         if not kept:
             raise EmbeddingJoinError(f"{split} data ({source.describe()}): no images left to train with")
-        return ImageDataset(kept, np.array([index[r.id] for r in kept]), store.path, transform)
+        return ImageDataset(kept, join, transform)
 
     def _join_stream(
-        self, split: str, source: WebDataSource, store: EmbeddingStore
-    ) -> tuple[StreamPlan, dict[str, int]]:
+        self, split: str, source: WebDataSource, store: EmbeddingStore | None, join: SampleJoin
+    ) -> tuple[StreamPlan, SampleJoin]:
         plan = StreamPlan(source, self.skipped)
         total = sum(len(k) for k in source.keys_by_shard())
         self._log_skipped(split, source, total - sum(plan.counts))
-        index = self._index(store)
-        missing = [(k, s) for s, keys in zip(plan.shards, plan.keys, strict=True) for k in keys if k not in index]
-        if missing:
-            first = ", ".join(f"{k!r} ({Path(s).name})" for k, s in missing[:5])
-            raise EmbeddingJoinError(_missing_error(split, source, store, len(missing), sum(plan.counts), first))
+        if store is not None:
+            pairs = zip(plan.shards, plan.keys, strict=True)
+            missing = [(k, s) for s, keys in pairs for k in keys if not join.has_embedding(k)]
+            if missing:
+                first = ", ".join(f"{k!r} ({Path(s).name})" for k, s in missing[:5])
+                raise EmbeddingJoinError(_missing_error(split, source, store, len(missing), sum(plan.counts), first))
         if not any(plan.counts):
             raise EmbeddingJoinError(f"{split} data ({source.describe()}): no images left to train with")
-        return plan, {k: index[k] for keys in plan.keys for k in keys}
+        return plan, join
 
     @staticmethod
     def _index(store: EmbeddingStore) -> dict[str, int]:
@@ -502,8 +635,10 @@ class ImageDataModule(L.LightningDataModule):
 
     @property
     def concepts(self):
-        if self.store is None:
+        if not self._ready:
             raise RuntimeError("ImageDataModule.setup() has not run yet")
+        if self.store is None:
+            raise RuntimeError("ImageDataModule: no embedding store given, so no concepts")
         return self.store.concepts
 
     def sample_ids(self, split: str) -> list[str]:
@@ -520,7 +655,7 @@ class ImageDataModule(L.LightningDataModule):
 
     # ------------------------------------------------------------------ loaders
     def _loader(self, split: str, train: bool) -> DataLoader:
-        if self.store is None:
+        if not self._ready:
             self.setup()
         cache = self.feature_caches.get(split) if split in ("train", "val") else None
         if split == "test" and "test" not in self.sources:
@@ -550,7 +685,7 @@ class ImageDataModule(L.LightningDataModule):
                 persistent_workers=self.num_workers > 0,
                 pin_memory=torch.cuda.is_available(),
             )
-        plan, rows = self.plans[split]
+        plan, join = self.plans[split]
         workers = plan.workers_for(world, self.num_workers)
         if workers < self.num_workers and rank == 0:
             log.info(
@@ -562,8 +697,7 @@ class ImageDataModule(L.LightningDataModule):
         epoch = SharedEpoch() if train else None
         dataset = shard_stream(
             plan,
-            rows=rows,
-            store=self.store_path,
+            join=join,
             transform=image_transform(self.input_spec),
             class_names=self._class_names,
             batch_size=self.batch_size,
@@ -595,11 +729,27 @@ class ImageDataModule(L.LightningDataModule):
                 f"a different image each epoch when shuffled"
             )
 
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", train=True)
+    def _paired(self, split: str, train: bool) -> Any:
+        """Without attribute splits, ``split``'s loader; with them (the two-data-set setting), a Lightning
+        ``CombinedLoader`` of ``{TARGET_BATCH: split's batches, ATTRIBUTE_BATCH: the attribute split's}``
+        (Lightning puts its distributed sampler into each under DDP)."""
+        loader = self._loader(split, train)
+        if not self.two_datasets:
+            return loader
+        from lightning.pytorch.utilities import CombinedLoader
 
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", train=False)
+        attributes = self._loader("attr_train" if train else "attr_val", train)
+        mode = "max_size_cycle" if train else "max_size"
+        return CombinedLoader({TARGET_BATCH: loader, ATTRIBUTE_BATCH: attributes}, mode)
 
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", train=False)
+    def train_dataloader(self) -> Any:
+        return self._paired("train", train=True)
+
+    def val_dataloader(self) -> Any:
+        return self._paired("val", train=False)
+
+    def test_dataloader(self) -> Any:
+        return self._paired("test", train=False)
+
+
+_TABLE_KIND = {"attributes": "attribute", "target": "target"}

@@ -10,10 +10,17 @@ JPEG files and writes::
                                            names are numbered)
     OUT/shards/val-000.tar ...
     OUT/concepts.csv                       the world's concepts as name,type (for precompute --concepts)
+    OUT/attributes.csv                     an attribute table for SIAM: id + one column per concept, 1 where the
+                                           concept is in the image, else 0 (train and val images)
+    OUT/targets.csv                        a target table for SIAM's regression: id, coverage (the share of the
+                                           image the objects cover)
+    OUT/masks/                             the val images in the folder mask format (for evaluate --data): every
+                                           present concept's mask, and the key object's as a mask named after the
+                                           image's class (a class mask; concept type "class")
     OUT/broden/                            scenes with masks in Broden's released layout (for evaluate --data)
 
-Ids are shared by the manifests and the shards, so one embedding store computed from the manifests serves training
-from either. The README's "Your own data, end to end" recipe runs on this folder.
+Ids are shared by the manifests, the shards and the tables, so one embedding store computed from the manifests
+serves training from either. The README's "Your own data, end to end" recipe runs on this folder.
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from cefam_lightning.data.shapes_world import WorldSpec, render_image
+from cefam_lightning.data.shapes_world import WorldSpec, key_object_pixels, render_image
 from cefam_lightning.io_utils import atomic_dir
 
 SPLIT_SEED = {"train": 101, "val": 102}
@@ -51,12 +58,14 @@ def write_toy_data(
         raise ValueError("n_train, n_val, per_shard and n_broden must be >= 1")
     spec = WorldSpec(image_size=image_size, seed=seed)
     class_index = {name: i for i, name in enumerate(sorted(spec.classes))}
+    names = [c.name for c in spec.concepts]
     root = Path(root)
     with atomic_dir(root) as tmp:
+        attributes, targets = [], []
         for split, n in (("train", n_train), ("val", n_val)):
             rows = []
             for i in range(n):
-                image, _, label = render_image(spec, (seed, SPLIT_SEED[split], i))
+                image, masks, label = render_image(spec, (seed, SPLIT_SEED[split], i))
                 cls = spec.classes[label]
                 sample_id = f"{split}/{i:06d}"
                 rel = Path("images") / cls.replace(" ", "_") / f"{split}_{i:06d}.jpg"
@@ -65,6 +74,10 @@ def write_toy_data(
                 Image.fromarray(image).save(buf, format="JPEG", quality=95)
                 (tmp / rel).write_bytes(buf.getvalue())
                 rows.append({"id": sample_id, "path": rel.as_posix(), "label": cls})
+                attributes.append([sample_id, *(int(m.any()) for m in masks)])
+                targets.append([sample_id, f"{masks.any(axis=0).mean():.4f}"])
+                if split == "val":
+                    _write_masks(tmp / "masks", spec, f"{split}_{i:06d}", buf.getvalue(), masks, label)
             with open(tmp / f"{split}.csv", "w", newline="") as f:
                 writer = csv.DictWriter(f, fieldnames=["id", "path", "label"])
                 writer.writeheader()
@@ -77,8 +90,31 @@ def write_toy_data(
                         sink.write({"__key__": row["id"], "jpg": jpg, "cls": str(class_index[row["label"]])})
         with open(tmp / "concepts.csv", "w", newline="") as f:
             csv.writer(f).writerows((c.name, c.type) for c in spec.concepts)
+        with open(tmp / "attributes.csv", "w", newline="") as f:
+            csv.writer(f).writerows([["id", *names], *attributes])
+        with open(tmp / "targets.csv", "w", newline="") as f:
+            csv.writer(f).writerows([["id", "coverage"], *targets])
+        with open(tmp / "masks" / "concepts.csv", "w", newline="") as f:
+            kinds = [(c.name, c.type) for c in spec.concepts] + [(c, "class") for c in spec.classes]
+            csv.writer(f).writerows([["name", "type"], *kinds])
+        with open(tmp / "masks" / "images.csv", "w", newline="") as f:
+            labels = [[r["id"].replace("/", "_"), r["label"]] for r in rows]  # the val split's rows
+            csv.writer(f).writerows([["id", "label"], *labels])
         write_shapes_broden(tmp / "broden", spec=WorldSpec(image_size=image_size), n_val=n_broden, n_train=n_broden)
     return root
+
+
+def _write_masks(root: Path, spec: WorldSpec, image_id: str, jpg: bytes, masks, label: int) -> None:
+    """One image of the folder mask format: the JPEG, every present concept's mask, and the key object's pixels
+    as the mask of the image's class."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "images" / f"{image_id}.jpg").write_bytes(jpg)
+    folder = root / "masks" / image_id
+    folder.mkdir(parents=True, exist_ok=True)
+    key = key_object_pixels(spec, masks[None], [label])[0].numpy()
+    named = [(c.name, m) for c, m in zip(spec.concepts, masks, strict=True) if m.any()]
+    for name, mask in [*named, (spec.classes[label], key)]:
+        Image.fromarray(mask.astype("uint8") * 255).save(folder / f"{name}.png")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -95,7 +131,10 @@ def main(argv: list[str] | None = None) -> None:
     print(
         f"wrote {args.train}/{args.val} JPEGs to {out}: images/, train.csv, val.csv, shards/ ({', '.join(n_shards)}),"
     )
-    print(f"concepts.csv, broden/ ({args.broden} val + {args.broden} train scenes with masks)")
+    print(
+        f"concepts.csv, attributes.csv, targets.csv, masks/ ({args.val} val images with concept and class masks), "
+        f"broden/ ({args.broden} val + {args.broden} train scenes with masks)"
+    )
 
 
 if __name__ == "__main__":

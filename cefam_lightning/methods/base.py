@@ -10,7 +10,7 @@ holds what all of them share, so that the CLIs, callbacks and the training run n
 - the explanation interface: :meth:`~ExplainerModule.explain` (a batch -> the method family's typed explanation),
   :meth:`~ExplainerModule.image_explainer` (reports, maps and figures of image files, for ``explain``),
   :meth:`~ExplainerModule.region_panels` (the maps the training callback draws) and
-  :meth:`~ExplainerModule.evaluate_on_world` / :meth:`~ExplainerModule.evaluate_on_masks` (for ``evaluate``).
+  :meth:`~ExplainerModule.evaluate_on_world` / :meth:`~ExplainerModule.evaluate_on_data` (for ``evaluate``).
 
 ``docs/architecture.md`` says how to add a method.
 """
@@ -169,8 +169,9 @@ class ExplainerModule(L.LightningModule):
     Class attributes:
         summary_metrics: ``(label, test metric key)`` rows of the run summary ``train.py`` prints.
         explain_options: the :class:`ExplainSettings` fields the method reads.
-        evaluate_options: the :class:`EvaluationSettings` fields beyond the common ones it reads, and ``"data"``
-            when it can be evaluated on a mask dataset (:meth:`evaluate_on_masks`).
+        evaluate_options: the :class:`EvaluationSettings` fields beyond the common ones it reads, ``"data"`` when
+            it can be evaluated on data (:meth:`evaluate_on_data`), and the options of that evaluation it takes
+            (``store``, ``fit_split``, ``max_fit_images``: CE-FAM; ``attributes``, ``targets``: SIAM).
     """
 
     summary_metrics: ClassVar[tuple[tuple[str, str], ...]] = (("test loss", "test/loss"),)
@@ -326,11 +327,18 @@ class ExplainerModule(L.LightningModule):
         """Score the explanations on a shapes-world split against its masks: ``(results, Markdown table)``."""
         raise NotImplementedError
 
-    def evaluate_on_masks(
+    def evaluate_on_data(
         self, dataset: Any, settings: EvaluationSettings, **options: Any
     ) -> tuple[dict[str, Any], str]:
-        """Score the explanations on a mask dataset (``evaluate --data``): ``(results, Markdown table)``."""
-        raise UnsupportedError(f"{self.title} checkpoints are evaluated on the shapes world, not on mask datasets")
+        """Score the explanations on data (``evaluate --data``): ``(results, Markdown table)``.
+
+        Args:
+            dataset: a mask dataset or an image source (:func:`~cefam_lightning.data.evaluation_data.
+                open_evaluation_data`; an image source's items have no masks).
+            settings: batch size, image limit, seed and the method's options.
+            **options: ``num_workers`` and the evaluation options of :attr:`evaluate_options` that were given.
+        """
+        raise UnsupportedError(f"{self.title} checkpoints are evaluated on the shapes world, not with --data")
 
     def evaluation_headline(self, results: dict[str, Any]) -> dict[str, Any]:
         """The numbers of an evaluation that ``metrics.json`` keeps (default: all of them)."""

@@ -11,7 +11,10 @@ class_maps_at_layer`), namely
 - the maps the region-map callback draws;
 - the evaluation on the shapes world (:func:`evaluate_class_maps`): NRA, hit rate and EPG against the key object's
   pixels (:func:`~cefam_lightning.data.shapes_world.key_object_pixels`, the one ground truth of a class map), and
-  Average Drop / Increase in Confidence, beside Grad-CAM at the same layer and a random map.
+  Average Drop / Increase in Confidence, beside Grad-CAM at the same layer and a random map;
+- the evaluation on data (``evaluate --data``, :func:`evaluate_class_maps_on_data`): AD / IC of the predicted class's
+  map on any image source or mask dataset, and where the data have class masks (a mask named after one of the
+  checkpoint's classes: ImageNet-S's, the folder format's) the region metrics of that class's map against them.
 """
 
 from __future__ import annotations
@@ -19,12 +22,14 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from cefam_lightning.data.mask_datasets import collate_masks
 from cefam_lightning.data.shapes_world import key_object_pixels
 from cefam_lightning.methods.base import (
     EvaluationSettings,
@@ -46,6 +51,7 @@ from cefam_lightning.metrics.functional.perturbation import (
     road_available,
     road_probabilities,
 )
+from cefam_lightning.models.classifier import Activations
 from cefam_lightning.reporting import figures
 from cefam_lightning.reporting.explanations import class_entry, float16_map, image_title, json_number, region
 from cefam_lightning.reporting.tables import markdown_table
@@ -83,7 +89,8 @@ class ClassMapExplainer(ExplainerModule):
     Subclasses implement :meth:`class_maps_at_layer` and set :attr:`map_layer`.
     """
 
-    evaluate_options = frozenset({"baselines", "curves"})  # beside its own maps (evaluate --baselines, --curves)
+    # beside its own maps (evaluate --baselines, --curves); evaluate --data
+    evaluate_options = frozenset({"baselines", "curves", "data"})
 
     @property
     def map_layer(self) -> str:
@@ -145,6 +152,14 @@ class ClassMapExplainer(ExplainerModule):
 
     def evaluate_on_world(self, world: Any, split: str, settings: EvaluationSettings) -> tuple[dict[str, Any], str]:
         results = evaluate_class_maps(self, world, split, settings)
+        return results, format_class_map_table(results)
+
+    def evaluate_on_data(
+        self, dataset: Any, settings: EvaluationSettings, num_workers: int = 0, **options: Any
+    ) -> tuple[dict[str, Any], str]:
+        """AD / IC on any image data, and region metrics against its class masks where it has them
+        (:func:`evaluate_class_maps_on_data`)."""
+        results = evaluate_class_maps_on_data(self, dataset, settings, num_workers)
         return results, format_class_map_table(results)
 
 
@@ -255,11 +270,39 @@ class ClassMapEvaluation(nn.Module):
         layer: ``images`` ``(B, 3, H, W)`` in ``[0, 1]``, ``key_masks`` ``(B, H, W)`` the key object."""
         out, c = module.class_maps_at_layer(images)
         pred = out.logits.argmax(dim=1)
-        maps = {"method": select_class(c, pred)} if "method" in self.methods else {}
-        maps.update(baseline_maps(self.methods, module.classifier, images, out, pred, module.map_layer))
+        self.update_maps(module.classifier, images, key_masks, self._maps(module, images, out, c, pred), pred, out.logits)
+
+    def _maps(self, module: ClassMapExplainer, images: Tensor, out: Any, c: Tensor, classes: Tensor) -> dict:
+        """Each compared method's map of ``classes`` (``(B,)``) on ``images`` (``out``: the classifier's output
+        on them, ``c`` the explainer's class maps), at its layer's resolution."""
+        maps = {"method": select_class(c, classes)} if "method" in self.methods else {}
+        maps.update(baseline_maps(self.methods, module.classifier, images, out, classes, module.map_layer))
         if "random" in self.methods:
             maps["random"] = random_maps((len(images), *images.shape[-2:]), self.generator, images.device)
-        self.update_maps(module.classifier, images, key_masks, maps, pred, out.logits)
+        return maps
+
+    @torch.no_grad()
+    def update_with_class_masks(
+        self, module: ClassMapExplainer, images: Tensor, masks: Tensor, image_index: Tensor, classes: Tensor
+    ) -> None:
+        """Score one batch of data: AD / IC (and the curves) of the predicted class's maps, and each class mask
+        (``masks`` ``(P, H, W)`` of image ``image_index`` ``(P,)``, class ``classes`` ``(P,)``) against that class's
+        maps."""
+        out, c = module.class_maps_at_layer(images)
+        pred = out.logits.argmax(dim=1)
+        self.update_maps(module.classifier, images, None, self._maps(module, images, out, c, pred), pred, out.logits)
+        if not len(image_index):
+            return
+        layer = module.map_layer
+        rows = Activations(
+            {layer: out.activations[layer][image_index]},
+            {k: v[image_index] for k, v in out.activations.prefix_tokens.items() if k == layer},
+        )
+        pairs = SimpleNamespace(activations=rows)
+        maps = self._maps(module, images[image_index], pairs, c[image_index], classes)
+        concept_ids = torch.zeros(len(image_index), dtype=torch.long, device=images.device)
+        for method, m in maps.items():
+            self.region[method].update(normalize_maps(m.to(images.device), images.shape[-2:]), masks, concept_ids)
 
     @torch.no_grad()
     def update_maps(
@@ -273,12 +316,14 @@ class ClassMapEvaluation(nn.Module):
         road: bool = True,
     ) -> None:
         """Score given maps (``{name: (B, h, w)}``, any resolution and scale; each normalized per image and
-        upsampled here) of the ``target`` classes; ``road=False`` leaves this batch out of ROAD (the slowest)."""
+        upsampled here) of the ``target`` classes against ``key_masks`` (``None``: faithfulness only);
+        ``road=False`` leaves this batch out of ROAD (the slowest)."""
         size = images.shape[-2:]
         concept_ids = torch.zeros(len(images), dtype=torch.long, device=images.device)
         for method, m in maps.items():
             m = normalize_maps(m.to(images.device), size)
-            self.region[method].update(m, key_masks, concept_ids)
+            if key_masks is not None:
+                self.region[method].update(m, key_masks, concept_ids)
             y, o = faithfulness_probabilities(classifier, images, m, target, self.keeps, logits=logits)
             self.faithfulness[method].update(y, o)
             if method in self.deletion:
@@ -287,14 +332,17 @@ class ClassMapEvaluation(nn.Module):
                 seed = self.seed + int(self.road[method].total)  # other noise per batch, the same per method
                 self.road[method].update(*road_probabilities(classifier, images, m, target, self.percentiles, seed))
 
-    def compute(self) -> dict[str, dict[str, float]]:
+    def compute(self, regions: bool = True) -> dict[str, dict[str, float]]:
         """``{method: {"nra", "epg", "hit_rate", "scored", "ad/100%", "ic/100%", ..., ["deletion", "insertion",
-        "road/morf", "road/lerf", "road/combined"]}}`` as plain numbers."""
+        "road/morf", "road/lerf", "road/combined"]}}`` as plain numbers (``regions=False``: no region metrics, for
+        data without masks)."""
         results = {}
         for method in self.methods:
-            regions = self.region[method].compute()
-            row = {name: float(regions[f"{name}/mean"]) for name in ("nra", "epg", "hit_rate")}
-            row["scored"] = int(regions[f"count/{KEY_OBJECT}"])  # images with a non-empty key-object mask
+            row = {}
+            if regions:
+                scores = self.region[method].compute()
+                row = {name: float(scores[f"{name}/mean"]) for name in ("nra", "epg", "hit_rate")}
+                row["scored"] = int(scores[f"count/{KEY_OBJECT}"])  # images (pairs) with a non-empty mask
             row.update({k: float(v) for k, v in self.faithfulness[method].compute().items()})
             if method in self.deletion:
                 row.update({k: float(v) for k, v in self.deletion[method].compute().items() if "/" not in k})
@@ -354,6 +402,72 @@ def evaluate_class_maps(
     }
 
 
+@torch.no_grad()
+def evaluate_class_maps_on_data(
+    module: ClassMapExplainer, dataset: Any, settings: EvaluationSettings | None = None, num_workers: int = 0
+) -> dict[str, Any]:
+    """Evaluate a class-map explainer on image data (``evaluate --data``), beside the baselines at its layer and a
+    random map: AD / IC of the predicted class's map on every image, and NRA, hit rate and EPG of a class's map
+    against each class mask, a mask whose concept is named like one of the checkpoint's classes (ImageNet-S's masks,
+    the folder format's; none in a plain image source).
+
+    Args:
+        module: the explainer.
+        dataset: a mask dataset or an image source dataset (:mod:`cefam_lightning.data.evaluation_data`).
+        settings: batch size, image limit, random-map seed, baselines, curves.
+        num_workers: DataLoader workers.
+
+    Returns:
+        ``{"methods": {<method> | <baseline> | "random": metrics}, "title", "data", "images", "class_masks",
+        "regions_against", "layer", "keeps", "baselines", "seconds"}``; without class masks the rows hold no region
+        metrics.
+    """
+    from torch.utils.data import DataLoader, Subset
+
+    settings = settings or EvaluationSettings()
+    device = module.device
+    module.eval()
+    t0 = time.time()
+    class_of = {name: i for i, name in enumerate(module.class_names)}
+    concept_class = torch.tensor([class_of.get(c.name, -1) for c in dataset.concepts] or [-1], dtype=torch.long)
+    n = len(dataset) if settings.max_images is None else min(settings.max_images, len(dataset))
+    if n < 1:
+        raise ValueError(f"no images to evaluate in {dataset.describe()['root']}")
+    data = dataset if n == len(dataset) else Subset(dataset, range(n))
+    loader = DataLoader(data, batch_size=settings.batch_size, collate_fn=collate_masks, num_workers=num_workers)
+    baselines = settings.baselines or DEFAULT_BASELINES
+    evaluation = ClassMapEvaluation(
+        ("method", *baselines, "random"), DEFAULT_KEEPS, settings.seed, sync_on_compute=False, curves=settings.curves
+    ).to(device)
+    pairs = 0
+    for batch in loader:
+        classes = concept_class[batch.concepts] if len(batch.concepts) else batch.concepts
+        keep = classes >= 0  # the masks of the checkpoint's classes
+        pairs += int(keep.sum())
+        evaluation.update_with_class_masks(
+            module,
+            batch.images.to(device),
+            batch.masks[keep].to(device),
+            batch.image_index[keep].to(device),
+            classes[keep].to(device),
+        )
+    rows = evaluation.compute(regions=pairs > 0)  # no class masks: region metrics have nothing to score
+    return {
+        "methods": {module.method: rows.pop("method"), **rows},
+        "title": module.title,
+        "data": dataset.describe(),
+        "split": dataset.split or "all",
+        "images": int(evaluation.faithfulness["method"].total),
+        "class_masks": pairs,
+        "regions_against": f"{pairs} class masks" if pairs else None,
+        "layer": module.map_layer,
+        "keeps": list(DEFAULT_KEEPS),
+        "baselines": list(baselines),
+        **({"curves": _curve_settings(evaluation)} if settings.curves else {}),
+        "seconds": round(time.time() - t0, 1),
+    }
+
+
 def _curve_settings(evaluation: ClassMapEvaluation) -> dict[str, Any]:
     road = evaluation.percentiles if len(evaluation.road) else None  # None: pytorch-grad-cam is not installed
     return {"steps": evaluation.steps, "road_percentiles": road}
@@ -368,24 +482,30 @@ CURVE_COLUMNS = (
 
 
 def format_class_map_table(results: dict[str, Any]) -> str:
-    """A Markdown table: NRA, hit rate, EPG against the key object's pixels and AD/IC per kept fraction (and the
-    deletion / insertion AUC and ROAD where evaluated)."""
+    """A Markdown table: NRA, hit rate, EPG against the key object's pixels (the shapes world) or the class masks
+    (data), where there are any, and AD/IC per kept fraction (and the deletion / insertion AUC and ROAD where
+    evaluated)."""
     names = [setting_name(k) for k in results.get("keeps", DEFAULT_KEEPS)]
     explainer = next(iter(results["methods"]))
     curves = [c for c in CURVE_COLUMNS if c[0] in results["methods"][explainer]]
-    head = ["method", "NRA", "hit rate", "EPG", *[f"AD {n} ↓" for n in names], *[f"IC {n} ↑" for n in names]]
+    regions = "nra" in results["methods"][explainer]
+    head = ["method", *(["NRA", "hit rate", "EPG"] if regions else [])]
+    head += [*[f"AD {n} ↓" for n in names], *[f"IC {n} ↑" for n in names]]
     head += [title for _, title, _ in curves]
     titles = {explainer: results.get("title", explainer), "random": "random map"}
     titles.update({n: get_baseline(n).title for n in results["methods"] if n in baseline_names() and n != explainer})
     rows = []
     for method, row in results["methods"].items():
-        cells = [f"{row['nra']:.3f}", f"{row['hit_rate']:.3f}", f"{row['epg']:.3f}"]
+        cells = [f"{row['nra']:.3f}", f"{row['hit_rate']:.3f}", f"{row['epg']:.3f}"] if regions else []
         cells += [f"{row[f'ad/{n}']:.2f}" for n in names] + [f"{row[f'ic/{n}']:.1f}" for n in names]
         cells += [fmt.format(row[key]) for key, _, fmt in curves]
         rows.append([titles.get(method, method), *cells])
     compared = [titles[n] for n in results.get("baselines", DEFAULT_BASELINES)]
+    against = results.get("regions_against", "the key object's pixels")
+    where = f"{results.get('split')} images" if "data" not in results else f"images of {results['data']['root']}"
     title = (
         f"{titles[explainer]} at {results.get('layer')} vs {', '.join(compared)} at the same layer, "
-        f"{results.get('images')} {results.get('split')} images (regions: the key object's pixels)"
+        f"{results.get('images')} {where} "
+        + (f"(regions: {against})" if against else "(no class masks: faithfulness only)")
     )
     return markdown_table(head, rows, title=title) + "\n"

@@ -8,7 +8,8 @@ nothing that trains, explains, evaluates or renders branches on a method's name.
 - its config section (the keys under ``<section>:``), their typed schema and their defaults file
   (``configs/method/*.yaml``);
 - how to build it from a run's config (:class:`BuildContext`), and which training callbacks it adds;
-- which data sources it trains on.
+- which data sources it trains on, and what it reads from image data besides the images and labels (an
+  embedding store, an attribute table).
 
 How a method explains a batch, reports, renders and evaluates itself are methods of its module class (see
 :mod:`cefam_lightning.methods.base`). The built-in methods register themselves when :mod:`cefam_lightning.methods`
@@ -34,6 +35,9 @@ if TYPE_CHECKING:
 CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs"
 
 
+IMAGE_DATA = ("embeddings", "attributes", "targets")  # what a method may read from image data: MethodSpec.image_data
+
+
 class UnknownMethodError(CefamError):
     """A method name that nothing registered; the message lists the registered ones."""
 
@@ -47,6 +51,9 @@ class BuildContext:
     class_names: list[str]
     store: Any  # the embedding store (concepts, text embeddings, VLM); None where the data have none
     image_size: int  # the classifier's input crop
+    attributes: list[tuple[str, str]] | None = None  # the data's (name, type) attributes: the shapes world's
+    #   concepts, or an attribute table's columns (type "attribute"); None where the data have none
+    targets: list[str] | None = None  # the columns of a regression target table (data.targets); None: none
 
 
 @dataclass
@@ -76,6 +83,9 @@ class MethodSpec:
         defaults: the YAML file with that section's defaults (``configs/method/<file>``).
         options: fixed constructor options (e.g. ``variant="img"``).
         data_sources: the ``data.source`` values it trains on.
+        image_data: what it reads from image data (``data.source=images``) besides images and labels:
+            ``"embeddings"`` (``data.store``), ``"attributes"`` (``data.attributes``), ``"targets"``
+            (``data.targets`` may be given).
         training_callbacks: ``training_callbacks(ctx) -> [Callback]``, the method's own training callbacks.
         rules: the value rules of its section's keys (:mod:`cefam_lightning.config_rules`).
     """
@@ -89,6 +99,7 @@ class MethodSpec:
     defaults: Path | None = None
     options: Mapping[str, Any] = field(default_factory=dict)
     data_sources: tuple[str, ...] = ("shapes", "images")
+    image_data: tuple[str, ...] = ()
     training_callbacks: Callable[[TrainContext], list[L.Callback]] | None = None
     rules: tuple[Any, ...] = ()
 
@@ -106,6 +117,7 @@ def register_method(
     schema: type | None = None,
     defaults: str | Path | None = None,
     data_sources: Sequence[str] = ("shapes", "images"),
+    image_data: Sequence[str] = (),
     training_callbacks: Callable[[TrainContext], list[L.Callback]] | None = None,
     rules: Sequence[Any] = (),
     **options: Any,
@@ -120,6 +132,7 @@ def register_method(
         section, schema, defaults: its config section, the section's dataclass schema and its defaults file
             (relative to ``configs/method/`` or absolute); all three or none.
         data_sources: the ``data.source`` values it can train on.
+        image_data: what it reads from image data besides images and labels (:class:`MethodSpec`).
         training_callbacks: its own training callbacks for a run.
         rules: the value rules of its section's keys.
         **options: fixed constructor options.
@@ -131,6 +144,9 @@ def register_method(
         raise ValueError(f"method name {name!r}: use lower-case letters, digits and '_'")
     if (section is None) != (schema is None):
         raise ValueError(f"method {name!r}: a config section needs a schema and a schema a section")
+    unknown = sorted(set(image_data) - set(IMAGE_DATA))
+    if unknown:
+        raise ValueError(f"method {name!r}: unknown image_data {unknown}; choose from {IMAGE_DATA}")
     path = None
     if defaults is not None:
         path = Path(defaults)
@@ -145,6 +161,7 @@ def register_method(
         defaults=path,
         options=dict(options),
         data_sources=tuple(data_sources),
+        image_data=tuple(image_data),
         training_callbacks=training_callbacks,
         rules=tuple(rules),
     )

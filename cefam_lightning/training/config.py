@@ -87,6 +87,10 @@ class DataSchema:
     val: str | None = MISSING
     test: str | None = MISSING
     store: str | None = MISSING
+    attributes: str | None = MISSING
+    targets: str | None = MISSING
+    attribute_train: str | None = MISSING
+    attribute_val: str | None = MISSING
     class_names: list[str] | None = MISSING
     shuffle_buffer: int = MISSING
     batch_size: int = MISSING
@@ -404,7 +408,7 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] | No
     check_values(cfg)
     world = world_spec(cfg)  # the world's own checks: its concepts, classes and object counts
     del world
-    check_data(cfg)
+    check_data(cfg, spec)
     check_logger_config(to_dict(cfg.logger))
     if cfg.data.source not in spec.data_sources:
         raise ConfigError(
@@ -421,13 +425,40 @@ def world_spec(cfg: DictConfig) -> WorldSpec:
         raise ConfigError(str(e)) from None
 
 
-def check_data(cfg: DictConfig) -> None:
-    """The keys ``data.source=images`` needs have values (the ranges are :data:`RULES`')."""
+# The data keys each kind of MethodSpec.image_data needs (first) or may take (the rest), with images.
+IMAGE_DATA_KEYS = {
+    "embeddings": ("store",),
+    "attributes": ("attributes", "attribute_train", "attribute_val"),
+    "targets": ("targets",),
+}
+
+
+def check_data(cfg: DictConfig, spec: MethodSpec | None = None) -> None:
+    """The keys ``data.source=images`` needs have values, and the method reads every data key given (the ranges
+    are :data:`RULES`'): the method's ``image_data`` (:class:`~cefam_lightning.methods.registry.MethodSpec`) says
+    which of ``data.store``, ``data.attributes`` (with ``attribute_train`` / ``attribute_val``) and
+    ``data.targets`` it reads."""
     data = cfg.data
+    reads = spec.image_data if spec is not None else ("embeddings",)
     if data.source == "images":
-        missing = [f"data.{k}" for k in ("train", "val", "store") if data[k] is None]
+        needed = ["train", "val", *(IMAGE_DATA_KEYS[k][0] for k in reads if k != "targets")]
+        missing = [f"data.{k}" for k in needed if data[k] is None]
         if missing:
-            raise ConfigError(f"data.source=images needs {', '.join(missing)} (image sources and the embedding store)")
+            what = {"data.store": "the embedding store", "data.attributes": "the attribute table"}
+            named = ", ".join(f"{k} ({what[k]})" if k in what else k for k in missing)
+            who = f"method={spec.name} " if spec is not None else ""
+            raise ConfigError(f"{who}data.source=images needs {named}")
+    unread = [
+        f"data.{key}"
+        for kind, keys in IMAGE_DATA_KEYS.items()
+        for key in keys
+        if data[key] is not None and (kind not in reads or data.source != "images")
+    ]
+    if unread and spec is not None:
+        where = "with data.source=images" if data.source == "images" else f"with data.source={data.source}"
+        raise ConfigError(f"{', '.join(unread)}: not read by method={spec.name} {where}; leave it null")
+    if (data.attribute_train is None) != (data.attribute_val is None):
+        raise ConfigError("data.attribute_train and data.attribute_val come together (the two-data-set setting)")
 
 
 def to_dict(cfg: DictConfig) -> dict[str, Any]:

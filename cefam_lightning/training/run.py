@@ -89,17 +89,22 @@ def _run(cfg: DictConfig, folder: RunFolder, extra_callbacks: Sequence[L.Callbac
     ccfg = cfg.classifier
     images = cfg.data.source == "images"
     with _built_from_config():
+        targets = None
         if images:
             dm, classifier, weights, class_names = _image_data_and_classifier(cfg)
             store, image_size, classifier_metrics = dm.store, dm.input_spec.crop, {}
+            attributes = [(name, "attribute") for name in dm.attribute_names or []] or None
+            targets = dm.target_names
         else:
             dm, classifier, weights, classifier_metrics = _shapes_data_and_classifier(cfg, quick)
             store, image_size, class_names = dm.world.store, dm.spec.image_size, dm.class_names
+            attributes = [(c.name, c.type) for c in store.concepts]  # the world's concepts, with their masks
 
         # Seeded here, after the classifier: fitting it (cold cache) or not (warm) must not change the branch's
         # initialization or data order.
         L.seed_everything(cfg.seed, workers=True, verbose=False)
-        module = spec.build(BuildContext(cfg, classifier, class_names, store, image_size), spec)
+        context = BuildContext(cfg, classifier, class_names, store, image_size, attributes, targets)
+        module = spec.build(context, spec)
         trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
 
     if rank_zero_only.rank == 0:  # the run starts: replace an overwritten run's files, then record the config
@@ -333,7 +338,11 @@ def _image_data_and_classifier(cfg: DictConfig) -> tuple[ImageDataModule, Any, A
         train,
         dcfg.val,
         dcfg.test,
-        store=dcfg.store,
+        store=dcfg.store,  # load_config checked that the method reads what is given (MethodSpec.image_data)
+        attributes=dcfg.attributes,
+        targets=dcfg.targets,
+        attribute_train=dcfg.attribute_train,
+        attribute_val=dcfg.attribute_val,
         input_spec=input_spec,
         batch_size=dcfg.batch_size,
         num_workers=dcfg.num_workers,
@@ -343,9 +352,19 @@ def _image_data_and_classifier(cfg: DictConfig) -> tuple[ImageDataModule, Any, A
     )
     dm.setup("fit")
     splits = ", ".join(f"{k} {v.describe()}" for k, v in dm.sources.items())
+    joined = []
+    if dm.store is not None:
+        joined.append(f"embeddings {dm.store.path} ({dm.store.vlm.name}, {len(dm.store.concepts)} concepts)")
+    for key, table in dm.tables.items():
+        extra = dm.unmatched.get(key, 0)
+        joined.append(
+            f"{table.kind}s {table.path} ({len(table.names)} columns, {len(table.ids)} rows"
+            + (f", {extra} matching no image" if extra else "")
+            + ")"
+        )
     _stage(
-        f"images: {splits}; embeddings {dm.store.path} ({dm.store.vlm.name}, {len(dm.store.concepts)} concepts); "
-        f"classifier input {input_spec.crop} px crop of {input_spec.resize}"
+        f"images: {splits}; {'; '.join(joined) or 'images and labels only'}; classifier input {input_spec.crop} px "
+        f"crop of {input_spec.resize}"
     )
     _stage("data.source=images: the shapes-world steps (concept-presence figures, evaluation on masks) are skipped")
     return dm, classifier, weights, class_names or [str(i) for i in range(num_classes)]
@@ -356,9 +375,8 @@ def _summary(m: dict[str, Any], module: Any, images: bool = False) -> None:
     where = "on images: test data" if images else "on the shapes world: held-out test split"
     folders = "config.yaml, run.json, metrics.json, checkpoints/, logs/" + ("" if images else ", evaluation/")
     lines = ["", "=" * 72, f"{module.title} {where}"]
-    # Plain images have no ground-truth concept presence.
-    rows = module.summary_metrics
-    lines += [f"  {label:<30} {t[key]:.4f}" for label, key in rows if key in t and not (images and "auroc" in key)]
+    rows = module.summary_metrics  # a method logs only what its data let it measure (no presence: no AUROC)
+    lines += [f"  {label:<30} {t[key]:.4f}" for label, key in rows if key in t]
     shortcut = m["classifier"].get("shortcut")
     if shortcut is not None:
         lines += [f"  classifier {line}" for line in _shortcut_lines(shortcut)]

@@ -187,6 +187,7 @@ REGISTRATION = register_method(
     section="cefam",
     schema=CEFAMConfig,
     defaults="cefam.yaml",
+    image_data=("embeddings",),  # the translator learns the VLM's image embeddings (data.store)
     training_callbacks=training_callbacks,
     rules=RULES,
 )

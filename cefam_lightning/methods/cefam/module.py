@@ -38,6 +38,7 @@ from cefam_lightning.methods.base import (
     ExplainSettings,
     ImageExplainer,
     RegionPanels,
+    UnsupportedError,
     constructor_kwargs,
 )
 from cefam_lightning.methods.cefam.pipeline import BatchExplanation, ExplanationPass, explain_batch
@@ -143,7 +144,10 @@ class CEFAMModule(ExplainerModule):
         ("test loss", "test/loss"),
     )
     explain_options = frozenset({"top_n", "concepts", "store", *RULE_KEYS, "preset"})
-    evaluate_options = frozenset({*RULE_KEYS, "preset", "per_layer_contributions", "data", "baselines", "curves"})
+    evaluate_options = frozenset(
+        {*RULE_KEYS, "preset", "per_layer_contributions", "data", "store", "fit_split", "max_fit_images"}
+        | {"baselines", "curves"}
+    )
 
     def __init__(
         self,
@@ -524,15 +528,24 @@ class CEFAMModule(ExplainerModule):
         results = evaluate_on_world(self, world, split, settings)
         return results, format_table(results)
 
-    def evaluate_on_masks(
+    def evaluate_on_data(
         self, dataset: Any, settings: EvaluationSettings, store: Any = None, **options: Any
     ) -> tuple[dict[str, Any], str]:
-        """``store``: an embedding store (path or opened) with the text embeddings of concepts this checkpoint
-        does not know; ``options``: ``fit_dataset``, ``max_fit_images``, ``num_workers``
-        (:func:`~cefam_lightning.methods.cefam.evaluation.evaluate_on_masks`)."""
+        """Concept regions against a mask dataset's concept masks. ``store``: an embedding store (path or opened)
+        with the text embeddings of concepts this checkpoint does not know; ``options``: ``fit_dataset``,
+        ``max_fit_images``, ``num_workers`` (:func:`~cefam_lightning.methods.cefam.evaluation.evaluate_on_masks`).
+
+        Raises:
+            UnsupportedError: data without concept masks (a plain image source).
+        """
         from cefam_lightning.methods.cefam.concept_sets import open_store
         from cefam_lightning.methods.cefam.evaluation import evaluate_on_masks, format_table
 
+        if not dataset.concepts:
+            raise UnsupportedError(
+                f"{dataset.describe()['root']}: CE-FAM is evaluated against concept masks (a mask dataset: the "
+                "folder format, Broden, ImageNet-S); this data has none"
+            )
         opened = open_store(store, self.translator.out_dim) if store is not None else None
         results = evaluate_on_masks(self, dataset, settings, store=opened, **options)
         return results, format_table(results)

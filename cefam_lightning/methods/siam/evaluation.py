@@ -12,15 +12,23 @@ are the world's concepts over one split and measures:
 - where: each present concept's attribute map against its mask (:class:`~cefam_lightning.metrics.RegionMetrics`:
   EPG, NRA, hit rate per concept type), and the class map's NRA against the key object's pixels
   (:func:`~cefam_lightning.data.shapes_world.key_object_pixels`, the one ground truth of every class map).
+
+:func:`evaluate_siam_on_data` (``evaluate --data``) runs it on any image data with an attribute table joined by id
+(:mod:`cefam_lightning.data.attributes`): the attribute-presence AUROC (per attribute and macro, over the
+attributes that are both present and absent in the data), and the target metric: class accuracy beside the frozen
+classifier's against the data's labels, or the MSE against a target table's columns.
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
 from torchmetrics.classification import MultilabelAUROC
 
+from cefam_lightning.data.attributes import IdTable, TableError, read_table
+from cefam_lightning.data.mask_datasets import collate_masks
 from cefam_lightning.data.shapes_world import ShapesWorld, key_object_concepts, key_object_pixels
 from cefam_lightning.metrics import RegionMetrics
 from cefam_lightning.metrics.functional.region import nra
@@ -131,3 +139,138 @@ def format_siam_table(results: dict[str, Any]) -> str:
         title="Attribute maps vs concept masks (present concepts)",
     )
     return f"{summary}\n\n{maps}\n"
+
+
+@torch.no_grad()
+def evaluate_siam_on_data(
+    module: Any,
+    dataset: Any,
+    attributes: str | IdTable,
+    targets: str | IdTable | None = None,
+    batch_size: int = 64,
+    max_images: int | None = None,
+    num_workers: int = 0,
+) -> dict[str, Any]:
+    """Evaluate a SIAM module on image data (``evaluate --data``) with an attribute table joined by id.
+
+    Args:
+        module: a SIAM module; the table's columns must be its attributes (any order).
+        dataset: a mask dataset or an image source dataset (:mod:`cefam_lightning.data.evaluation_data`).
+        attributes: the attribute table (a CSV path or read).
+        targets: the target table of a regression SIAM (its columns: the module's outputs).
+        batch_size, max_images, num_workers: as ``evaluate``'s.
+
+    Returns:
+        ``task``, ``n_images``; ``attr_auroc`` (macro over the scored attributes), ``attr_auroc_per_attribute``
+        (``None`` where the data show an attribute always or never), ``attributes_scored``; classification:
+        ``siam_acc``, ``classifier_acc``, ``agreement`` and ``n_labeled`` (images whose label is one of the
+        module's classes; the others are counted in ``n_unlabeled``); regression: ``mse`` and
+        ``mse_per_target``; ``table_rows_unmatched`` per table (rows that match no image).
+
+    Raises:
+        TableError: a malformed table, images without a row, or columns that are not the module's.
+    """
+    from torch.utils.data import DataLoader, Subset
+
+    t0 = time.time()
+    names = [str(a) for a in module.hparams.attribute_names]
+    task = module.hparams.task
+    n = len(dataset) if max_images is None else min(int(max_images), len(dataset))
+    if n <= 0:
+        raise ValueError(f"no images to evaluate in {dataset.describe()['root']}")
+    ids = dataset.ids[:n]
+    where = f"the data {dataset.describe()['root']}"
+    table = attributes if isinstance(attributes, IdTable) else read_table(attributes, "attribute")
+    attr_rows = _columns(table, names, "attributes")[table.rows_for(ids, where)]
+    unmatched = {"attributes": len(table.unmatched(dataset.ids))}
+    target_rows = None
+    if task == "regression":
+        if targets is None:
+            raise TableError("a SIAM regression checkpoint is evaluated against a target table (--targets)")
+        ttable = targets if isinstance(targets, IdTable) else read_table(targets, "target")
+        target_rows = _columns(ttable, list(module.class_names), "targets")[ttable.rows_for(ids, where)]
+        unmatched["targets"] = len(ttable.unmatched(dataset.ids))
+    elif targets is not None:
+        raise TableError("--targets: a SIAM classification checkpoint's target is the data's class labels")
+    device = module.device
+    was_training = module.training
+    module.eval()
+    data = dataset if n == len(dataset) else Subset(dataset, range(n))
+    loader = DataLoader(data, batch_size=batch_size, collate_fn=collate_masks, num_workers=num_workers)
+    class_of = {c: i for i, c in enumerate(module.class_names)}
+    presence, labels, outputs, classifier_pred = [], [], [], []
+    for batch in loader:
+        logits, features = module.backbone(batch.images.to(device))
+        out = module.forward_features(features)
+        presence.append(out.presence.float())
+        outputs.append(out.outputs.float())
+        classifier_pred.append(logits.argmax(1))
+        labels.append(torch.tensor([class_of.get(label, -1) for label in batch.labels], device=device))
+    module.train(was_training)
+    presence_all = torch.cat(presence)
+    truth = torch.as_tensor(attr_rows, device=device) >= 0.5
+    scored = truth.any(0) & ~truth.all(0)  # an attribute always or never present has no AUROC
+    per_attribute: list[float | None] = [None] * len(names)
+    if scored.any():
+        auroc = MultilabelAUROC(int(scored.sum()), average="none").to(device)
+        values = auroc(presence_all[:, scored], truth[:, scored].long()).tolist()
+        for a, v in zip(scored.nonzero().flatten().tolist(), values, strict=True):
+            per_attribute[a] = float(v)
+    kept = [v for v in per_attribute if v is not None]
+    results: dict[str, Any] = {
+        "task": task,
+        "data": dataset.describe(),
+        "n_images": n,
+        "attr_auroc": sum(kept) / len(kept) if kept else None,
+        "attr_auroc_per_attribute": dict(zip(names, per_attribute, strict=True)),
+        "attributes_scored": len(kept),
+        "table_rows_unmatched": unmatched,
+    }
+    out_all = torch.cat(outputs)
+    if task == "classification":
+        label_all, clf = torch.cat(labels), torch.cat(classifier_pred)
+        known = label_all >= 0
+        pred = out_all.argmax(1)
+        n_known = int(known.sum())
+        results.update(
+            n_labeled=n_known,
+            n_unlabeled=n - n_known,
+            siam_acc=float((pred[known] == label_all[known]).float().mean()) if n_known else None,
+            classifier_acc=float((clf[known] == label_all[known]).float().mean()) if n_known else None,
+            agreement=float((pred == clf).float().mean()),
+        )
+    else:
+        err = (out_all - torch.as_tensor(target_rows, device=device)).pow(2)
+        per_target = dict(zip(module.class_names, err.mean(0).tolist(), strict=True))
+        results.update(mse=float(err.mean()), mse_per_target=per_target)
+    results["seconds"] = round(time.time() - t0, 1)
+    return results
+
+
+def _columns(table: IdTable, wanted: list[str], what: str) -> Any:
+    """The table's values in the order of ``wanted`` (the module's attributes or outputs)."""
+    missing = [w for w in wanted if w not in table.names]
+    if missing:
+        raise TableError(f"{table.path}: no column for the checkpoint's {what} {missing} (the table has {table.names})")
+    return table.values[:, [table.names.index(w) for w in wanted]]
+
+
+def format_siam_data_table(results: dict[str, Any]) -> str:
+    """A Markdown summary of :func:`evaluate_siam_on_data`'s results."""
+    r = results
+
+    def num(v: float | None, fmt: str = ".3f") -> str:
+        return "n/a" if v is None else format(v, fmt)
+
+    rows = [[f"attribute-presence AUROC (macro, {r['attributes_scored']} attributes scored)", num(r["attr_auroc"])]]
+    if r["task"] == "classification":
+        rows += [
+            [f"SIAM class accuracy ({r['n_labeled']} labeled images)", num(r["siam_acc"])],
+            ["frozen classifier accuracy (same images)", num(r["classifier_acc"])],
+            ["SIAM agrees with the classifier", num(r["agreement"])],
+        ]
+    else:
+        rows += [["SIAM regression MSE", num(r["mse"], ".4f")]]
+    unmatched = ", ".join(f"{k} {v}" for k, v in r["table_rows_unmatched"].items())
+    title = f"SIAM on {r['data']['root']} ({r['n_images']} images; table rows matching no image: {unmatched})"
+    return markdown_table(["metric", "value"], rows, title=title) + "\n"

@@ -12,7 +12,10 @@ targets ``(B,)`` or ``(B, n_out)``). The templates are projected back to ``>= 0`
 **Batches.** Images come as ``image`` (``B x 3 x H x W`` in ``[0, 1]``); the target under ``target_key``
 (default ``label`` for classification, ``target`` for regression); attribute labels in ``[0, 1]`` as
 ``attributes`` ``(B, n_attr)``, falling back to ``presence`` (the shapes world's concept presence, which its
-DataModule already provides), in the order of ``attribute_names``. A batch may carry the classifier's map at
+DataModule already provides), in the order of ``attribute_names``. In the authors' two-data-set setting a batch is
+``{"target_data": batch, "attribute_data": batch}`` (:class:`~cefam_lightning.data.image_datamodule.ImageDataModule`):
+the task loss is taken on the first, the attribute loss on the second, either left out where its batch is ``None``.
+A batch may carry the classifier's map at
 ``layer`` precomputed as ``features`` ``(B, C, h, w)``; then the classifier is skipped (a frozen backbone gives
 the same map every epoch, so a head can be trained on maps computed once).
 
@@ -37,6 +40,7 @@ from torch import Tensor, nn
 from torchmetrics import MeanSquaredError
 from torchmetrics.classification import MulticlassAccuracy, MultilabelAUROC
 
+from cefam_lightning.data.image_datamodule import ATTRIBUTE_BATCH, TARGET_BATCH
 from cefam_lightning.methods.base import (
     STAGES,
     EvaluationSettings,
@@ -74,9 +78,10 @@ class SIAMStep:
     loss_task: Tensor
     loss_attr: Tensor
     loss_tmpl: Tensor
-    out: SIAMOutput
-    target: Tensor
-    attributes: Tensor
+    outputs: Tensor | None  # (B, n_out) on the batch with targets; None: the step had none
+    target: Tensor | None
+    presence: Tensor | None  # (B', n_attr) on the batch with attribute labels; None: the step had none
+    attributes: Tensor | None
 
 
 def default_border(map_size: int) -> int:
@@ -110,10 +115,12 @@ class SIAMModule(ExplainerModule):
 
     summary_metrics = (
         ("SIAM class accuracy", "test/acc"),
+        ("SIAM regression MSE", "test/mse"),
         ("attribute-presence AUROC", "test/attr_auroc"),
         ("test loss", "test/loss"),
     )
     explain_options = frozenset({"top_n"})
+    evaluate_options = frozenset({"data", "attributes", "targets"})
 
     def __init__(
         self,
@@ -291,31 +298,59 @@ class SIAMModule(ExplainerModule):
         target = target.float()
         return target.unsqueeze(1) if target.ndim == 1 else target
 
+    @staticmethod
+    def batch_parts(batch: dict) -> tuple[dict | None, dict | None]:
+        """``(batch with the target, batch with the attribute labels)``: the same batch for one data set; the two
+        parts of a two-data-set batch, either ``None`` where its data set ran out."""
+        if TARGET_BATCH in batch or ATTRIBUTE_BATCH in batch:
+            return batch.get(TARGET_BATCH), batch.get(ATTRIBUTE_BATCH)
+        return batch, batch
+
     def model_step(self, batch: dict, stage: str | None = None) -> SIAMStep:
-        out = self.forward_features(self.batch_features(batch))
-        attributes, target = self.attribute_labels(batch), self.batch_target(batch)
-        if self.hparams.task == "classification":
-            loss_task = F.cross_entropy(out.outputs, target)
+        with_target, with_attributes = self.batch_parts(batch)
+        if with_target is with_attributes:
+            out = self.forward_features(self.batch_features(batch))
+            outputs, presence = out.outputs, out.presence
         else:
-            if target.shape != out.outputs.shape:
-                raise ValueError(f"regression targets of shape {tuple(target.shape)} for {tuple(out.outputs.shape)}")
-            loss_task = F.mse_loss(out.outputs, target)
-        loss_attr = F.binary_cross_entropy(out.presence.clamp(_EPS, 1 - _EPS), attributes)
+            outputs = None if with_target is None else self.forward_features(self.batch_features(with_target)).outputs
+            presence = None
+            if with_attributes is not None:
+                presence = self.forward_features(self.batch_features(with_attributes)).presence
         loss_tmpl = self.head.template_l1()
+        loss_task = loss_attr = loss_tmpl.new_zeros(())
+        target = attributes = None
+        if outputs is not None:
+            target = self.batch_target(with_target)
+            if self.hparams.task == "classification":
+                if target.numel() and int(target.min()) < 0:
+                    raise ValueError(
+                        "SIAM classification: the batch has unlabeled images (label -1); every image of the data "
+                        "that gives the target needs a class"
+                    )
+                loss_task = F.cross_entropy(outputs, target)
+            else:
+                if target.shape != outputs.shape:
+                    raise ValueError(f"regression targets of shape {tuple(target.shape)} for {tuple(outputs.shape)}")
+                loss_task = F.mse_loss(outputs, target)
+        if presence is not None:
+            attributes = self.attribute_labels(with_attributes)
+            loss_attr = F.binary_cross_entropy(presence.clamp(_EPS, 1 - _EPS), attributes)
         loss = loss_task + self.hparams.w_attr * loss_attr + self.hparams.w_tmpl * loss_tmpl
-        return SIAMStep(loss, int(target.shape[0]), loss_task, loss_attr, loss_tmpl, out, target, attributes)
+        size = int((outputs if outputs is not None else presence).shape[0])
+        return SIAMStep(loss, size, loss_task, loss_attr, loss_tmpl, outputs, target, presence, attributes)
 
     def log_step(self, step: SIAMStep, batch: dict, stage: str) -> None:
         log = {"batch_size": step.batch_size, "sync_dist": True, "on_epoch": True}
         self.log(f"{stage}/loss_task", step.loss_task, on_step=False, **log)
         self.log(f"{stage}/loss_attr", step.loss_attr, on_step=False, **log)
         self.log(f"{stage}/loss_tmpl", step.loss_tmpl, on_step=False, **log)
-        metric = self.task_metric[f"{stage}_"]
-        metric(step.out.outputs.detach(), step.target)
-        name = self.task_metric_name
-        self.log(f"{stage}/{name}", metric, on_step=False, on_epoch=True, prog_bar=stage != "train")
-        if stage != "train":
-            self.auroc[f"{stage}_"](step.out.presence, (step.attributes >= 0.5).long())
+        if step.outputs is not None:
+            metric = self.task_metric[f"{stage}_"]
+            metric(step.outputs.detach(), step.target)
+            name = self.task_metric_name
+            self.log(f"{stage}/{name}", metric, on_step=False, on_epoch=True, prog_bar=stage != "train")
+        if stage != "train" and step.presence is not None:
+            self.auroc[f"{stage}_"](step.presence, (step.attributes >= 0.5).long())
             self.log(f"{stage}/attr_auroc", self.auroc[f"{stage}_"], on_step=False, on_epoch=True, prog_bar=True)
 
     def validation_metrics(self) -> list[Any]:
@@ -399,6 +434,26 @@ class SIAMModule(ExplainerModule):
 
         results = evaluate_siam_on_world(self, world, split, settings.batch_size, settings.max_images)
         return results, format_siam_table(results)
+
+    def evaluate_on_data(
+        self,
+        dataset: Any,
+        settings: EvaluationSettings,
+        attributes: Any = None,
+        targets: Any = None,
+        num_workers: int = 0,
+        **options: Any,
+    ) -> tuple[dict[str, Any], str]:
+        """Attribute AUROC against an attribute table (``attributes``, required) and the target metric
+        (:func:`~cefam_lightning.methods.siam.evaluation.evaluate_siam_on_data`)."""
+        from cefam_lightning.methods.siam.evaluation import evaluate_siam_on_data, format_siam_data_table
+
+        if attributes is None:
+            raise UnsupportedError("a SIAM checkpoint is evaluated on data against an attribute table: --attributes")
+        results = evaluate_siam_on_data(
+            self, dataset, attributes, targets, settings.batch_size, settings.max_images, num_workers
+        )
+        return results, format_siam_data_table(results)
 
 
 @dataclass
