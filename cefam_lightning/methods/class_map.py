@@ -270,7 +270,8 @@ class ClassMapEvaluation(nn.Module):
         layer: ``images`` ``(B, 3, H, W)`` in ``[0, 1]``, ``key_masks`` ``(B, H, W)`` the key object."""
         out, c = module.class_maps_at_layer(images)
         pred = out.logits.argmax(dim=1)
-        self.update_maps(module.classifier, images, key_masks, self._maps(module, images, out, c, pred), pred, out.logits)
+        maps = self._maps(module, images, out, c, pred)
+        self.update_maps(module.classifier, images, key_masks, maps, pred, out.logits)
 
     def _maps(self, module: ClassMapExplainer, images: Tensor, out: Any, c: Tensor, classes: Tensor) -> dict:
         """Each compared method's map of ``classes`` (``(B,)``) on ``images`` (``out``: the classifier's output
