@@ -45,7 +45,7 @@ from cefam_lightning.methods.base import load_explainer  # noqa: E402
 from cefam_lightning.methods.baselines import random_maps  # noqa: E402
 from cefam_lightning.methods.cam_baselines import baseline_names, get_baseline, parse_baselines  # noqa: E402
 from cefam_lightning.methods.cefam.pipeline import fused_class_map  # noqa: E402
-from cefam_lightning.methods.class_map import ClassMapEvaluation  # noqa: E402
+from cefam_lightning.methods.class_map import ClassMapEvaluation, select_class  # noqa: E402
 from cefam_lightning.reporting.tables import markdown_table  # noqa: E402
 from cefam_lightning.training.config import world_spec  # noqa: E402
 
@@ -110,7 +110,8 @@ def map_sources(modules: dict[str, Any], names: tuple[str, ...], seed: int) -> d
     generator = torch.Generator().manual_seed(seed)
 
     def learned(module):
-        return lambda images, out, target: module.explain(images).class_map
+        # At the layer's resolution, as every baseline's map (ClassMapEvaluation normalizes and upsamples them all).
+        return lambda images, out, target: select_class(module.class_maps_at_layer(images)[1], target)
 
     def cefam(images, out, target):
         e = modules["cefam"].explain(images, top_n=8)
