@@ -648,8 +648,8 @@ def precompute(
     workers.barrier()
     _open_work(work, manifest, restart=restart and not job_array and not workers.distributed)
     part_dir = work / part_name(index, parts)
-    try:
-        with _locked(work / f"{part_name(index, parts)}.lock", f"part {index} of {parts} of {out}"):
+    with _locked(work / f"{part_name(index, parts)}.lock", f"part {index} of {parts} of {out}"):
+        try:
             if job_array and restart:
                 shutil.rmtree(part_dir, ignore_errors=True)
             (part_dir / DONE_FILE).unlink(missing_ok=True)
@@ -674,10 +674,10 @@ def precompute(
                 "dtype": dtype,
             }
             atomic_write_json(part_dir / DONE_FILE, done)
-    except BaseException:
-        if parts == 1 and not any(work.glob("*/chunk-*.npz")):  # nothing finished: no work folder to resume from
-            shutil.rmtree(work, ignore_errors=True)
-        raise
+        except BaseException:
+            if parts == 1 and not any(work.glob("*/chunk-*.npz")):  # nothing finished: no work folder to resume
+                shutil.rmtree(work, ignore_errors=True)
+            raise
     if run.reused:
         log.info(f"resumed: {run.reused} of {run.chunks} chunks of part {index} were already done in {work}")
     if job_array:
