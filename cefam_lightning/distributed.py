@@ -12,7 +12,8 @@ size 1 whose collectives do nothing, so the tools run the same code either way.
 - ``--devices N`` on one machine without a launcher: Fabric starts the other ``N - 1`` processes itself.
 
 On CPUs the backend is ``gloo``, on GPUs ``nccl``. :func:`balanced_parts` splits an ordered list of work units
-into contiguous parts balanced by their weights: every process computes the same split from the same list.
+into contiguous parts balanced by their weights (:func:`part_range`: equal units): every process computes the same
+split from the same list.
 """
 
 from __future__ import annotations
@@ -138,3 +139,15 @@ def balanced_parts(weights: Sequence[int], n: int) -> list[int]:
         parts.append(min(n - 1, (2 * start + w) * n // (2 * total)))
         start += w
     return parts
+
+
+def part_range(n: int, index: int, parts: int) -> range:
+    """The items of part ``index`` when ``n`` items of equal weight are split into ``parts``
+    (:func:`balanced_parts`): a range of ``range(n)``.
+
+        >>> [part_range(5, p, 2) for p in (0, 1)]
+        [range(0, 2), range(2, 5)]
+    """
+    owner = balanced_parts([1] * n, parts)
+    mine = [i for i, p in enumerate(owner) if p == index]
+    return range(mine[0], mine[-1] + 1) if mine else range(0)

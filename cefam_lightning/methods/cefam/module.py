@@ -143,7 +143,7 @@ class CEFAMModule(ExplainerModule):
         ("test loss", "test/loss"),
     )
     explain_options = frozenset({"top_n", "concepts", "store", *RULE_KEYS, "preset"})
-    evaluate_options = frozenset({*RULE_KEYS, "preset", "per_layer_contributions", "data"})
+    evaluate_options = frozenset({*RULE_KEYS, "preset", "per_layer_contributions", "data", "parts"})
 
     def __init__(
         self,
