@@ -278,7 +278,7 @@ def _locked(file: Path, what: str) -> Iterator[None]:
 # ---------------------------------------------------------------------- images
 
 
-class _ChunkImages(torch.utils.data.Dataset):
+class DecodedImages(torch.utils.data.Dataset):
     """The records of one chunk, decoded and preprocessed; an unreadable image gives its error instead."""
 
     def __init__(self, records: list[ImageRecord], preprocess):
@@ -299,17 +299,25 @@ def _as_list(batch):
     return batch
 
 
-def _encode_chunk(
-    vlm: OpenCLIPVLM, records: list[ImageRecord], batch_size: int, num_workers: int, bar
-) -> tuple[list[str], np.ndarray, list[dict]]:
-    """Embeddings of a chunk's readable images (batches fixed by position in the chunk) and the skipped ones."""
-    loader = torch.utils.data.DataLoader(
-        _ChunkImages(records, vlm.preprocess),
+def image_loader(
+    records: list[ImageRecord], preprocess, batch_size: int, num_workers: int
+) -> torch.utils.data.DataLoader:
+    """The records decoded and preprocessed in order by ``num_workers`` workers: batches of ``(index, tensor or
+    None, error or None)`` (:class:`DecodedImages`)."""
+    return torch.utils.data.DataLoader(
+        DecodedImages(records, preprocess),
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
         collate_fn=_as_list,
     )
+
+
+def _encode_chunk(
+    vlm: OpenCLIPVLM, records: list[ImageRecord], batch_size: int, num_workers: int, bar
+) -> tuple[list[str], np.ndarray, list[dict]]:
+    """Embeddings of a chunk's readable images (batches fixed by position in the chunk) and the skipped ones."""
+    loader = image_loader(records, vlm.preprocess, batch_size, num_workers)
     ids: list[str] = []
     embs: list[np.ndarray] = []
     skipped: list[dict] = []
