@@ -200,7 +200,7 @@ def test_killed_run_resumes_to_the_same_store(configs, tmp_path):
     )
     try:
         deadline = time.monotonic() + 60
-        while not list(work.glob("chunk-*.npz")):
+        while not list(work.glob("*/chunk-*.npz")):
             assert proc.poll() is None, f"precompute ended before writing a chunk: {proc.stderr.read().decode()}"
             assert time.monotonic() < deadline, "no chunk written within 60 s"
             time.sleep(0.005)
@@ -211,7 +211,7 @@ def test_killed_run_resumes_to_the_same_store(configs, tmp_path):
             proc.kill()
         proc.stderr.close()
     assert proc.returncode == -signal.SIGKILL
-    done = len(list(work.glob("chunk-*.npz")))
+    done = len(list(work.glob("*/chunk-*.npz")))
     assert 1 <= done < 16  # 128 images in chunks of 8: killed midway
     assert not out.exists()  # never a store before it is complete
 
@@ -241,7 +241,7 @@ def _interrupted_run(vlm, monkeypatch, out, concepts, sources, after: int, **kw)
     with pytest.raises(_Interrupt):
         precompute(vlm, out, concepts, sources, **kw)
     monkeypatch.setattr(pc, "_write_chunk", real)
-    assert len(list(partial_path(out).glob("chunk-*.npz"))) == after and not Path(out).exists()
+    assert len(list(partial_path(out).glob("*/chunk-*.npz"))) == after and not Path(out).exists()
 
 
 def test_changed_settings_or_sources_stop_with_a_clear_error(vlm, tmp_path, monkeypatch):
@@ -258,7 +258,7 @@ def test_changed_settings_or_sources_stop_with_a_clear_error(vlm, tmp_path, monk
     other = OpenCLIPVLM(TINY_CLIP, seed=1)
     with pytest.raises(PrecomputeError, match=r"differing: seed"):
         precompute(other, out, concepts, [images], **kw)
-    assert len(list(partial_path(out).glob("chunk-*.npz"))) == 2  # the errors leave the work in place
+    assert len(list(partial_path(out).glob("*/chunk-*.npz"))) == 2  # the errors leave the work in place
 
     # The same settings resume (the storage dtype is not part of them: chunks are float32).
     res = precompute(vlm, out, concepts, [images], dtype="float16", **kw)

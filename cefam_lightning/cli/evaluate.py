@@ -49,6 +49,10 @@ checkpoint's own (its run's settings). An option the checkpoint's method does no
 Writes ``evaluation.json`` (every number) and ``evaluation.md`` (the readable table) to ``--out`` (default:
 ``evaluation/`` in the checkpoint's run folder, ``evaluation-<dataset>-<split>/`` with ``--data``) and prints the
 table.
+
+Under ``torchrun``/``srun``, or with ``--devices N [--num-nodes M]`` (:mod:`cefam_lightning.distributed`), a CE-FAM
+evaluation splits the images across the processes and sums the metrics' statistics over them before the tables are
+computed, so the numbers are a one-process run's; rank 0 writes them. Another method's evaluation runs on rank 0.
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -65,16 +70,18 @@ from cefam_lightning.cli.options import (
     add_channel_options,
     add_debug_option,
     add_device_option,
+    add_distributed_options,
     channel_option_values,
 )
 from cefam_lightning.data.evaluation_data import IMAGES_FORMAT, open_evaluation_data
 from cefam_lightning.data.mask_datasets import FORMATS
 from cefam_lightning.data.shapes_world import ShapesWorld
+from cefam_lightning.distributed import launch
 from cefam_lightning.errors import CefamError, cli_errors
 from cefam_lightning.methods.base import EvaluationSettings
 from cefam_lightning.methods.cam_baselines import baseline_names, parse_baselines
 from cefam_lightning.reporting.evaluations import EvaluateError, write_results
-from cefam_lightning.reporting.explanations import check_options, load_explainer_for, select_device
+from cefam_lightning.reporting.explanations import check_options, load_explainer_for
 from cefam_lightning.training.config import world_spec
 
 WORLD_SPLITS = ("train", "val", "test")
@@ -133,6 +140,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cache-dir", default=None, help="where the shapes world is cached (default: the run's)")
     p.add_argument("--out", default=None, help="output folder (default: <run folder>/evaluation[-<data>-<split>])")
     add_device_option(p)
+    add_distributed_options(p)
     add_debug_option(p)
     args = p.parse_args(argv)
     if args.data is None:
@@ -202,7 +210,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     with cli_errors(args.debug):
         baselines = parse_baselines(args.baselines) if args.baselines is not None else None
-        device = select_device(args.device)
+        workers = launch(args.device, args.devices, args.num_nodes, EvaluateError)
+        device = workers.device
         module = load_explainer_for(args.checkpoint, device).to(device)
         given = {
             "data": args.data,
@@ -223,12 +232,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             baselines=baselines,
             curves=args.curves,
         )
-        evaluate = _evaluate_data if args.data is not None else _evaluate_world
-        results, table, default_out = evaluate(args, module, settings)
+        in_parts = "parts" in module.evaluate_options
+        if workers.distributed and in_parts:  # each rank scores its part; the metrics sum over the ranks
+            settings = replace(settings, rank=workers.rank, world_size=workers.world_size)
+        if workers.is_main or in_parts:
+            evaluate = _evaluate_data if args.data is not None else _evaluate_world
+            results, table, default_out = evaluate(args, module, settings)
+        if not workers.is_main:  # rank 0 writes and prints the results
+            workers.barrier()
+            return {}
         results = {"method": module.method, **results, "checkpoint": str(args.checkpoint)}
+        if workers.distributed:
+            results["processes"] = workers.world_size if in_parts else 1
         out = Path(args.out) if args.out else default_out
         print(write_results(results, out, table))
         print(f"written: {out / 'evaluation.json'}, {out / 'evaluation.md'}")
+        workers.barrier()
     return results
 
 

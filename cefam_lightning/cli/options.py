@@ -1,6 +1,7 @@
 """Command-line options that several tools take, each written once so that its flag, default and help agree.
 
-``--debug`` (every tool), ``--device`` (the tools that load a model) and CE-FAM's explanation rules ``--k``,
+``--debug`` (every tool), ``--device`` (the tools that load a model), ``--devices``/``--num-nodes`` (the tools that
+split their work across processes) and CE-FAM's explanation rules ``--k``,
 ``--fill``, ``--select-layers``, ``--gradient``, ``--region-weights``, ``--relevance``, ``--contribution-layer`` and
 ``--preset`` (explain.py and evaluate.py, where left out they are the checkpoint's own: its run's ``cefam:`` section;
 :mod:`~cefam_lightning.methods.cefam.rules`; :func:`~cefam_lightning.methods.cefam.relevance.parse_select_layers`
@@ -28,6 +29,19 @@ def add_debug_option(p: argparse.ArgumentParser) -> None:
 def add_device_option(p: argparse.ArgumentParser) -> None:
     """``--device``: where the model runs (``auto``: CUDA where there is one)."""
     p.add_argument("--device", default="auto", metavar="DEVICE", help="auto (default), cpu or cuda")
+
+
+def add_distributed_options(p: argparse.ArgumentParser) -> None:
+    """``--devices``/``--num-nodes``: processes per node and nodes (Lightning Fabric); left out under ``torchrun``."""
+    p.add_argument(
+        "--devices",
+        type=int,
+        default=None,
+        metavar="N",
+        help="split the work across N processes per node (one per GPU; under srun: the tasks per node); "
+        "not needed under torchrun",
+    )
+    p.add_argument("--num-nodes", type=int, default=None, metavar="M", help="... on M nodes (srun; default 1)")
 
 
 def add_channel_options(p: argparse.ArgumentParser) -> None:

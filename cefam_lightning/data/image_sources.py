@@ -614,6 +614,12 @@ class WebDataSource:
         for sample in iter_shard_samples(self.shards):
             yield record_from_sample(sample, self.class_names, self.labels)
 
+    def shard_records(self, index: int) -> Iterator[ImageRecord]:
+        """The records of shard ``index`` alone, in order (the unit a distributed precompute gives each process)."""
+        self.keys_by_shard()
+        for sample in iter_shard_samples([self.shards[index]]):
+            yield record_from_sample(sample, self.class_names, self.labels)
+
     def keys_by_shard(self) -> list[list[str]]:
         """Each shard's sample keys (from the tar headers; cached). Checks that keys are unique across shards."""
         if self._keys is None:

@@ -254,13 +254,19 @@ class WorldSplit:
         return self.masks.any(axis=(2, 3))
 
     def batches(
-        self, batch_size: int, limit: int | None = None, device: torch.device | str = "cpu"
+        self,
+        batch_size: int,
+        limit: int | None = None,
+        device: torch.device | str = "cpu",
+        images: range | None = None,
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """The split in order, ``(images, masks, labels)`` per batch, on ``device``: images ``(B, 3, H, W)`` float
         in ``[0, 1]``, masks ``(B, C, H, W)`` bool, labels ``(B,)`` int64; the first ``limit`` images (``None``:
-        all). The one way evaluation code reads a split."""
+        all), or of those the ``images`` range only (one process's part). The one way evaluation code reads a
+        split."""
         n = len(self) if limit is None else min(int(limit), len(self))
-        for start in range(0, n, batch_size):
+        first, n = (0, n) if images is None else (max(images.start, 0), min(images.stop, n))
+        for start in range(first, n, batch_size):
             sl = slice(start, min(start + batch_size, n))
             images = torch.from_numpy(np.array(self.images[sl])).to(device).permute(0, 3, 1, 2).float().div_(255)
             masks = torch.from_numpy(np.array(self.masks[sl])).to(device)

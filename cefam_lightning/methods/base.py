@@ -111,6 +111,10 @@ class EvaluationSettings:
     contribution_layer: str | None = None  # CE-FAM
     preset: str | None = None  # CE-FAM
     per_layer_contributions: bool = False  # CE-FAM
+    # This process's share when a process group splits the images (cefam_lightning.distributed): rank, world size.
+    # A method whose evaluate_options hold "parts" scores its part and sums the metrics over the ranks.
+    rank: int = 0
+    world_size: int = 1
 
 
 @dataclass
@@ -170,8 +174,10 @@ class ExplainerModule(L.LightningModule):
         summary_metrics: ``(label, test metric key)`` rows of the run summary ``train.py`` prints.
         explain_options: the :class:`ExplainSettings` fields the method reads.
         evaluate_options: the :class:`EvaluationSettings` fields beyond the common ones it reads, ``"data"`` when
-            it can be evaluated on data (:meth:`evaluate_on_data`), and the options of that evaluation it takes
-            (``store``, ``fit_split``, ``max_fit_images``: CE-FAM; ``attributes``, ``targets``: SIAM).
+            it can be evaluated on data (:meth:`evaluate_on_data`), the options of that evaluation it takes
+            (``store``, ``fit_split``, ``max_fit_images``: CE-FAM; ``attributes``, ``targets``: SIAM), and
+            ``"parts"`` when its evaluation splits the images across a process group (``rank``, ``world_size``;
+            else one rank evaluates them all).
     """
 
     summary_metrics: ClassVar[tuple[tuple[str, str], ...]] = (("test loss", "test/loss"),)

@@ -101,3 +101,18 @@ class SingleChannelBaseline:
 def random_maps(shape: Sequence[int], generator: torch.Generator, device: torch.device | str = "cpu") -> Tensor:
     """I.i.d. uniform maps (the random baseline), drawn on the CPU from ``generator`` for reproducibility."""
     return torch.rand(*shape, generator=generator).to(device)
+
+
+def image_random_maps(
+    image_index: Tensor, size: Sequence[int], seed: int, device: torch.device | str = "cpu"
+) -> Tensor:
+    """I.i.d. uniform maps ``(P, *size)``, one per pair, drawn on the CPU from a generator seeded by ``seed`` and the
+    pair's image (its index ``image_index`` in the evaluated split): the same maps whatever the batches, or the
+    processes the images are split across."""
+    index = image_index.cpu()
+    out = torch.empty(len(index), *size)
+    for image in index.unique().tolist():
+        rows = (index == image).nonzero()[:, 0]
+        generator = torch.Generator().manual_seed(seed * 2**32 + image)
+        out[rows] = torch.rand(len(rows), *size, generator=generator)
+    return out.to(device)

@@ -45,9 +45,10 @@ from torchmetrics import Metric
 
 from cefam_lightning.data.mask_datasets import MaskBatch, MaskConcept, MaskDataset, MaskDatasetError, collate_masks
 from cefam_lightning.data.shapes_world import key_object_concepts
+from cefam_lightning.distributed import part_range
 from cefam_lightning.errors import one_line
 from cefam_lightning.methods.base import EvaluationSettings
-from cefam_lightning.methods.baselines import SingleChannelBaseline, random_maps
+from cefam_lightning.methods.baselines import SingleChannelBaseline, image_random_maps
 from cefam_lightning.methods.cam_baselines import get_baseline
 from cefam_lightning.methods.cefam.concept_sets import resolve_concepts
 from cefam_lightning.methods.cefam.pipeline import ExplanationPass, fused_class_map, padded_concepts
@@ -173,9 +174,11 @@ class ExplanationEvaluation(nn.Module):
         rules: the explanation rules (:mod:`~cefam_lightning.methods.cefam.rules`: ``k``, ``fill``,
             ``select_layers``, ``gradient``, ``region_weights``, ``relevance``, ``contribution_layer``); a rule left
             out is the legacy one. ``select_layers`` is resolved against the classifier at the first batch.
-        seed: seed of the random maps.
+        seed: seed of the random maps (each image's from this seed and its index in the split:
+            :func:`~cefam_lightning.methods.baselines.image_random_maps`).
         sync_on_compute: sum the states over DDP ranks in :meth:`compute` (every rank must then call it);
-            ``False`` when one process evaluates the whole split.
+            ``False`` when one process evaluates the whole split. When the ranks split a split, each sets
+            :attr:`images_seen` to the index of its first image first, so every image gets its own random maps.
         per_layer_contributions: also score contributions with every concept masked at each single layer
             (a diagnostic; it runs the masked variants through every layer's tail, several times the cost).
         contributions: score the contribution accuracy at all; ``False`` for data without a key object (the
@@ -252,7 +255,8 @@ class ExplanationEvaluation(nn.Module):
         # Per image: the layer Grad-CAM is scored at, and whether any top concept contributed positively.
         self.register_buffer("class_map_layer", torch.zeros(len(self.layers), dtype=torch.long), persistent=False)
         self.register_buffer("class_map_empty", torch.zeros((), dtype=torch.long), persistent=False)
-        self.generator = torch.Generator().manual_seed(seed)
+        self.seed, self.sync_on_compute = seed, sync_on_compute
+        self.images_seen = 0  # index in the split of the next batch's first image
 
     @torch.no_grad()
     def update(self, module, images: Tensor, masks: Tensor, labels: Tensor, key: Tensor | None = None) -> Tensor:
@@ -365,7 +369,9 @@ class ExplanationEvaluation(nn.Module):
             # The authors' "Top-4": each pair at the layer whose map fits its mask best (an upper bound).
             fit = torch.stack([nra(maps[li], pair_masks) for li in range(len(self.layers))]).nan_to_num(-1.0)
             self.region[f"{method}/best_layer"].update(maps[fit.argmax(dim=0), pair], pair_masks, ids)
-        self.region["random/top1"].update(random_maps(pair_masks.shape, self.generator, images.device), pair_masks, ids)
+        noise = image_random_maps(rows[0] + self.images_seen, pair_masks.shape[1:], self.seed, images.device)
+        self.region["random/top1"].update(noise, pair_masks, ids)
+        self.images_seen += len(images)
 
         def contributions_at(at: Tensor, which: Tensor, which_valid: Tensor) -> Tensor:
             at = torch.where(which_valid, at, -1)  # padding slots select no layer: not computed (0)
@@ -428,48 +434,55 @@ class ExplanationEvaluation(nn.Module):
 
     def compute(self) -> dict[str, Any]:
         """Plain-number results: ``regions[method][setting]`` (metric dicts), ``contribution``, ``layer_selection``."""
+        selected, class_map_layer, class_map_empty = (
+            t.clone() for t in (self.selected, self.class_map_layer, self.class_map_empty)
+        )
+        if self.sync_on_compute and torch.distributed.is_available() and torch.distributed.is_initialized():
+            for counts in (selected, class_map_layer, class_map_empty):  # plain counts: summed over the ranks here
+                torch.distributed.all_reduce(counts)
         regions: dict[str, dict[str, dict[str, float]]] = {}
         for name, metric in self.region.items():
             method, setting = name.split("/")
             regions.setdefault(method, {})[setting] = {k: float(v) for k, v in metric.compute().items()}
-        total = max(int(self.selected.sum()), 1)
+        total = max(int(selected.sum()), 1)
         return {
             "regions": regions,
             "contribution": {
                 setting: {k: float(v) for k, v in metric.compute().items()}
                 for setting, metric in self.contribution.items()
             },
-            "layer_selection": {layer: int(n) / total for layer, n in zip(self.layers, self.selected, strict=True)},
+            "layer_selection": {layer: int(n) / total for layer, n in zip(self.layers, selected, strict=True)},
             "settings": {
                 **self.rules,
                 "select_layers": self.selectable or [],
                 "rules": describe_rules({**self.rules, "select_layers": self.selectable or []}),
             },
-            **({"faithfulness": self._faithfulness_results()} if self.faithfulness else {}),
+            **(
+                {"faithfulness": self._faithfulness_results(class_map_layer, class_map_empty)}
+                if self.faithfulness
+                else {}
+            ),
         }
 
-    def _faithfulness_results(self) -> dict[str, Any]:
-        images = int(self.faithfulness["cefam"].total)
+    def _faithfulness_results(self, class_map_layer: Tensor, class_map_empty: Tensor) -> dict[str, Any]:
+        methods = {
+            m: {k: float(v) for k, v in metric.compute().items()}
+            | {k: float(v) for k, v in (self.curves[m].compute() if m in self.curves else {}).items() if "/" not in k}
+            | {k: float(v) for k, v in (self.road[m].compute() if m in self.road else {}).items()}
+            for m, metric in self.faithfulness.items()
+        }
+        images = int(class_map_layer.sum())  # one Grad-CAM layer per image
         return {
             "top_n": self.faithfulness_top_n,
             "keeps": self.keeps,
             "images": images,
-            "methods": {
-                m: {k: float(v) for k, v in metric.compute().items()}
-                | {
-                    k: float(v)
-                    for k, v in (self.curves[m].compute() if m in self.curves else {}).items()
-                    if "/" not in k
-                }
-                | {k: float(v) for k, v in (self.road[m].compute() if m in self.road else {}).items()}
-                for m, metric in self.faithfulness.items()
-            },
+            "methods": methods,
             # Share of images whose Grad-CAM was taken at each layer (CE-FAM's main layer).
             "gradcam_layer": {
-                layer: int(c) / max(images, 1) for layer, c in zip(self.layers, self.class_map_layer, strict=True)
+                layer: int(c) / max(images, 1) for layer, c in zip(self.layers, class_map_layer, strict=True)
             },
             # Images none of whose top concepts contributed positively: their class map is all zeros.
-            "images_without_positive_contribution": int(self.class_map_empty),
+            "images_without_positive_contribution": int(class_map_empty),
         }
 
 
@@ -486,7 +499,10 @@ def evaluate_on_world(
     """Evaluate ``module`` (a trained CEFAMModule) on a shapes-world split; returns the results dict.
 
     The single-channel baseline is fitted on the world's training split first. This process evaluates the
-    whole split by itself (under DDP, call it on one rank), so the metrics do not sync across ranks.
+    whole split by itself (under DDP, call it on one rank), so the metrics do not sync across ranks, unless
+    ``settings`` gives it a part (``rank``, ``world_size`` of a process group that every rank calls this in): then it
+    scores its own range of images and the metrics are summed over the ranks, so every rank returns the numbers
+    one process would.
 
     Args:
         module: the CE-FAM module (on its device), trained on ``world``'s concepts.
@@ -519,7 +535,7 @@ def evaluate_on_world(
         baseline,
         rules=rules,
         seed=settings.seed,
-        sync_on_compute=False,
+        sync_on_compute=settings.world_size > 1,
         per_layer_contributions=settings.per_layer_contributions,
         faithfulness_top_n=faithfulness_top_n,
         baselines=settings.baselines or DEFAULT_BASELINES,
@@ -527,7 +543,10 @@ def evaluate_on_world(
     ).to(device)
     zero_shot = _zero_shot_split(module, evaluation, device)  # None unless the checkpoint held concepts out
     data = world.split(split)
-    for images, masks, labels in data.batches(settings.batch_size, settings.max_images, device):
+    n = len(data) if settings.max_images is None else min(settings.max_images, len(data))
+    mine = part_range(n, settings.rank, settings.world_size)
+    evaluation.images_seen = mine.start
+    for images, masks, labels in data.batches(settings.batch_size, n, device, images=mine):
         scores = evaluation.update(module, images, masks, labels, key_object_concepts(world.spec, masks, labels))
         if zero_shot is not None:
             zero_shot.update(scores, masks.flatten(2).any(dim=2))
@@ -547,7 +566,13 @@ def _zero_shot_split(module, evaluation: ExplanationEvaluation, device):
     if not holdout:
         return None
     hp = module.hparams
-    split = ZeroShotSplit(hp.concept_names, hp.concept_types, holdout, hp.get("auroc_thresholds")).to(device)
+    split = ZeroShotSplit(
+        hp.concept_names,
+        hp.concept_types,
+        holdout,
+        hp.get("auroc_thresholds"),
+        sync_on_compute=evaluation.sync_on_compute,
+    ).to(device)
     split.attach(evaluation)
     return split
 
@@ -594,12 +619,16 @@ def resolve_dataset_concepts(module, concepts: list[MaskConcept], store=None):
     return cset, mapping, skipped
 
 
-def _mask_batches(dataset: MaskDataset, limit: int | None, batch_size: int, num_workers: int):
+def _mask_batches(
+    dataset: MaskDataset, limit: int | None, batch_size: int, num_workers: int, images: range | None = None
+):
+    """The first ``limit`` images of ``dataset`` in batches, or of those the ``images`` range only (a part)."""
     from torch.utils.data import DataLoader, Subset
 
     n = len(dataset) if limit is None else min(limit, len(dataset))
+    items = range(n) if images is None else range(max(images.start, 0), min(images.stop, n))
     loader = DataLoader(
-        Subset(dataset, range(n)), batch_size=batch_size, num_workers=num_workers, collate_fn=collate_masks
+        Subset(dataset, items), batch_size=batch_size, num_workers=num_workers, collate_fn=collate_masks
     )
     try:
         yield from loader
@@ -675,13 +704,16 @@ def evaluate_on_masks(
         baseline,
         rules=rules,
         seed=seed,
-        sync_on_compute=False,
+        sync_on_compute=settings.world_size > 1,
         contributions=False,
         baselines=settings.baselines or DEFAULT_BASELINES,
     ).to(device)
     skipped_pairs = torch.zeros(len(dataset.concepts), dtype=torch.long)
     n_images = 0
-    for batch in _mask_batches(dataset, max_images, batch_size, num_workers):
+    n = len(dataset) if max_images is None else min(max_images, len(dataset))
+    mine = part_range(n, settings.rank, settings.world_size)
+    evaluation.images_seen = mine.start
+    for batch in _mask_batches(dataset, max_images, batch_size, num_workers, images=mine):
         image_index, concepts, masks, keep = _mapped_pairs(batch, mapping)
         skipped_pairs += torch.bincount(batch.concepts[~keep], minlength=len(dataset.concepts))
         evaluation.update_pairs(
@@ -689,6 +721,10 @@ def evaluate_on_masks(
         )
         n_images += len(batch.ids)
     results = evaluation.compute()
+    if settings.world_size > 1:  # the counts of every rank's part
+        counts = torch.cat([skipped_pairs, torch.tensor([n_images])]).to(device)
+        torch.distributed.all_reduce(counts)
+        skipped_pairs, n_images = counts[:-1].cpu(), int(counts[-1])
     skipped_set = set(skipped)
     skipped_by_name = {
         c.name: int(n) for c, n in zip(dataset.concepts, skipped_pairs, strict=True) if c.name in skipped_set
