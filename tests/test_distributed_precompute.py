@@ -69,7 +69,7 @@ def assert_same_store(a: Path, b: Path) -> None:
     sa, sb = EmbeddingStore.open(a), EmbeddingStore.open(b)
     assert sa.sample_ids.tolist() == sb.sample_ids.tolist()
     np.testing.assert_allclose(sa.image_embeddings, sb.image_embeddings, rtol=0, atol=1e-6)
-    np.testing.assert_array_equal(sa.text_embeddings, sb.text_embeddings)
+    np.testing.assert_allclose(sa.text_embeddings, sb.text_embeddings, rtol=0, atol=1e-6)  # other thread counts
     assert sa.extra["skipped"] == sb.extra["skipped"] and sa.extra["num_images"] == sb.extra["num_images"]
     assert sa.concepts == sb.concepts and sa.vlm == sb.vlm
 
