@@ -15,6 +15,7 @@ from cefam_lightning.cli.evaluate import main
 from cefam_lightning.data.toy_data import write_toy_data
 from tests.cli import REPO, flat, run_ok
 
+
 def assert_same_evaluation(one: Path, two: Path) -> None:
     """The same tables, and every number of evaluation.json but the time equal (to 1e-4, as across batch sizes:
     float32 convolutions round differently in a batch of other images, which can reorder near-tied pixels)."""
@@ -58,7 +59,9 @@ def _same_on_two_processes(tmp_path, name: str, args: list[str], torchrun: bool)
     finally:
         torch.set_num_threads(threads)
     two = [*args, "--out", str(tmp_path / f"{name}2")]
-    run_ok([*TORCHRUN, str(REPO / "evaluate.py"), *two] if torchrun else [PYTHON, "evaluate.py", *two, "--devices", "2"])
+    run_ok(
+        [*TORCHRUN, str(REPO / "evaluate.py"), *two] if torchrun else [PYTHON, "evaluate.py", *two, "--devices", "2"]
+    )
     results = json.loads((tmp_path / f"{name}2" / "evaluation.json").read_text())
     assert results["processes"] == 2
     assert_same_evaluation(tmp_path / f"{name}1", tmp_path / f"{name}2")

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from cefam_lightning.data.mask_datasets import collate_masks
 from cefam_lightning.data.shapes_world import key_object_pixels
+from cefam_lightning.distributed import sum_over_ranks
 from cefam_lightning.methods.base import (
     EvaluationSettings,
     Evidence,
@@ -39,7 +40,6 @@ from cefam_lightning.methods.base import (
     ImageReport,
     RegionPanels,
 )
-from cefam_lightning.distributed import sum_over_ranks
 from cefam_lightning.methods.baselines import image_random_maps
 from cefam_lightning.methods.cam_baselines import baseline_names, get_baseline
 from cefam_lightning.metrics import ROAD, DeletionInsertion, Faithfulness, RegionMetrics
