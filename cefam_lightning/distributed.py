@@ -13,7 +13,8 @@ size 1 whose collectives do nothing, so the tools run the same code either way.
 
 On CPUs the backend is ``gloo``, on GPUs ``nccl``. :func:`balanced_parts` splits an ordered list of work units
 into contiguous parts balanced by their weights (:func:`part_range`: equal units): every process computes the same
-split from the same list.
+split from the same list. :func:`sum_over_ranks` sums plain counts (those outside a torchmetrics metric) over the
+processes that split a job.
 """
 
 from __future__ import annotations
@@ -151,3 +152,14 @@ def part_range(n: int, index: int, parts: int) -> range:
     owner = balanced_parts([1] * n, parts)
     mine = [i for i, p in enumerate(owner) if p == index]
     return range(mine[0], mine[-1] + 1) if mine else range(0)
+
+
+def sum_over_ranks(values: torch.Tensor, world_size: int) -> torch.Tensor:
+    """``values`` summed over the ``world_size`` processes that split one job (each passes its own; every process
+    gets the sums), or unchanged for a job of one process (``world_size`` 1, even inside a process group: one rank
+    evaluating alone must not wait for the others). ``values`` must be on this process's device (``nccl``: a GPU)."""
+    if world_size <= 1:
+        return values
+    values = values.clone()
+    torch.distributed.all_reduce(values)
+    return values

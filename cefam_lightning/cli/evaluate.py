@@ -50,9 +50,9 @@ Writes ``evaluation.json`` (every number) and ``evaluation.md`` (the readable ta
 ``evaluation/`` in the checkpoint's run folder, ``evaluation-<dataset>-<split>/`` with ``--data``) and prints the
 table.
 
-Under ``torchrun``/``srun``, or with ``--devices N [--num-nodes M]`` (:mod:`cefam_lightning.distributed`), a CE-FAM
-evaluation splits the images across the processes and sums the metrics' statistics over them before the tables are
-computed, so the numbers are a one-process run's; rank 0 writes them. Another method's evaluation runs on rank 0.
+Under ``torchrun``/``srun``, or with ``--devices N [--num-nodes M]`` (:mod:`cefam_lightning.distributed`), the
+evaluation (any method's) splits the images across the processes and sums the metrics' statistics over them before
+the tables are computed, so the numbers are a one-process run's; rank 0 writes them.
 """
 
 from __future__ import annotations
@@ -232,18 +232,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             baselines=baselines,
             curves=args.curves,
         )
-        in_parts = "parts" in module.evaluate_options
-        if workers.distributed and in_parts:  # each rank scores its part; the metrics sum over the ranks
-            settings = replace(settings, rank=workers.rank, world_size=workers.world_size)
-        if workers.is_main or in_parts:
-            evaluate = _evaluate_data if args.data is not None else _evaluate_world
-            results, table, default_out = evaluate(args, module, settings)
+        # each rank scores its part; the metrics sum over the ranks
+        settings = replace(settings, rank=workers.rank, world_size=workers.world_size)
+        evaluate = _evaluate_data if args.data is not None else _evaluate_world
+        results, table, default_out = evaluate(args, module, settings)
         if not workers.is_main:  # rank 0 writes and prints the results
             workers.barrier()
             return {}
         results = {"method": module.method, **results, "checkpoint": str(args.checkpoint)}
         if workers.distributed:
-            results["processes"] = workers.world_size if in_parts else 1
+            results["processes"] = workers.world_size
         out = Path(args.out) if args.out else default_out
         print(write_results(results, out, table))
         print(f"written: {out / 'evaluation.json'}, {out / 'evaluation.md'}")

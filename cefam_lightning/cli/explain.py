@@ -4,7 +4,7 @@ Usage::
 
     python explain.py --checkpoint CKPT [--concepts NAMES|FILE] [--store STORE_DIR] [--top-n N] [--k K]
                       [--fill spatial_mean|zero] [--select-layers auto|all|L1,L2] [--target CLASS] [--out DIR]
-                      [--batch-size 16] [--device auto|cpu|cuda] [--no-figures] INPUT [INPUT ...]
+                      [--batch-size 16] [--device auto|cpu|cuda] [--devices N] [--no-figures] INPUT [INPUT ...]
 
 The checkpoint may be of any registered method (CE-FAM, L-CAM-Fm, L-CAM-Img, SIAM, ...); which one is read from
 it. ``INPUT`` is an image file or a folder (searched recursively for .jpg/.jpeg/.png/.bmp/.gif/.webp/.tif/.tiff,
@@ -28,6 +28,11 @@ checkpoint's own set, top ``--top-n`` by score; ``--concepts`` gives a set inste
 ``name[,type]`` lines); names the checkpoint does not know need an embedding store made with the same VLM
 (``--store``).
 
+Under ``torchrun``/``srun``, or with ``--devices N [--num-nodes M]`` (:mod:`cefam_lightning.distributed`), the images
+are split across the processes (contiguous parts of the sorted list, balanced by count): each writes its images'
+folders, and rank 0 writes ``summary.json`` once all are done, so the output folder is a one-process run's (its
+settings also record ``processes``).
+
 Exit status: 0 when at least one image was explained, 1 when none could be read, 2 for a bad argument (missing or
 foreign checkpoint, unknown concept or class, missing input, an option the method does not take), reported on one
 ``error:`` line.
@@ -44,10 +49,12 @@ from cefam_lightning.cli.options import (
     add_channel_options,
     add_debug_option,
     add_device_option,
+    add_distributed_options,
     channel_option_values,
 )
+from cefam_lightning.distributed import launch
 from cefam_lightning.errors import cli_errors
-from cefam_lightning.reporting.explanations import explain_images
+from cefam_lightning.reporting.explanations import ExplainError, explain_images
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -77,6 +84,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default="explanations", metavar="DIR", help="output folder (default: explanations)")
     p.add_argument("--batch-size", type=int, metavar="N", default=16, help="images explained together (default 16)")
     add_device_option(p)
+    add_distributed_options(p)
     p.add_argument("--no-figures", action="store_true", help="skip figure.png (the slowest output)")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders (searched recursively)")
     add_debug_option(p)
@@ -88,6 +96,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     with cli_errors(args.debug):
+        workers = launch(args.device, args.devices, args.num_nodes, ExplainError)
         summary = explain_images(
             args.checkpoint,
             args.inputs,
@@ -98,13 +107,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             target=args.target,
             out_dir=args.out,
             batch_size=args.batch_size,
-            device=args.device,
+            device=workers.device,
             figures=not args.no_figures,
+            workers=workers,
         )
-    n_ok, n_bad = len(summary["explained"]), len(summary["failed"])
+    n_ok, n_bad = len(summary["explained"]), len(summary["failed"])  # every rank's: every rank exits alike
     if n_ok == 0:
-        print(f"error: none of the {n_bad} input images could be read (see {args.out}/summary.json)", file=sys.stderr)
+        if workers.is_main:
+            print(
+                f"error: none of the {n_bad} input images could be read (see {args.out}/summary.json)", file=sys.stderr
+            )
         raise SystemExit(1)
+    if not workers.is_main:  # rank 0 reports
+        return summary
     print(f"explained {n_ok} image(s) -> {args.out}" + (f"; {n_bad} could not be read" if n_bad else ""))
     return summary
 

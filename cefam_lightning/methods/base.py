@@ -27,6 +27,7 @@ import lightning as L
 import numpy as np
 from torch import Tensor
 
+from cefam_lightning.distributed import part_range
 from cefam_lightning.errors import CefamError, error_summary
 from cefam_lightning.methods.checkpoints import NOT_AN_EXPLAINER, CheckpointError, read_checkpoint
 from cefam_lightning.methods.registry import MethodSpec, get_method, method_of_hparams
@@ -112,9 +113,13 @@ class EvaluationSettings:
     preset: str | None = None  # CE-FAM
     per_layer_contributions: bool = False  # CE-FAM
     # This process's share when a process group splits the images (cefam_lightning.distributed): rank, world size.
-    # A method whose evaluate_options hold "parts" scores its part and sums the metrics over the ranks.
+    # Every method's evaluation scores its part (part) and sums the metrics over the ranks.
     rank: int = 0
     world_size: int = 1
+
+    def part(self, n: int) -> range:
+        """This process's images of the ``n`` evaluated ones, in order (all of them for a single process)."""
+        return part_range(n, self.rank, self.world_size)
 
 
 @dataclass
@@ -174,10 +179,10 @@ class ExplainerModule(L.LightningModule):
         summary_metrics: ``(label, test metric key)`` rows of the run summary ``train.py`` prints.
         explain_options: the :class:`ExplainSettings` fields the method reads.
         evaluate_options: the :class:`EvaluationSettings` fields beyond the common ones it reads, ``"data"`` when
-            it can be evaluated on data (:meth:`evaluate_on_data`), the options of that evaluation it takes
-            (``store``, ``fit_split``, ``max_fit_images``: CE-FAM; ``attributes``, ``targets``: SIAM), and
-            ``"parts"`` when its evaluation splits the images across a process group (``rank``, ``world_size``;
-            else one rank evaluates them all).
+            it can be evaluated on data (:meth:`evaluate_on_data`) and the options of that evaluation it takes
+            (``store``, ``fit_split``, ``max_fit_images``: CE-FAM; ``attributes``, ``targets``: SIAM). Every
+            method's evaluation scores only its part of the images when :class:`EvaluationSettings` gives one
+            (``rank``, ``world_size``) and sums its metrics over the ranks.
     """
 
     summary_metrics: ClassVar[tuple[tuple[str, str], ...]] = (("test loss", "test/loss"),)
@@ -330,7 +335,11 @@ class ExplainerModule(L.LightningModule):
 
     # ------------------------------------------------------------------ evaluating
     def evaluate_on_world(self, world: Any, split: str, settings: EvaluationSettings) -> tuple[dict[str, Any], str]:
-        """Score the explanations on a shapes-world split against its masks: ``(results, Markdown table)``."""
+        """Score the explanations on a shapes-world split against its masks: ``(results, Markdown table)``.
+
+        With ``settings.world_size > 1`` every rank of the group calls this with its own ``rank``: each scores its
+        :meth:`EvaluationSettings.part` of the images and every rank returns the numbers of the whole split (the
+        metrics' sums are gathered before they are computed). The same holds for :meth:`evaluate_on_data`."""
         raise NotImplementedError
 
     def evaluate_on_data(

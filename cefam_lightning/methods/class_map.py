@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from cefam_lightning.data.mask_datasets import collate_masks
 from cefam_lightning.data.shapes_world import key_object_pixels
+from cefam_lightning.distributed import sum_over_ranks
 from cefam_lightning.methods.base import (
     EvaluationSettings,
     Evidence,
@@ -39,7 +40,7 @@ from cefam_lightning.methods.base import (
     ImageReport,
     RegionPanels,
 )
-from cefam_lightning.methods.baselines import random_maps
+from cefam_lightning.methods.baselines import image_random_maps
 from cefam_lightning.methods.cam_baselines import baseline_names, get_baseline
 from cefam_lightning.metrics import ROAD, DeletionInsertion, Faithfulness, RegionMetrics
 from cefam_lightning.metrics.functional.faithfulness import DEFAULT_KEEPS, faithfulness_probabilities, setting_name
@@ -235,8 +236,11 @@ class ClassMapEvaluation(nn.Module):
         methods: the names of the compared maps (:meth:`update` computes ``"method"``, the registered baselines of
             :mod:`~cefam_lightning.methods.cam_baselines` and ``"random"``; :meth:`update_maps` takes any).
         keeps: kept pixel fractions of the faithfulness metrics.
-        seed: seed of the random maps (and of ROAD's imputation noise).
-        sync_on_compute: sum the states over DDP ranks in :meth:`compute` (every rank must then call it).
+        seed: seed of the random maps (each image's from this seed and its index in the evaluated images:
+            :func:`~cefam_lightning.methods.baselines.image_random_maps`) and of ROAD's imputation noise.
+        sync_on_compute: sum the states over DDP ranks in :meth:`compute` (every rank must then call it). When the
+            ranks split the images, each sets :attr:`images_seen` to the index of its first image first, so every
+            image gets its own random map whatever the split.
         curves: also the deletion / insertion AUC (``steps`` steps) and, where pytorch-grad-cam is installed, ROAD at
             ``percentiles`` (docs/method.md#deletion-insertion-and-road).
     """
@@ -262,7 +266,7 @@ class ClassMapEvaluation(nn.Module):
         self.deletion = nn.ModuleDict({m: DeletionInsertion(steps, **kw) for m in methods} if curves else {})
         road = curves and bool(self.percentiles) and road_available()
         self.road = nn.ModuleDict({m: ROAD(self.percentiles, **kw) for m in methods} if road else {})
-        self.generator = torch.Generator().manual_seed(seed)
+        self.images_seen = 0  # index among the evaluated images of the next batch's first image
 
     @torch.no_grad()
     def update(self, module: ClassMapExplainer, images: Tensor, key_masks: Tensor) -> None:
@@ -270,16 +274,21 @@ class ClassMapEvaluation(nn.Module):
         layer: ``images`` ``(B, 3, H, W)`` in ``[0, 1]``, ``key_masks`` ``(B, H, W)`` the key object."""
         out, c = module.class_maps_at_layer(images)
         pred = out.logits.argmax(dim=1)
-        maps = self._maps(module, images, out, c, pred)
+        every = torch.arange(len(images), device=images.device)
+        maps = self._maps(module, images, out, c, pred, every)
         self.update_maps(module.classifier, images, key_masks, maps, pred, out.logits)
 
-    def _maps(self, module: ClassMapExplainer, images: Tensor, out: Any, c: Tensor, classes: Tensor) -> dict:
+    def _maps(
+        self, module: ClassMapExplainer, images: Tensor, out: Any, c: Tensor, classes: Tensor, image_index: Tensor
+    ) -> dict:
         """Each compared method's map of ``classes`` (``(B,)``) on ``images`` (``out``: the classifier's output
-        on them, ``c`` the explainer's class maps), at its layer's resolution."""
+        on them, ``c`` the explainer's class maps), at its layer's resolution; ``image_index`` ``(B,)``: each
+        image's index in the batch (that seeds its random map)."""
         maps = {"method": select_class(c, classes)} if "method" in self.methods else {}
         maps.update(baseline_maps(self.methods, module.classifier, images, out, classes, module.map_layer))
         if "random" in self.methods:
-            maps["random"] = random_maps((len(images), *images.shape[-2:]), self.generator, images.device)
+            index = image_index + self.images_seen
+            maps["random"] = image_random_maps(index, images.shape[-2:], self.seed, images.device)
         return maps
 
     @torch.no_grad()
@@ -291,16 +300,31 @@ class ClassMapEvaluation(nn.Module):
         maps."""
         out, c = module.class_maps_at_layer(images)
         pred = out.logits.argmax(dim=1)
-        self.update_maps(module.classifier, images, None, self._maps(module, images, out, c, pred), pred, out.logits)
-        if not len(image_index):
-            return
+        if len(image_index):
+            self._update_class_masks(module, images, out, c, masks, image_index, classes)
+        every = torch.arange(len(images), device=images.device)
+        self.update_maps(
+            module.classifier, images, None, self._maps(module, images, out, c, pred, every), pred, out.logits
+        )
+
+    def _update_class_masks(
+        self,
+        module: ClassMapExplainer,
+        images: Tensor,
+        out: Any,
+        c: Tensor,
+        masks: Tensor,
+        image_index: Tensor,
+        classes: Tensor,
+    ) -> None:
+        """The region metrics of each class mask against its class's maps (see :meth:`update_with_class_masks`)."""
         layer = module.map_layer
         rows = Activations(
             {layer: out.activations[layer][image_index]},
             {k: v[image_index] for k, v in out.activations.prefix_tokens.items() if k == layer},
         )
         pairs = SimpleNamespace(activations=rows)
-        maps = self._maps(module, images[image_index], pairs, c[image_index], classes)
+        maps = self._maps(module, images[image_index], pairs, c[image_index], classes, image_index)
         concept_ids = torch.zeros(len(image_index), dtype=torch.long, device=images.device)
         for method, m in maps.items():
             self.region[method].update(normalize_maps(m.to(images.device), images.shape[-2:]), masks, concept_ids)
@@ -318,7 +342,8 @@ class ClassMapEvaluation(nn.Module):
     ) -> None:
         """Score given maps (``{name: (B, h, w)}``, any resolution and scale; each normalized per image and
         upsampled here) of the ``target`` classes against ``key_masks`` (``None``: faithfulness only);
-        ``road=False`` leaves this batch out of ROAD (the slowest)."""
+        ``road=False`` leaves this batch out of ROAD (the slowest). The batch's images are then counted in
+        :attr:`images_seen`."""
         size = images.shape[-2:]
         concept_ids = torch.zeros(len(images), dtype=torch.long, device=images.device)
         for method, m in maps.items():
@@ -330,8 +355,9 @@ class ClassMapEvaluation(nn.Module):
             if method in self.deletion:
                 self.deletion[method].update(*deletion_insertion_curves(classifier, images, m, target, self.steps))
             if road and method in self.road:
-                seed = self.seed + int(self.road[method].total)  # other noise per batch, the same per method
+                seed = self.seed + self.images_seen  # other noise per batch, the same per method
                 self.road[method].update(*road_probabilities(classifier, images, m, target, self.percentiles, seed))
+        self.images_seen += len(images)
 
     def compute(self, regions: bool = True) -> dict[str, dict[str, float]]:
         """``{method: {"nra", "epg", "hit_rate", "scored", "ad/100%", "ic/100%", ..., ["deletion", "insertion",
@@ -366,7 +392,10 @@ def evaluate_class_maps(
     module: ClassMapExplainer, world: Any, split: str = "test", settings: EvaluationSettings | None = None
 ) -> dict[str, Any]:
     """Evaluate a trained class-map explainer on a shapes-world split, beside Grad-CAM at its layer and a random
-    map. This process evaluates the whole split by itself (under DDP, call it on one rank).
+    map. This process evaluates the whole split by itself (under DDP, call it on one rank), unless ``settings``
+    gives it a part (``rank``, ``world_size`` of a process group that every rank calls this in): then it scores its
+    own range of images, the metrics are summed over the ranks, and every rank returns the numbers one process
+    would.
 
     Returns:
         ``{"methods": {<the module's method> | "gradcam" | "random": metrics}, "title", "split", "images", "layer",
@@ -385,16 +414,24 @@ def evaluate_class_maps(
     t0 = time.time()
     baselines = settings.baselines or DEFAULT_BASELINES
     evaluation = ClassMapEvaluation(
-        ("method", *baselines, "random"), DEFAULT_KEEPS, settings.seed, sync_on_compute=False, curves=settings.curves
+        ("method", *baselines, "random"),
+        DEFAULT_KEEPS,
+        settings.seed,
+        sync_on_compute=settings.world_size > 1,
+        curves=settings.curves,
     ).to(device)
-    for images, masks, labels in world.split(split).batches(settings.batch_size, settings.max_images, device):
+    data = world.split(split)
+    n = len(data) if settings.max_images is None else min(settings.max_images, len(data))
+    mine = settings.part(n)
+    evaluation.images_seen = mine.start
+    for images, masks, labels in data.batches(settings.batch_size, n, device, images=mine):
         evaluation.update(module, images, key_object_pixels(world.spec, masks, labels))
     rows = evaluation.compute()
     return {
         "methods": {module.method: rows.pop("method"), **rows},  # the explainer's row under its method's name
         "title": module.title,
         "split": split,
-        "images": int(evaluation.faithfulness["method"].total),
+        "images": n,
         "layer": module.map_layer,
         "keeps": list(DEFAULT_KEEPS),
         "baselines": list(baselines),
@@ -415,7 +452,8 @@ def evaluate_class_maps_on_data(
     Args:
         module: the explainer.
         dataset: a mask dataset or an image source dataset (:mod:`cefam_lightning.data.evaluation_data`).
-        settings: batch size, image limit, random-map seed, baselines, curves.
+        settings: batch size, image limit, random-map seed, baselines, curves; ``rank`` and ``world_size`` of a
+            process group that splits the images (as :func:`evaluate_class_maps`).
         num_workers: DataLoader workers.
 
     Returns:
@@ -434,12 +472,18 @@ def evaluate_class_maps_on_data(
     n = len(dataset) if settings.max_images is None else min(settings.max_images, len(dataset))
     if n < 1:
         raise ValueError(f"no images to evaluate in {dataset.describe()['root']}")
-    data = dataset if n == len(dataset) else Subset(dataset, range(n))
+    mine = settings.part(n)
+    data = dataset if mine == range(len(dataset)) else Subset(dataset, mine)
     loader = DataLoader(data, batch_size=settings.batch_size, collate_fn=collate_masks, num_workers=num_workers)
     baselines = settings.baselines or DEFAULT_BASELINES
     evaluation = ClassMapEvaluation(
-        ("method", *baselines, "random"), DEFAULT_KEEPS, settings.seed, sync_on_compute=False, curves=settings.curves
+        ("method", *baselines, "random"),
+        DEFAULT_KEEPS,
+        settings.seed,
+        sync_on_compute=settings.world_size > 1,
+        curves=settings.curves,
     ).to(device)
+    evaluation.images_seen = mine.start
     pairs = 0
     for batch in loader:
         classes = concept_class[batch.concepts] if len(batch.concepts) else batch.concepts
@@ -452,13 +496,14 @@ def evaluate_class_maps_on_data(
             batch.image_index[keep].to(device),
             classes[keep].to(device),
         )
+    pairs = int(sum_over_ranks(torch.tensor(pairs, device=device), settings.world_size))  # every rank's part
     rows = evaluation.compute(regions=pairs > 0)  # no class masks: region metrics have nothing to score
     return {
         "methods": {module.method: rows.pop("method"), **rows},
         "title": module.title,
         "data": dataset.describe(),
         "split": dataset.split or "all",
-        "images": int(evaluation.faithfulness["method"].total),
+        "images": n,
         "class_masks": pairs,
         "regions_against": f"{pairs} class masks" if pairs else None,
         "layer": module.map_layer,

@@ -26,6 +26,7 @@ from torch import Tensor
 
 from cefam_lightning import devices
 from cefam_lightning.data.transforms import load_image
+from cefam_lightning.distributed import Workers, part_range
 from cefam_lightning.errors import CefamError, error_summary, one_line
 from cefam_lightning.io_utils import atomic_write_bytes, atomic_write_json
 
@@ -197,8 +198,14 @@ def explain_images(
     batch_size: int = 16,
     device: str | torch.device | None = None,
     figures: bool = True,
+    workers: Workers | None = None,
 ) -> dict[str, Any]:
     """Explain image files (or folders of them) and write reports, maps and figures under ``out_dir``.
+
+    In a process group (``workers``, :func:`~cefam_lightning.distributed.launch`) every rank calls this with the
+    same arguments: each explains its part of the images (contiguous in the sorted order, balanced by count:
+    :func:`~cefam_lightning.distributed.part_range`) into its images' own folders, and rank 0 writes
+    ``summary.json`` of all of them once every rank is done, so the folder is the one a single process writes.
 
     Args:
         module_or_ckpt: a trained explainer module, or the path of its checkpoint (any method).
@@ -213,13 +220,16 @@ def explain_images(
         device: ``"auto"``, ``"cpu"``, ``"cuda"``; default ``"auto"`` for a checkpoint, the module's own device
             for a module (a module given with a device is moved there).
         figures: write ``figure.png`` (the slowest output).
+        workers: this process's place in a group splitting the images; ``None``: one process does all.
 
     Returns:
         The summary also written to ``out_dir/summary.json``: ``method``, ``checkpoint``, ``settings``,
-        ``explained`` (``[{"image", "folder"}]``) and ``failed`` (``[{"image", "error"}]``, unreadable images).
+        ``explained`` (``[{"image", "folder"}]``) and ``failed`` (``[{"image", "error"}]``, unreadable images);
+        every rank's, on every rank.
 
     Raises:
-        ExplainError: a missing or foreign checkpoint, an unknown concept or class, a missing input, a bad option.
+        ExplainError: a missing or foreign checkpoint, an unknown concept or class, a missing input, a bad option;
+            in a process group, also on every other rank when one rank fails while explaining its part.
     """
     from cefam_lightning.methods.base import ExplainerModule, ExplainSettings
 
@@ -271,13 +281,61 @@ def explain_images(
         "device": str(dev),
     }
 
+    workers = workers or Workers(device=dev)
+    if workers.distributed:
+        run_settings["processes"] = workers.world_size
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    mine = part_range(len(images), workers.rank, workers.world_size)
+    try:
+        explained, failed = _explain_part(
+            explainer, images, names, mine, spec, target_index, out, batch_size, dev, figures
+        )
+        error = None
+    except Exception as e:
+        if not workers.distributed:
+            raise
+        explained, failed, error = [], [], e
+    parts = workers.all_gather_object((explained, failed, None if error is None else error_summary(error)))
+    if error is not None:
+        raise error
+    for rank, (_, _, other) in enumerate(parts):
+        if other is not None:
+            raise ExplainError(f"rank {rank} failed while explaining its images: {other}")
+    explained = [item for part in parts for item in part[0]]
+    failed = [item for part in parts for item in part[1]]
+    summary = {
+        "method": module.method,
+        "checkpoint": checkpoint,
+        "settings": run_settings,
+        "explained": explained,
+        "failed": failed,
+    }
+    if workers.is_main:
+        atomic_write_json(out / "summary.json", summary)
+    workers.barrier()  # the summary is written when any rank returns
+    return summary
+
+
+def _explain_part(
+    explainer: Any,
+    images: list[Path],
+    names: list[str],
+    mine: range,
+    spec: Any,
+    target_index: int | None,
+    out: Path,
+    batch_size: int,
+    dev: torch.device,
+    figures: bool,
+) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """Explain ``images[mine]`` in batches into ``out/<name>/``: the explained and the unreadable images."""
     explained: list[dict[str, str]] = []
     failed: list[dict[str, str]] = []
-    for start in range(0, len(images), batch_size):
+    for start in range(mine.start, mine.stop, batch_size):
+        stop = min(start + batch_size, mine.stop)
         chunk, tensors = [], []
-        for path, name in zip(images[start : start + batch_size], names[start : start + batch_size], strict=True):
+        for path, name in zip(images[start:stop], names[start:stop], strict=True):
             try:
                 tensors.append(load_image(path, spec))
             except Exception as e:  # PIL raises many kinds for corrupt files; each is reported, the rest go on
@@ -297,15 +355,7 @@ def explain_images(
             write_image_report(folder, result, explainer.render if figures else None, batch[i].cpu())
             explained.append({"image": str(path), "folder": str(folder)})
             log.info(f"{path} -> {folder}  predicted {result.report['predicted_class']}")
-    summary = {
-        "method": module.method,
-        "checkpoint": checkpoint,
-        "settings": run_settings,
-        "explained": explained,
-        "failed": failed,
-    }
-    atomic_write_json(out / "summary.json", summary)
-    return summary
+    return explained, failed
 
 
 def write_image_report(folder: Path, result: Any, render: Any, image: Tensor) -> None:

@@ -45,7 +45,7 @@ from torchmetrics import Metric
 
 from cefam_lightning.data.mask_datasets import MaskBatch, MaskConcept, MaskDataset, MaskDatasetError, collate_masks
 from cefam_lightning.data.shapes_world import key_object_concepts
-from cefam_lightning.distributed import part_range
+from cefam_lightning.distributed import sum_over_ranks
 from cefam_lightning.errors import one_line
 from cefam_lightning.methods.base import EvaluationSettings
 from cefam_lightning.methods.baselines import SingleChannelBaseline, image_random_maps
@@ -438,8 +438,11 @@ class ExplanationEvaluation(nn.Module):
             t.clone() for t in (self.selected, self.class_map_layer, self.class_map_empty)
         )
         if self.sync_on_compute and torch.distributed.is_available() and torch.distributed.is_initialized():
-            for counts in (selected, class_map_layer, class_map_empty):  # plain counts: summed over the ranks here
-                torch.distributed.all_reduce(counts)
+            # plain counts: summed over the ranks here
+            world = torch.distributed.get_world_size()
+            selected, class_map_layer, class_map_empty = (
+                sum_over_ranks(t, world) for t in (selected, class_map_layer, class_map_empty)
+            )
         regions: dict[str, dict[str, dict[str, float]]] = {}
         for name, metric in self.region.items():
             method, setting = name.split("/")
@@ -544,7 +547,7 @@ def evaluate_on_world(
     zero_shot = _zero_shot_split(module, evaluation, device)  # None unless the checkpoint held concepts out
     data = world.split(split)
     n = len(data) if settings.max_images is None else min(settings.max_images, len(data))
-    mine = part_range(n, settings.rank, settings.world_size)
+    mine = settings.part(n)
     evaluation.images_seen = mine.start
     for images, masks, labels in data.batches(settings.batch_size, n, device, images=mine):
         scores = evaluation.update(module, images, masks, labels, key_object_concepts(world.spec, masks, labels))
@@ -711,7 +714,7 @@ def evaluate_on_masks(
     skipped_pairs = torch.zeros(len(dataset.concepts), dtype=torch.long)
     n_images = 0
     n = len(dataset) if max_images is None else min(max_images, len(dataset))
-    mine = part_range(n, settings.rank, settings.world_size)
+    mine = settings.part(n)
     evaluation.images_seen = mine.start
     for batch in _mask_batches(dataset, max_images, batch_size, num_workers, images=mine):
         image_index, concepts, masks, keep = _mapped_pairs(batch, mapping)
@@ -721,10 +724,9 @@ def evaluate_on_masks(
         )
         n_images += len(batch.ids)
     results = evaluation.compute()
-    if settings.world_size > 1:  # the counts of every rank's part
-        counts = torch.cat([skipped_pairs, torch.tensor([n_images])]).to(device)
-        torch.distributed.all_reduce(counts)
-        skipped_pairs, n_images = counts[:-1].cpu(), int(counts[-1])
+    # the counts of every rank's part
+    counts = sum_over_ranks(torch.cat([skipped_pairs, torch.tensor([n_images])]).to(device), settings.world_size)
+    skipped_pairs, n_images = counts[:-1].cpu(), int(counts[-1])
     skipped_set = set(skipped)
     skipped_by_name = {
         c.name: int(n) for c, n in zip(dataset.concepts, skipped_pairs, strict=True) if c.name in skipped_set

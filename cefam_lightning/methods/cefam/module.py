@@ -146,7 +146,7 @@ class CEFAMModule(ExplainerModule):
     explain_options = frozenset({"top_n", "concepts", "store", *RULE_KEYS, "preset"})
     evaluate_options = frozenset(
         {*RULE_KEYS, "preset", "per_layer_contributions", "data", "store", "fit_split", "max_fit_images"}
-        | {"baselines", "curves", "parts"}
+        | {"baselines", "curves"}
     )
 
     def __init__(

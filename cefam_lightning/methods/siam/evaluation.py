@@ -30,6 +30,7 @@ from torchmetrics.classification import MultilabelAUROC
 from cefam_lightning.data.attributes import IdTable, TableError, read_table
 from cefam_lightning.data.mask_datasets import collate_masks
 from cefam_lightning.data.shapes_world import ShapesWorld, key_object_concepts, key_object_pixels
+from cefam_lightning.distributed import part_range, sum_over_ranks
 from cefam_lightning.metrics import RegionMetrics
 from cefam_lightning.metrics.functional.region import nra
 from cefam_lightning.reporting.tables import markdown_table
@@ -37,9 +38,19 @@ from cefam_lightning.reporting.tables import markdown_table
 
 @torch.no_grad()
 def evaluate_siam_on_world(
-    module: Any, world: ShapesWorld, split: str = "test", batch_size: int = 64, max_images: int | None = None
+    module: Any,
+    world: ShapesWorld,
+    split: str = "test",
+    batch_size: int = 64,
+    max_images: int | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> dict[str, Any]:
     """Evaluate a SIAM module trained on ``world`` on one of its splits.
+
+    With ``world_size > 1`` every rank of a process group calls this with its ``rank``: each scores its part of the
+    images (:func:`~cefam_lightning.distributed.part_range`), the metrics are summed over the ranks, and every rank
+    returns the numbers one process would.
 
     Args:
         module: a classification :class:`~cefam_lightning.methods.siam.module.SIAMModule` whose attributes are the
@@ -48,6 +59,7 @@ def evaluate_siam_on_world(
         split: ``"train"``, ``"val"`` or ``"test"``.
         batch_size: images per forward pass.
         max_images: evaluate only the first this many images (``None``: all).
+        rank, world_size: this process's part of the images, of how many.
 
     Returns:
         ``n_images``; ``attr_auroc`` (macro); ``siam_acc``, ``classifier_acc``, ``agreement``; ``n_correct`` and
@@ -72,11 +84,12 @@ def evaluate_siam_on_world(
     device = module.device
     was_training = module.training
     module.eval()
-    auroc = MultilabelAUROC(len(names), average="macro").to(device)
-    regions = RegionMetrics([c.type for c in concepts]).to(device)
+    sync = world_size > 1
+    auroc = MultilabelAUROC(len(names), average="macro", sync_on_compute=sync).to(device)
+    regions = RegionMetrics([c.type for c in concepts], sync_on_compute=sync).to(device)
     counts = dict.fromkeys(("siam_correct", "classifier_correct", "agree", "key_first"), 0)
-    class_map_nra: list[torch.Tensor] = []
-    for images, masks, labels in data.batches(batch_size, n, device):
+    class_map_nra = torch.zeros(2, dtype=torch.float64, device=device)  # the sum of the non-NaN NRAs, their count
+    for images, masks, labels in data.batches(batch_size, n, device, images=part_range(n, rank, world_size)):
         presence = masks.flatten(2).any(2)
         logits, features = module.backbone(images)
         ex = module.explain_features(features, image_size=tuple(images.shape[-2:]))
@@ -92,9 +105,12 @@ def evaluate_siam_on_world(
         counts["key_first"] += int((key[rows, top] & correct).sum())
         image_index, concept_ids = presence.nonzero(as_tuple=True)
         regions.update(ex.maps[image_index, concept_ids], masks[image_index, concept_ids], concept_ids)
-        class_map_nra.append(nra(ex.class_map, key_object_pixels(world.spec, masks, labels)))
+        values = nra(ex.class_map, key_object_pixels(world.spec, masks, labels))
+        class_map_nra += torch.stack([values.nansum().double(), values.isfinite().sum().double()])
     module.train(was_training)
-    nra_values = torch.cat(class_map_nra)
+    totals = sum_over_ranks(torch.tensor(list(counts.values()), device=device), world_size)
+    counts = dict(zip(counts, totals.tolist(), strict=True))
+    nra_sum, nra_count = sum_over_ranks(class_map_nra, world_size).tolist()
     return {
         "split": split,
         "n_images": n,
@@ -104,7 +120,7 @@ def evaluate_siam_on_world(
         "agreement": counts["agree"] / n,
         "n_correct": counts["siam_correct"],
         "top_attr_is_key": counts["key_first"] / max(counts["siam_correct"], 1),
-        "class_map_nra": float(nra_values.nanmean()),
+        "class_map_nra": nra_sum / nra_count if nra_count else float("nan"),
         "regions": {k: float(v) for k, v in regions.compute().items()},
     }
 
@@ -150,8 +166,13 @@ def evaluate_siam_on_data(
     batch_size: int = 64,
     max_images: int | None = None,
     num_workers: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> dict[str, Any]:
     """Evaluate a SIAM module on image data (``evaluate --data``) with an attribute table joined by id.
+
+    With ``world_size > 1`` every rank of a process group calls this with its ``rank`` and scores its part of the
+    images; the sums are gathered, and every rank returns the numbers one process would.
 
     Args:
         module: a SIAM module; the table's columns must be its attributes (any order).
@@ -159,6 +180,7 @@ def evaluate_siam_on_data(
         attributes: the attribute table (a CSV path or read).
         targets: the target table of a regression SIAM (its columns: the module's outputs).
         batch_size, max_images, num_workers: as ``evaluate``'s.
+        rank, world_size: this process's part of the images, of how many.
 
     Returns:
         ``task``, ``n_images``; ``attr_auroc`` (macro over the scored attributes), ``attr_auroc_per_attribute``
@@ -195,25 +217,40 @@ def evaluate_siam_on_data(
     device = module.device
     was_training = module.training
     module.eval()
-    data = dataset if n == len(dataset) else Subset(dataset, range(n))
+    mine = part_range(n, rank, world_size)
+    data = dataset if mine == range(len(dataset)) else Subset(dataset, mine)
     loader = DataLoader(data, batch_size=batch_size, collate_fn=collate_masks, num_workers=num_workers)
     class_of = {c: i for i, c in enumerate(module.class_names)}
-    presence, labels, outputs, classifier_pred = [], [], [], []
+    truth = torch.as_tensor(attr_rows, device=device) >= 0.5  # every evaluated image's, on every rank
+    scored = truth.any(0) & ~truth.all(0)  # an attribute always or never present has no AUROC
+    auroc = None
+    if scored.any():
+        auroc = MultilabelAUROC(int(scored.sum()), average="none", sync_on_compute=world_size > 1).to(device)
+    # Sums over the images: classification: labeled, SIAM right, classifier right (both among the labeled), SIAM
+    # agrees with the classifier; regression: the squared error per output.
+    sums = torch.zeros(4 if task == "classification" else len(module.class_names), dtype=torch.float64, device=device)
+    start = mine.start
     for batch in loader:
         logits, features = module.backbone(batch.images.to(device))
         out = module.forward_features(features)
-        presence.append(out.presence.float())
-        outputs.append(out.outputs.float())
-        classifier_pred.append(logits.argmax(1))
-        labels.append(torch.tensor([class_of.get(label, -1) for label in batch.labels], device=device))
+        rows = slice(start, start + len(batch.ids))
+        start += len(batch.ids)
+        if auroc is not None:
+            auroc.update(out.presence.float()[:, scored], truth[rows][:, scored].long())
+        if task == "classification":
+            label = torch.tensor([class_of.get(label, -1) for label in batch.labels], device=device)
+            known = label >= 0
+            pred, clf = out.outputs.argmax(1), logits.argmax(1)
+            sums += torch.stack(
+                [known.sum(), (pred == label)[known].sum(), (clf == label)[known].sum(), (pred == clf).sum()]
+            ).double()
+        else:
+            target = torch.as_tensor(target_rows[rows], device=device)
+            sums += (out.outputs.double() - target.double()).pow(2).sum(0)
     module.train(was_training)
-    presence_all = torch.cat(presence)
-    truth = torch.as_tensor(attr_rows, device=device) >= 0.5
-    scored = truth.any(0) & ~truth.all(0)  # an attribute always or never present has no AUROC
     per_attribute: list[float | None] = [None] * len(names)
-    if scored.any():
-        auroc = MultilabelAUROC(int(scored.sum()), average="none").to(device)
-        values = auroc(presence_all[:, scored], truth[:, scored].long()).tolist()
+    if auroc is not None:
+        values = auroc.compute().tolist()
         for a, v in zip(scored.nonzero().flatten().tolist(), values, strict=True):
             per_attribute[a] = float(v)
     kept = [v for v in per_attribute if v is not None]
@@ -226,23 +263,20 @@ def evaluate_siam_on_data(
         "attributes_scored": len(kept),
         "table_rows_unmatched": unmatched,
     }
-    out_all = torch.cat(outputs)
+    sums = sum_over_ranks(sums, world_size).tolist()  # every rank's part
     if task == "classification":
-        label_all, clf = torch.cat(labels), torch.cat(classifier_pred)
-        known = label_all >= 0
-        pred = out_all.argmax(1)
-        n_known = int(known.sum())
+        n_known, siam_right, classifier_right, agree = sums
+        n_known = int(n_known)
         results.update(
             n_labeled=n_known,
             n_unlabeled=n - n_known,
-            siam_acc=float((pred[known] == label_all[known]).float().mean()) if n_known else None,
-            classifier_acc=float((clf[known] == label_all[known]).float().mean()) if n_known else None,
-            agreement=float((pred == clf).float().mean()),
+            siam_acc=siam_right / n_known if n_known else None,
+            classifier_acc=classifier_right / n_known if n_known else None,
+            agreement=agree / n,
         )
     else:
-        err = (out_all - torch.as_tensor(target_rows, device=device)).pow(2)
-        per_target = dict(zip(module.class_names, err.mean(0).tolist(), strict=True))
-        results.update(mse=float(err.mean()), mse_per_target=per_target)
+        per_target = {name: err / n for name, err in zip(module.class_names, sums, strict=True)}
+        results.update(mse=sum(sums) / (n * len(sums)), mse_per_target=per_target)
     results["seconds"] = round(time.time() - t0, 1)
     return results
 

@@ -432,7 +432,9 @@ class SIAMModule(ExplainerModule):
     def evaluate_on_world(self, world: Any, split: str, settings: EvaluationSettings) -> tuple[dict[str, Any], str]:
         from cefam_lightning.methods.siam.evaluation import evaluate_siam_on_world, format_siam_table
 
-        results = evaluate_siam_on_world(self, world, split, settings.batch_size, settings.max_images)
+        results = evaluate_siam_on_world(
+            self, world, split, settings.batch_size, settings.max_images, settings.rank, settings.world_size
+        )
         return results, format_siam_table(results)
 
     def evaluate_on_data(
@@ -451,7 +453,15 @@ class SIAMModule(ExplainerModule):
         if attributes is None:
             raise UnsupportedError("a SIAM checkpoint is evaluated on data against an attribute table: --attributes")
         results = evaluate_siam_on_data(
-            self, dataset, attributes, targets, settings.batch_size, settings.max_images, num_workers
+            self,
+            dataset,
+            attributes,
+            targets,
+            settings.batch_size,
+            settings.max_images,
+            num_workers,
+            settings.rank,
+            settings.world_size,
         )
         return results, format_siam_data_table(results)
 
