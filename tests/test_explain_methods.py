@@ -159,7 +159,8 @@ def test_evaluate_command_evaluates_lcam_and_siam_checkpoints(method, tiny_metho
 
 def test_evaluate_rejects_cefam_options_for_other_methods(tiny_method_run, tmp_path, capsys):
     ckpt = tiny_method_run("lcam_img")["best_checkpoint"]
-    for extra in (["--k", "5"], ["--select-layers", "all"], ["--data", str(tmp_path)]):
+    # (--data is every method's now: L-CAM evaluates on data too; --per-layer-contributions is CE-FAM's)
+    for extra in (["--k", "5"], ["--select-layers", "all"], ["--per-layer-contributions"]):
         with pytest.raises(SystemExit) as exc:
             evaluate_main(["--checkpoint", ckpt, *extra, "--out", str(tmp_path / "ev")])
         err = capsys.readouterr().err.strip().splitlines()
