@@ -21,14 +21,15 @@ and CAM methods (the random map aside), and by how much against the run-to-run s
 Timing (:func:`time_methods`) is its own phase, apart from the scoring: every method makes the maps of the same
 full batches (the first ``--timing-images`` test images) of the classes the classifier predicts, after one untimed
 warm-up call each; ``--repeats`` rounds, the methods in a rotated order each round so that a change of load on the
-machine falls on all of them; ``--threads`` torch threads. Each method runs the frozen classifier on the batch itself,
-exactly once (L-CAM's and CE-FAM's pass is part of their map; a baseline that reads the classifier's output gets it
-computed inside its timing, and one that runs the classifier itself, as pytorch-grad-cam's CAMs do, gets no extra
-pass). A method whose calls have taken ``--time-budget`` seconds in all stops after the round it is in (the slow
-baselines: Score-CAM, Ablation-CAM, RISE). ``s / image`` is the median over the timed calls of a call's seconds
-divided by its images, with the interquartile range; the verdict compares L-CAM with the fastest other method by the
-paired ratio of their calls on the same batch in the same round: ``PASS`` where its whole interquartile range is above
-1, ``MISS`` where it is below 1, ``TIE`` (within the run-to-run spread) otherwise.
+machine falls on all of them; ``--threads`` torch threads (and numpy BLAS threads, with threadpoolctl). Each method
+runs the frozen classifier on the batch itself, exactly once (L-CAM's and CE-FAM's pass is part of their map; a
+baseline that reads the classifier's output gets it computed inside its timing, and one that runs the classifier
+itself, as pytorch-grad-cam's CAMs do, gets no extra pass). A method whose calls have taken ``--time-budget`` seconds
+in all stops after the round it is in (the slow baselines: Score-CAM, Ablation-CAM, RISE). ``ms / image`` is the
+median over the timed calls of a call's seconds divided by its images, with the interquartile range; the verdict
+compares L-CAM with the fastest other method by the paired ratio of their calls on the same batch in the same round:
+``PASS`` where its whole interquartile range is above 1, ``MISS`` where it is below 1, ``TIE`` (within the
+run-to-run spread) otherwise.
 
 Run: ``python benchmarks/class_maps.py`` (default world, 200 test images; see the README for the time);
 ``--small`` is a seconds-long smoke run of the same path (a tiny world, one epoch, 8 images), for tests.
@@ -37,6 +38,7 @@ Run: ``python benchmarks/class_maps.py`` (default world, 200 test images; see th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -88,7 +90,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--timing-images", type=int, default=64, help="full batches timed (default the first 64 images)")
     p.add_argument("--repeats", type=int, default=5, help="timed rounds over those batches (default 5)")
     p.add_argument("--time-budget", type=float, default=30.0, help="a method's timed seconds after which it stops")
-    p.add_argument("--threads", type=int, default=1, help="torch threads while timing (default 1)")
+    p.add_argument("--threads", type=int, default=1, help="torch (and BLAS) threads while timing (default 1)")
     p.add_argument("--baselines", default=None, help="comma-separated baselines (default: every installed one)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
@@ -175,7 +177,9 @@ def time_methods(
 
     One untimed warm-up call per method first (lazy set-up: tails, probes, graphs); then ``repeats`` rounds over
     ``batches`` (``(images, target)``), the methods' order rotated by one each round; a method whose timed seconds
-    reach ``budget`` sits out the later rounds. ``threads`` torch threads meanwhile (restored after).
+    reach ``budget`` sits out the later rounds. ``threads`` torch threads meanwhile, and as many BLAS threads for
+    numpy (pytorch-grad-cam's EigenCAM takes an SVD there; OpenBLAS threads that spin on a busy machine made it
+    vary 10x between calls), both restored after.
     """
     names = list(sources)
     previous = torch.get_num_threads()
@@ -183,7 +187,7 @@ def time_methods(
     calls: dict[str, list[float]] = {n: [] for n in names}
     spent = dict.fromkeys(names, 0.0)
     try:
-        with torch.no_grad():
+        with blas_threads(threads), torch.no_grad():
             for name in names:
                 sources[name](*batches[0])
             for round_ in range(repeats):
@@ -199,6 +203,15 @@ def time_methods(
     finally:
         torch.set_num_threads(previous)
     return calls
+
+
+def blas_threads(threads: int) -> contextlib.AbstractContextManager:
+    """numpy's BLAS limited to ``threads`` (threadpoolctl, where installed; otherwise left as it is)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(threads)
 
 
 def spread(values: list[float]) -> dict[str, float]:

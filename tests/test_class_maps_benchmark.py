@@ -52,6 +52,20 @@ def test_timing_same_batches_warm_up_rotation_budget_threads(bench):
     assert [len(v) for v in calls.values()] == [3, 3]  # past the budget: the first round only
 
 
+def test_timing_limits_blas_threads_too(bench):
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    inside = []
+
+    def make(images, target):
+        inside.extend(p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas")
+        return images[:, 0]
+
+    before = [p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"]
+    bench.time_methods({"a": make}, [(torch.zeros(2, 3, 4, 4), torch.zeros(2))], repeats=1, budget=1.0, threads=1)
+    assert set(inside) == ({1} if before else set())  # numpy's SVD (EigenCAM): as many threads as torch
+    assert [p["num_threads"] for p in threadpoolctl.threadpool_info() if p["user_api"] == "blas"] == before
+
+
 def test_baselines_run_the_classifier_once(bench):
     passes = []
 
