@@ -79,8 +79,8 @@ def test_baselines_run_the_classifier_once(bench):
     assert passes == [2]  # computed once, when first read
 
 
-def _results(lcam_ms, other_ms):
-    calls = {"lcam_img": [t / 1e3 for t in lcam_ms], "lcam_fm": [1.0] * len(lcam_ms)}
+def _results(lcam_ms, other_ms, fm_ms=None):
+    calls = {"lcam_img": [t / 1e3 for t in lcam_ms], "lcam_fm": [t / 1e3 for t in fm_ms or lcam_ms]}
     calls["gradcam"] = [t / 1e3 for t in other_ms]
     calls["random"] = [1e-6] * len(lcam_ms)
     methods = {n: {"timing": bench_spread(v)} for n, v in calls.items()}
@@ -102,6 +102,9 @@ def test_fastest_line_weighs_the_spread(bench):
     # a median win that the paired ratios do not carry: a tie, not a pass
     tie = bench.fastest_line(_results([1.0, 1.2, 1.0, 1.1], [1.1, 1.0, 1.3, 1.1]))
     assert tie.endswith("L-CAM fastest TIE (within the run-to-run spread)")
+    # a win on every call, but smaller than the gap between the two L-CAM variants (the same computation): a tie
+    small = bench.fastest_line(_results([1.0] * 4, [1.05] * 4, fm_ms=[1.1] * 4))
+    assert "margin of 0.09" in small and small.endswith("L-CAM fastest TIE (within the run-to-run spread)")
 
 
 def test_class_maps_benchmark_small(tmp_path, cache_dir):
