@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -291,3 +292,23 @@ def test_unsupported_or_mismatched_classifiers_are_refused_by_name(tmp_path):
     vit = save_classifier(tmp_path / "v", "vit")
     with pytest.raises(ClassifierError, match="a 48x48 input does not run through the model"):
         build_classifier(f"hf:{vit}", 5, image_size=48)  # a ViT's position embeddings fix its input size
+
+
+class _RunsCode:
+    """What a malicious ``pytorch_model.bin`` holds: unpickling it would create ``marker``."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_code_running_pytorch_model_bin_is_refused_before_it_runs(tmp_path):
+    folder = save_classifier(tmp_path / "r", "resnet")
+    (folder / "model.safetensors").unlink()
+    marker = tmp_path / "marker"
+    torch.save({"resnet.embedder.weight": _RunsCode(marker)}, folder / "pytorch_model.bin")
+    with pytest.raises(ClassifierError, match=rf"{folder}: cannot load the"):
+        build_classifier(f"hf:{folder}", 5)
+    assert not marker.exists()

@@ -28,6 +28,7 @@ different network.
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,14 +89,15 @@ def load_pretrained(auto_class: Any, folder: Path, error: type[CefamError], what
     if is_model:
         if weights_file(folder) is None:
             raise error(f"{folder}: no weights ({', '.join(WEIGHT_FILES)})")
-        kwargs["output_loading_info"] = True
+        # Said here, not left to transformers' default: a pytorch_model.bin a user passes in must not run code.
+        kwargs.update(output_loading_info=True, weights_only=True)
     from transformers.utils import logging as hf_logging
 
     bar = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()  # a bar per loaded folder would bury the command's own output
     try:
         loaded = auto_class.from_pretrained(str(folder), **kwargs)
-    except (OSError, ValueError, KeyError, TypeError, ImportError, RuntimeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, ImportError, RuntimeError, pickle.UnpicklingError) as e:
         raise error(f"{folder}: cannot load the {what} ({error_summary(e)})") from e
     finally:
         if bar:
