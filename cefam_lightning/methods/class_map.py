@@ -412,32 +412,13 @@ def evaluate_class_maps(
     device = module.device
     module.eval()
     t0 = time.time()
-    baselines = settings.baselines or DEFAULT_BASELINES
-    evaluation = ClassMapEvaluation(
-        ("method", *baselines, "random"),
-        DEFAULT_KEEPS,
-        settings.seed,
-        sync_on_compute=settings.world_size > 1,
-        curves=settings.curves,
-    ).to(device)
     data = world.split(split)
     n = len(data) if settings.max_images is None else min(settings.max_images, len(data))
     mine = settings.part(n)
-    evaluation.images_seen = mine.start
+    evaluation = _evaluation(settings, mine.start, device)
     for images, masks, labels in data.batches(settings.batch_size, n, device, images=mine):
         evaluation.update(module, images, key_object_pixels(world.spec, masks, labels))
-    rows = evaluation.compute()
-    return {
-        "methods": {module.method: rows.pop("method"), **rows},  # the explainer's row under its method's name
-        "title": module.title,
-        "split": split,
-        "images": n,
-        "layer": module.map_layer,
-        "keeps": list(DEFAULT_KEEPS),
-        "baselines": list(baselines),
-        **({"curves": _curve_settings(evaluation)} if settings.curves else {}),
-        "seconds": round(time.time() - t0, 1),
-    }
+    return _results(module, evaluation, evaluation.compute(), t0, split=split, images=n)
 
 
 @torch.no_grad()
@@ -475,15 +456,7 @@ def evaluate_class_maps_on_data(
     mine = settings.part(n)
     data = dataset if mine == range(len(dataset)) else Subset(dataset, mine)
     loader = DataLoader(data, batch_size=settings.batch_size, collate_fn=collate_masks, num_workers=num_workers)
-    baselines = settings.baselines or DEFAULT_BASELINES
-    evaluation = ClassMapEvaluation(
-        ("method", *baselines, "random"),
-        DEFAULT_KEEPS,
-        settings.seed,
-        sync_on_compute=settings.world_size > 1,
-        curves=settings.curves,
-    ).to(device)
-    evaluation.images_seen = mine.start
+    evaluation = _evaluation(settings, mine.start, device)
     pairs = 0
     for batch in loader:
         classes = concept_class[batch.concepts] if len(batch.concepts) else batch.concepts
@@ -498,25 +471,48 @@ def evaluate_class_maps_on_data(
         )
     pairs = int(sum_over_ranks(torch.tensor(pairs, device=device), settings.world_size))  # every rank's part
     rows = evaluation.compute(regions=pairs > 0)  # no class masks: region metrics have nothing to score
+    return _results(
+        module,
+        evaluation,
+        rows,
+        t0,
+        data=dataset.describe(),
+        split=dataset.split or "all",
+        images=n,
+        class_masks=pairs,
+        regions_against=f"{pairs} class masks" if pairs else None,
+    )
+
+
+def _evaluation(settings: EvaluationSettings, first_image: int, device: Any) -> ClassMapEvaluation:
+    """The evaluation the settings ask for: the explainer, the baselines, a random map; summed over the ranks of a
+    process group; ``first_image``: the index of this rank's first image (the random maps are seeded by it)."""
+    evaluation = ClassMapEvaluation(
+        ("method", *(settings.baselines or DEFAULT_BASELINES), "random"),
+        DEFAULT_KEEPS,
+        settings.seed,
+        sync_on_compute=settings.world_size > 1,
+        curves=settings.curves,
+    ).to(device)
+    evaluation.images_seen = first_image
+    return evaluation
+
+
+def _results(
+    module: ClassMapExplainer, evaluation: ClassMapEvaluation, rows: dict[str, Any], t0: float, **where: Any
+) -> dict[str, Any]:
+    """The results of an evaluation: the explainer's row under its method's name, then the compared maps'."""
+    road = evaluation.percentiles if len(evaluation.road) else None  # None: pytorch-grad-cam is not installed
     return {
         "methods": {module.method: rows.pop("method"), **rows},
         "title": module.title,
-        "data": dataset.describe(),
-        "split": dataset.split or "all",
-        "images": n,
-        "class_masks": pairs,
-        "regions_against": f"{pairs} class masks" if pairs else None,
+        **where,
         "layer": module.map_layer,
         "keeps": list(DEFAULT_KEEPS),
-        "baselines": list(baselines),
-        **({"curves": _curve_settings(evaluation)} if settings.curves else {}),
+        "baselines": [m for m in evaluation.methods if m not in ("method", "random")],
+        **({"curves": {"steps": evaluation.steps, "road_percentiles": road}} if len(evaluation.deletion) else {}),
         "seconds": round(time.time() - t0, 1),
     }
-
-
-def _curve_settings(evaluation: ClassMapEvaluation) -> dict[str, Any]:
-    road = evaluation.percentiles if len(evaluation.road) else None  # None: pytorch-grad-cam is not installed
-    return {"steps": evaluation.steps, "road_percentiles": road}
 
 
 CURVE_COLUMNS = (

@@ -624,19 +624,9 @@ def init_translator_from(module: CEFAMModule, path: str | Path) -> InitReport:
             + "; ".join(differences)
         )
     own = module.translator.state_dict()
-    prefix = "translator."
-    loaded, fresh, state = [], [], {}
-    for name, tensor in ckpt["state_dict"].items():
-        if not name.startswith(prefix) or name[len(prefix) :] not in own:
-            continue
-        key = name[len(prefix) :]
-        if own[key].shape == tensor.shape:
-            state[key] = tensor
-            loaded.append(key)
-        else:
-            fresh.append(key)
-    module.translator.load_state_dict(state, strict=False)
-    return InitReport(str(path), loaded, fresh)
+    state = ckpt["state_dict"]
+    translator = {n.removeprefix("translator."): t for n, t in state.items() if n.startswith("translator.")}
+    return _load_fitting(module, {k: t for k, t in translator.items() if k in own}, path)
 
 
 def _init_from_authors(module: CEFAMModule, path: Path) -> InitReport:
@@ -661,13 +651,12 @@ def _init_from_authors(module: CEFAMModule, path: Path) -> InitReport:
         )
     except InteropError as e:
         raise CheckpointError(f"cefam.init_from: {e}") from None
+    return _load_fitting(module, imported.translator.state_dict(), path)
+
+
+def _load_fitting(module: CEFAMModule, saved: dict[str, Tensor], path: Path) -> InitReport:
+    """Load the translator tensors of ``saved`` whose name and shape fit this run's; the rest stay fresh."""
     own = module.translator.state_dict()
-    loaded, fresh, state = [], [], {}
-    for key, tensor in imported.translator.state_dict().items():
-        if key in own and own[key].shape == tensor.shape:
-            state[key] = tensor
-            loaded.append(key)
-        else:
-            fresh.append(key)
+    state = {k: t for k, t in saved.items() if k in own and own[k].shape == t.shape}
     module.translator.load_state_dict(state, strict=False)
-    return InitReport(str(path), loaded, fresh)
+    return InitReport(str(path), list(state), [k for k in saved if k not in state])
