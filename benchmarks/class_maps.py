@@ -14,23 +14,26 @@ images, each map of the classifier's predicted class:
 
 Columns: NRA and hit rate against the key object's pixels, Average Drop / Increase in Confidence with all pixels
 kept, deletion / insertion AUC, ROAD (MoRF / LeRF, on the first ``--road-images`` images: its imputation is one
-sparse solve per image and percentile), and the seconds per image it takes to make the map (the classifier's
-forward pass included, batches of ``--batch-size``). The last line says whether L-CAM is the fastest of the learned
-and CAM methods (the random map aside), and by how much against the run-to-run spread.
+sparse solve per image and percentile), and the milliseconds per image it takes to make the map (the classifier's
+forward pass included), at each of ``--timing-batch-sizes`` images per call: by default one image per call (what
+explaining one image costs: the latency) and the scoring's batches of ``--batch-size`` (the throughput). The last
+lines say, per batch size, whether L-CAM is the fastest of the learned and CAM methods (the random map aside), and
+by how much against the run-to-run spread.
 
-Timing (:func:`time_methods`) is its own phase, apart from the scoring: every method makes the maps of the same
-full batches (the first ``--timing-images`` test images) of the classes the classifier predicts, after one untimed
-warm-up call each; ``--repeats`` rounds, the methods in a rotated order each round so that a change of load on the
-machine falls on all of them; ``--threads`` torch threads (and numpy BLAS threads, with threadpoolctl). Each method
-runs the frozen classifier on the batch itself, exactly once (L-CAM's and CE-FAM's pass is part of their map; a
-baseline that reads the classifier's output gets it computed inside its timing, and one that runs the classifier
-itself, as pytorch-grad-cam's CAMs do, gets no extra pass). A method whose calls have taken ``--time-budget`` seconds
-in all stops after the round it is in (the slow baselines: Score-CAM, Ablation-CAM, RISE). ``ms / image`` is the
-median over the timed calls of a call's seconds divided by its images, with the interquartile range; the verdict
-compares L-CAM with the fastest other method by the paired ratio of their calls on the same batch in the same round,
-against the margin the setup resolves (:func:`fastest_line`: the two L-CAM variants' ratio, the same computation):
-``PASS`` or ``MISS`` only where the ratio's interquartile range clears it, ``TIE`` (within the run-to-run spread)
-otherwise.
+Timing (:func:`time_methods`) is its own phase, apart from the scoring: at each batch size, every method makes the
+maps of the same full batches (from the first ``--timing-images`` test images) of the classes the classifier
+predicts, after one untimed warm-up call each; ``--repeats`` rounds, each method's calls back to back (timed warm,
+as when it explains a folder) and the methods in a seeded random order each round, so that no method always follows
+the same other one and a change of load on the machine falls on all of them; ``--threads`` torch threads (and numpy
+BLAS threads, with threadpoolctl). Each method runs the frozen classifier on the batch itself, exactly once (L-CAM's
+and CE-FAM's pass is part of their map; a baseline that reads the classifier's output gets it computed inside its
+timing, and one that runs the classifier itself, as pytorch-grad-cam's CAMs do, gets no extra pass). A method whose
+calls have taken ``--time-budget`` seconds in all stops after the round it is in (the slow baselines: Score-CAM,
+Ablation-CAM, RISE). ``ms / image`` is the median over the timed calls of a call's seconds divided by its images,
+with the interquartile range; the verdict compares L-CAM with the fastest other method by the paired ratio of their
+calls on the same batch in the same round, against the margin the setup resolves (:func:`fastest_line`: the two
+L-CAM variants' ratio, the same computation): ``PASS`` or ``MISS`` only where the ratio's interquartile range clears
+it, ``TIE`` (within the run-to-run spread) otherwise.
 
 Run: ``python benchmarks/class_maps.py`` (default world, 200 test images; see the README for the time);
 ``--small`` is a seconds-long smoke run of the same path (a tiny world, one epoch, 8 images), for tests.
@@ -41,6 +44,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import random
 import statistics
 import sys
 import time
@@ -89,6 +93,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=8, help="deletion / insertion steps (default 8)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--timing-images", type=int, default=64, help="full batches timed (default the first 64 images)")
+    p.add_argument(
+        "--timing-batch-sizes",
+        default=None,
+        help="comma-separated images per timed call (default '1,BATCH_SIZE': one image, as explaining one image "
+        "does, and the scoring's batches)",
+    )
     p.add_argument("--repeats", type=int, default=5, help="timed rounds over those batches (default 5)")
     p.add_argument("--time-budget", type=float, default=30.0, help="a method's timed seconds after which it stops")
     p.add_argument("--threads", type=int, default=1, help="torch (and BLAS) threads while timing (default 1)")
@@ -100,6 +110,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.timing_images, args.repeats = 8, 2
         if args.baselines is None:  # the cheap ones: the path, not the numbers
             args.baselines = ",".join(n for n in SMALL_BASELINES if get_baseline(n).available)
+    sizes = args.timing_batch_sizes or f"1,{args.batch_size}"
+    try:
+        args.timing_batch_sizes = sorted({int(v) for v in sizes.split(",") if v.strip()})
+    except ValueError:
+        p.error(f"--timing-batch-sizes: not comma-separated integers: {sizes!r}")
+    if not args.timing_batch_sizes or min(args.timing_batch_sizes) < 1:
+        p.error(f"--timing-batch-sizes: give one or more sizes >= 1, got {sizes!r}")
     return args
 
 
@@ -173,14 +190,19 @@ def time_methods(
     repeats: int,
     budget: float,
     threads: int,
+    seed: int = 0,
 ) -> dict[str, list[float]]:
     """``{name: [seconds per image of each timed call]}``, in call order (round by round, batch by batch).
 
-    One untimed warm-up call per method first (lazy set-up: tails, probes, graphs); then ``repeats`` rounds over
-    ``batches`` (``(images, target)``), the methods' order rotated by one each round; a method whose timed seconds
-    reach ``budget`` sits out the later rounds. ``threads`` torch threads meanwhile, and as many BLAS threads for
-    numpy (pytorch-grad-cam's EigenCAM takes an SVD there; OpenBLAS threads that spin on a busy machine made it
-    vary 10x between calls), both restored after.
+    One untimed warm-up call per method first (lazy set-up: tails, probes, graphs); then ``repeats`` rounds: in each,
+    the methods in an order drawn afresh (seeded by ``seed`` and the round), each making the maps of every one of
+    ``batches`` (``(images, target)``) back to back. So a method is timed warm, as when it explains a folder, and no
+    method always follows the same other one (a fixed cyclic order put L-CAM-Img after RISE in every round: its
+    calls paid for the caches RISE had flushed, 19 % slower than L-CAM-Fm's one image at a time); a change of load
+    on the machine falls on every method over the rounds. A method whose timed seconds reach ``budget`` sits out
+    the later rounds. ``threads`` torch threads meanwhile, and as many BLAS threads for numpy (pytorch-grad-cam's
+    EigenCAM takes an SVD there; OpenBLAS threads that spin on a busy machine made it vary 10x between calls), both
+    restored after.
     """
     names = list(sources)
     previous = torch.get_num_threads()
@@ -192,10 +214,9 @@ def time_methods(
             for name in names:
                 sources[name](*batches[0])
             for round_ in range(repeats):
-                order = names[round_ % len(names) :] + names[: round_ % len(names)]
-                active = [n for n in order if round_ == 0 or spent[n] < budget]
-                for images, target in batches:
-                    for name in active:
+                order = random.Random(f"{seed}/{round_}").sample(names, len(names))
+                for name in (n for n in order if round_ == 0 or spent[n] < budget):
+                    for images, target in batches:
                         start = time.perf_counter()
                         sources[name](images, target)
                         seconds = time.perf_counter() - start
@@ -204,6 +225,16 @@ def time_methods(
     finally:
         torch.set_num_threads(previous)
     return calls
+
+
+def timing_batches(split, classifier: Callable, size: int, limit: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The full batches of ``size`` among the first ``limit`` test images (at least one batch), each with the
+    classes the classifier predicts."""
+    batches = [b for b in split.batches(size, max(limit, size), "cpu") if len(b[0]) == size]
+    if not batches:
+        batches = list(split.batches(size, 1, "cpu"))
+    with torch.no_grad():
+        return [(images, classifier(images).logits.argmax(1)) for images, _, _ in batches]
 
 
 def blas_threads(threads: int) -> contextlib.AbstractContextManager:
@@ -237,14 +268,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     sources = map_sources(modules, names, args.seed)
     split = world.split("test")
 
-    # Timing: the same full batches for every method, apart from the scoring.
-    timed = [
-        (images, classifier(images).logits.argmax(1))
-        for images, _, _ in split.batches(args.batch_size, args.timing_images, "cpu")
-        if len(images) == args.batch_size
-    ] or [(images, classifier(images).logits.argmax(1)) for images, _, _ in split.batches(args.batch_size, 1, "cpu")]
-    t_time = time.time()
-    calls = time_methods(sources, timed, args.repeats, args.time_budget, args.threads)
+    # Timing: the same full batches for every method, apart from the scoring, at each batch size.
+    timings, t_time = {}, time.time()
+    for size in args.timing_batch_sizes:
+        timed = timing_batches(split, classifier, size, args.timing_images)
+        calls = time_methods(sources, timed, args.repeats, args.time_budget, args.threads, args.seed)
+        timings[str(size)] = {"images_per_batch": len(timed[0][0]), "batches": len(timed), "calls": calls}
     t_time = time.time() - t_time
 
     evaluation = ClassMapEvaluation(list(sources), seed=args.seed, sync_on_compute=False, curves=True, steps=args.steps)
@@ -259,8 +288,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         n += len(images)
     rows = evaluation.compute()
     for name in rows:
-        rows[name]["seconds_per_image"] = spread(calls[name])["median"]
-        rows[name]["timing"] = spread(calls[name])
+        rows[name]["timing"] = {size: spread(t["calls"][name]) for size, t in timings.items()}
+        rows[name]["seconds_per_image"] = {size: r["median"] for size, r in rows[name]["timing"].items()}
     return {
         "images": n,
         "road_images": min(n, -(-args.road_images // args.batch_size) * args.batch_size),
@@ -268,14 +297,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "layer": modules["lcam_img"].map_layer,
         "methods": rows,
         "titles": titles(names),
-        "timing": {
-            "images_per_batch": len(timed[0][0]),
-            "batches": len(timed),
-            "repeats": args.repeats,
-            "budget_s": args.time_budget,
-            "threads": args.threads,
-            "calls": calls,
-        },
+        "timing": {"repeats": args.repeats, "budget_s": args.time_budget, "threads": args.threads, "sizes": timings},
         "seconds": {"train": round(t_train, 1), "timing": round(t_time, 1), "evaluate": round(time.time() - t0, 1)},
     }
 
@@ -291,8 +313,9 @@ def table(results: dict[str, Any]) -> str:
         "insertion ↑",
         "ROAD MoRF ↓",
         "ROAD LeRF ↑",
-        "ms / image (IQR)",
     ]
+    sizes = results["timing"]["sizes"]
+    head += [f"ms / image, {per_call(size)} (IQR)" for size in sizes]
     rows = []
     for name, r in results["methods"].items():
         rows.append(
@@ -306,38 +329,43 @@ def table(results: dict[str, Any]) -> str:
                 f"{r['insertion']:.3f}",
                 f"{r.get('road/morf', float('nan')):.3f}",
                 f"{r.get('road/lerf', float('nan')):.3f}",
-                f"{r['timing']['median'] * 1e3:.2f} ({r['timing']['q25'] * 1e3:.2f}-{r['timing']['q75'] * 1e3:.2f})",
             ]
+            + [f"{t['median'] * 1e3:.2f} ({t['q25'] * 1e3:.2f}-{t['q75'] * 1e3:.2f})" for t in r["timing"].values()]
         )
     title = (
         f"Class maps of the predicted class, {results['images']} test images of the shapes world (baselines at "
         f"{results['layer']}; deletion / insertion in {results['steps']} steps; ROAD on the first "
-        f"{results['road_images']} images; ms / image: median over the timed calls, "
-        f"{timing_note(results['timing'])})"
+        f"{results['road_images']} images; ms / image: median over the timed calls, {timing_note(results['timing'])})"
     )
     return markdown_table(head, rows, title=title)
 
 
+def per_call(size: str | int) -> str:
+    return "1 image per call" if int(size) == 1 else f"batches of {size}"
+
+
 def timing_note(timing: dict[str, Any]) -> str:
+    calls = " and ".join(f"{t['batches']} x {per_call(size)}" for size, t in timing["sizes"].items())
     return (
-        f"{timing['batches']} batches of {timing['images_per_batch']} images x {timing['repeats']} rounds "
-        f"(fewer past {timing['budget_s']:g} s), {timing['threads']} torch thread{'s' if timing['threads'] > 1 else ''}"
+        f"{calls}, x {timing['repeats']} rounds (fewer past {timing['budget_s']:g} s), {timing['threads']} torch "
+        f"thread{'s' if timing['threads'] > 1 else ''}"
     )
 
 
-def fastest_line(results: dict[str, Any]) -> str:
-    """L-CAM (the faster variant) against the fastest other learned or CAM method (the random map aside): the
-    median per-image times, and the paired ratio other / L-CAM of their calls on the same batch and round.
+def fastest_line(results: dict[str, Any], size: str) -> str:
+    """At ``size`` images per call: L-CAM (the faster variant) against the fastest other learned or CAM method (the
+    random map aside): the median per-image times, and the paired ratio other / L-CAM of their calls on the same
+    batch and round.
 
     The two L-CAM variants make their maps with the same computation (the classifier's pass and a 1x1 convolution;
     only the weights differ), so the paired ratio of their calls measures what the setup can resolve: its median's
     distance from 1 is the margin a win must clear (``PASS``: the ratio's lower quartile above ``1 + margin``;
     ``MISS``: its upper quartile below ``1 - margin``; ``TIE`` otherwise)."""
     methods = results["methods"]
-    median = {n: r["timing"]["median"] for n, r in methods.items() if n != "random"}
+    median = {n: r["timing"][size]["median"] for n, r in methods.items() if n != "random"}
     lcam = min(("lcam_img", "lcam_fm"), key=median.get)
     other = min((n for n in median if n not in ("lcam_img", "lcam_fm")), key=median.get)
-    calls = results["timing"]["calls"]
+    calls = results["timing"]["sizes"][size]["calls"]
     # A method past its time budget has fewer calls: the first rounds of both pair up.
     r = spread([o / a for o, a in zip(calls[other], calls[lcam], strict=False)])
     same = spread([a / b for a, b in zip(calls["lcam_img"], calls["lcam_fm"], strict=False)])
@@ -347,10 +375,10 @@ def fastest_line(results: dict[str, Any]) -> str:
     )
     titles = results["titles"]
     return (
-        f"L-CAM ({titles[lcam]}) {median[lcam] * 1e3:.2f} ms / image vs the fastest other method, {titles[other]}, "
-        f"{median[other] * 1e3:.2f} ms; {titles[other]} / L-CAM on the same calls: median {r['median']:.2f}, "
-        f"IQR {r['q25']:.2f}-{r['q75']:.2f} ({r['calls']} pairs); the same computation (L-CAM-Img / L-CAM-Fm): "
-        f"{same['median']:.2f}, so a margin of {margin:.2f}: L-CAM fastest {verdict}"
+        f"{per_call(size)}: L-CAM ({titles[lcam]}) {median[lcam] * 1e3:.2f} ms / image vs the fastest other method, "
+        f"{titles[other]}, {median[other] * 1e3:.2f} ms; {titles[other]} / L-CAM on the same calls: median "
+        f"{r['median']:.2f}, IQR {r['q25']:.2f}-{r['q75']:.2f} ({r['calls']} pairs); the same computation "
+        f"(L-CAM-Img / L-CAM-Fm): {same['median']:.2f}, so a margin of {margin:.2f}: L-CAM fastest {verdict}"
     )
 
 
@@ -359,7 +387,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     results = run(args)
     print(table(results))
     print()
-    print(fastest_line(results))
+    for size in results["timing"]["sizes"]:
+        print(fastest_line(results, size))
     t = results["seconds"]
     print(f"time: training {t['train']} s, timing {t['timing']} s, scoring {t['evaluate']} s")
     out = Path(args.out) / "class_maps.json"
