@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from cefam_lightning.methods.base import EvaluationSettings
+from cefam_lightning.methods.baselines import image_random_maps
 from cefam_lightning.methods.class_map import evaluate_class_maps, format_class_map_table
 from cefam_lightning.methods.lcam.module import build_lcam_module
 from cefam_lightning.metrics import ROAD, DeletionInsertion
@@ -18,6 +19,7 @@ from cefam_lightning.metrics.functional.perturbation import (
     pixel_ranks,
     road_probabilities,
 )
+from cefam_lightning.metrics.functional.seeding import image_seed
 from cefam_lightning.models.classifier import build_classifier
 
 HAS_LIBRARY = importlib.util.find_spec("pytorch_grad_cam") is not None
@@ -114,6 +116,31 @@ def test_road_through_pytorch_grad_cam_ranks_a_good_map_above_a_bad_one():
     assert torch.equal(again[0], morf_g)  # seeded imputation noise
 
 
+@needs_library
+def test_road_noise_is_each_images_own_whatever_the_batch():
+    """An image's ROAD numbers depend on the seed and its index, not on the other images of its batch: a split
+    evaluated in other batches, or across processes, gives the same numbers."""
+    images = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(6)) * 0.2 + 0.8
+    target = torch.zeros(4, dtype=torch.long)
+    maps = torch.rand(4, 4, 4, generator=torch.Generator().manual_seed(7))
+    index = torch.tensor([10, 11, 12, 13])
+    whole = road_probabilities(Quadrant(), images, maps, target, percentiles=(50,), seed=3, image_index=index)
+    parts = [
+        road_probabilities(
+            Quadrant(), images[sl], maps[sl], target[sl], percentiles=(50,), seed=3, image_index=index[sl]
+        )
+        for sl in (slice(0, 1), slice(1, 4))
+    ]
+    for k in range(2):
+        assert torch.allclose(torch.cat([p[k] for p in parts]), whole[k], atol=1e-6)
+    # the noise is drawn: another seed, or the same image under another index, imputes other pixels
+    other = road_probabilities(Quadrant(), images, maps, target, percentiles=(50,), seed=4, image_index=index)
+    shifted = road_probabilities(Quadrant(), images, maps, target, percentiles=(50,), seed=3, image_index=index + 1)
+    assert not torch.equal(other[0], whole[0]) and not torch.equal(shifted[0], whole[0])
+    with pytest.raises(ValueError, match="image_index has 3 entries for 4 images"):
+        road_probabilities(Quadrant(), images, maps, target, percentiles=(50,), image_index=index[:3])
+
+
 def test_class_map_evaluation_with_curves(tiny_spec, tiny_world, tiny_classifier_weights):
     classifier = build_classifier(
         "shapes_cnn", len(tiny_spec.classes), ["layer4"], weights=tiny_classifier_weights, image_size=32
@@ -128,3 +155,15 @@ def test_class_map_evaluation_with_curves(tiny_spec, tiny_world, tiny_classifier
     assert results["curves"]["steps"] == 16
     table = format_class_map_table(results)
     assert "deletion AUC ↓" in table and "insertion AUC ↑" in table and ("ROAD MoRF ↓" in table) == HAS_LIBRARY
+
+
+def test_random_maps_follow_the_evaluation_seed_and_each_image_index():
+    """The random-map baseline's ``seed`` (evaluate.py's ``--seed``) gives other maps (torch keeps only a seed's low
+    32 bits, which once dropped it); an image's map is its own whatever the batch; seed 0 is image i's seed i."""
+    index = torch.tensor([3, 4, 5])
+    zero, one = (image_random_maps(index, (6, 6), seed) for seed in (0, 1))
+    assert not torch.allclose(zero, one)
+    assert torch.equal(image_random_maps(index[1:], (6, 6), 1), one[1:])  # another batch, the same maps
+    assert torch.equal(zero[0], torch.rand(6, 6, generator=torch.Generator().manual_seed(3)))
+    seeds = {image_seed(s, i) for s in range(4) for i in range(10_000)}
+    assert len(seeds) == 40_000 and max(seeds) < 2**32  # no two (seed, image) streams alike

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from cefam_lightning.methods.cefam.regions import pool_activations
+from cefam_lightning.metrics.functional.seeding import image_seed
 from cefam_lightning.models.classifier import FrozenClassifier
 
 
@@ -113,6 +114,6 @@ def image_random_maps(
     out = torch.empty(len(index), *size)
     for image in index.unique().tolist():
         rows = (index == image).nonzero()[:, 0]
-        generator = torch.Generator().manual_seed(seed * 2**32 + image)
+        generator = torch.Generator().manual_seed(image_seed(seed, image))
         out[rows] = torch.rand(len(rows), *size, generator=generator)
     return out.to(device)

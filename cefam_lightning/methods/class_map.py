@@ -355,8 +355,10 @@ class ClassMapEvaluation(nn.Module):
             if method in self.deletion:
                 self.deletion[method].update(*deletion_insertion_curves(classifier, images, m, target, self.steps))
             if road and method in self.road:
-                seed = self.seed + self.images_seen  # other noise per batch, the same per method
-                self.road[method].update(*road_probabilities(classifier, images, m, target, self.percentiles, seed))
+                index = torch.arange(len(images)) + self.images_seen  # each image's own noise, the same per method
+                self.road[method].update(
+                    *road_probabilities(classifier, images, m, target, self.percentiles, self.seed, index)
+                )
         self.images_seen += len(images)
 
     def compute(self, regions: bool = True) -> dict[str, dict[str, float]]:

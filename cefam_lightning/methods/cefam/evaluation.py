@@ -429,8 +429,10 @@ class ExplanationEvaluation(nn.Module):
             if method in self.curves:
                 self.curves[method].update(*deletion_insertion_curves(p.classifier, p.images, maps, pred))
             if method in self.road:
-                seed = self.seed + int(self.road[method].total)
-                self.road[method].update(*road_probabilities(p.classifier, p.images, maps, pred, seed=seed))
+                index = torch.arange(b) + self.images_seen - b  # the batch's images (images_seen counts them already)
+                self.road[method].update(
+                    *road_probabilities(p.classifier, p.images, maps, pred, seed=self.seed, image_index=index)
+                )
 
     def compute(self) -> dict[str, Any]:
         """Plain-number results: ``regions[method][setting]`` (metric dicts), ``contribution``, ``layer_selection``."""

@@ -35,6 +35,7 @@ from torch import Tensor
 from cefam_lightning.errors import CefamError
 from cefam_lightning.metrics.functional.faithfulness import _logits_of
 from cefam_lightning.metrics.functional.maps import minmax_normalize
+from cefam_lightning.metrics.functional.seeding import image_seed
 
 DEFAULT_STEPS = 16
 BLUR_KERNEL, BLUR_SIGMA = 11, 5.0  # the RISE authors' insertion baseline
@@ -158,11 +159,14 @@ def road_probabilities(
     target: Tensor | None = None,
     percentiles: Sequence[float] = DEFAULT_PERCENTILES,
     seed: int = 0,
+    image_index: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The explained class's probability after ROAD's MoRF and LeRF removal at each percentile.
 
     pytorch-grad-cam's ``ROADMostRelevantFirst`` / ``ROADLeastRelevantFirst`` build the imputed images (its
-    ``NoisyLinearImputer``, one sparse solve per image on the CPU); the imputation noise is drawn from ``seed``.
+    ``NoisyLinearImputer``, one sparse solve per image on the CPU); the imputation noise of each image is drawn
+    from ``seed`` and the image's index, so an image's numbers do not depend on the batch it is in, or on how
+    the images are split across processes.
 
     Args:
         classifier: ``[0, 1]`` images -> logits (or an object with ``.logits``).
@@ -171,6 +175,7 @@ def road_probabilities(
         target: ``(B,)`` the explained class; default the classifier's prediction.
         percentiles: the library's percentiles (``q``: ``100 - q`` % of the pixels removed).
         seed: seed of the imputation noise.
+        image_index: ``(B,)`` each image's index among the evaluated images (default its position in ``images``).
 
     Returns:
         ``(morf, lerf)``, each ``(B, len(percentiles))``.
@@ -193,10 +198,17 @@ def road_probabilities(
     def model(x: Tensor) -> Tensor:
         return _logits_of(classifier(x)).float()
 
-    out = {}
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        for name, metric in (("morf", ROADMostRelevantFirst), ("lerf", ROADLeastRelevantFirst)):
-            scores = [metric(q)(images, cams, targets, model, return_diff=False) for q in percentiles]
-            out[name] = torch.from_numpy(np.stack(scores, 1)).to(images.device)
-    return out["morf"], out["lerf"]
+    index = torch.arange(len(images)) if image_index is None else image_index
+    if len(index) != len(images):
+        raise ValueError(f"image_index has {len(index)} entries for {len(images)} images")
+    out: dict[str, list[np.ndarray]] = {"morf": [], "lerf": []}
+    for i, image in enumerate(index.tolist()):
+        one = images[i : i + 1]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(image_seed(seed, image))  # the library draws its noise from torch's generator
+            for name, metric in (("morf", ROADMostRelevantFirst), ("lerf", ROADLeastRelevantFirst)):
+                scores = [
+                    metric(q)(one, cams[i : i + 1], targets[i : i + 1], model, return_diff=False) for q in percentiles
+                ]
+                out[name].append(np.stack(scores, 1))
+    return tuple(torch.from_numpy(np.concatenate(out[n])).to(images.device) for n in ("morf", "lerf"))
