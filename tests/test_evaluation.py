@@ -15,6 +15,7 @@ from cefam_lightning.methods.cefam.evaluation import ContributionAccuracy, evalu
 from cefam_lightning.methods.cefam.pipeline import padded_concepts as _padded_concepts
 from cefam_lightning.models.classifier import build_classifier
 from cefam_lightning.reporting.evaluations import EvaluateError
+from tests.cli import cli_error
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -219,15 +220,14 @@ def test_evaluate_command_writes_json_and_table(tiny_checkpoint, tmp_path):
     assert (out / "evaluation.md").read_text().startswith("Rules: gradient=")
 
 
-def test_evaluate_command_names_a_bad_checkpoint(tmp_path):
+def test_evaluate_command_names_a_bad_checkpoint(tmp_path, capsys):
+    """In this process (evaluate.py's own entry point runs as a script in the distributed tests)."""
+    from cefam_lightning.cli.evaluate import main
+
     bad = tmp_path / "other.ckpt"
     torch.save({"state_dict": {}}, bad)
     for path in (bad, tmp_path / "missing.ckpt"):
-        proc = subprocess.run(
-            [sys.executable, "evaluate.py", "--checkpoint", str(path)], cwd=ROOT, capture_output=True, text=True
-        )
-        assert proc.returncode == 2
-        assert "error: " in proc.stderr and str(path) in proc.stderr and "Traceback" not in proc.stderr
+        assert str(path) in cli_error(main, ["--checkpoint", str(path)], capsys)
 
 
 def test_training_run_evaluates_explanations_in_its_test_stage(tiny_run):
