@@ -15,17 +15,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
 
 from cefam_lightning.data.image_sources import ImageSourceError, is_shard_spec, open_image, open_source
 from cefam_lightning.data.mask_datasets import MaskDataset, MaskDatasetError, detect_format, open_evaluation_splits
-from cefam_lightning.data.transforms import InputSpec, image_transform
+from cefam_lightning.data.transforms import InputSpec
 
 IMAGES_FORMAT = "images"  # --format of a plain image source
 
 
-class ImageSourceDataset(Dataset):
-    """The images of an image source as mask-dataset items without masks (see the module docstring).
+class ImageSourceDataset(MaskDataset):
+    """The images of an image source as mask-dataset items without masks (see the module docstring): no concepts,
+    no splits.
 
     Its records are listed once when opened (tar shards: their bytes are held in memory).
 
@@ -36,17 +36,11 @@ class ImageSourceDataset(Dataset):
     """
 
     format = IMAGES_FORMAT
-    splits: list[str] = []
-    split = None
-    concepts: list[Any] = []  # no masks, so no concepts
 
     def __init__(self, spec: str | os.PathLike, input_spec: InputSpec, class_names: Sequence[str] | None = None):
         self.source = open_source(spec)  # its own class names: a label is read as the name its source gives it
-        self.root = Path(spec)
-        self.records = list(self.source)
+        super().__init__(Path(spec), input_spec, concepts=[], records=list(self.source), splits=[], split=None)
         self.class_names = list(class_names) if class_names is not None else None
-        self.input_spec = input_spec
-        self._transform = image_transform(input_spec)
 
     def label_name(self, label: int | None) -> str | None:
         """A record's label as a class name: the source's own name (folder, manifest), else (integer labels of
@@ -59,17 +53,6 @@ class ImageSourceDataset(Dataset):
         if self.class_names is not None and 0 <= label < len(self.class_names):
             return self.class_names[label]
         return str(label)
-
-    def __len__(self) -> int:
-        return len(self.records)
-
-    @property
-    def ids(self) -> list[str]:
-        return [r.id for r in self.records]
-
-    def describe(self) -> dict[str, Any]:
-        """What was opened, for result files."""
-        return {"format": self.format, "root": str(self.root), "split": None, "images": len(self), "concepts": 0}
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         record = self.records[index]
