@@ -7,7 +7,7 @@ images, each map of the classifier's predicted class:
 
 - L-CAM-Img and L-CAM-Fm: their class map (one forward pass);
 - CE-FAM: its fused class map (the top-8 concepts' regions weighted by their positive contributions,
-  docs/method.md#fused-class-map);
+  docs/method.md#fused-class-map), by the default rules of ``configs/method/cefam.yaml``;
 - the class-map baselines (``--baselines``; default every registered one that is installed): the project's
   Grad-CAM, pytorch-grad-cam's CAMs and RISE, at L-CAM's layer;
 - a random map.
@@ -65,9 +65,10 @@ from cefam_lightning.methods.base import load_explainer  # noqa: E402
 from cefam_lightning.methods.baselines import random_maps  # noqa: E402
 from cefam_lightning.methods.cam_baselines import baseline_names, get_baseline, parse_baselines  # noqa: E402
 from cefam_lightning.methods.cefam.pipeline import fused_class_map  # noqa: E402
+from cefam_lightning.methods.cefam.rules import RULE_KEYS  # noqa: E402
 from cefam_lightning.methods.class_map import ClassMapEvaluation, select_class  # noqa: E402
 from cefam_lightning.reporting.tables import markdown_table  # noqa: E402
-from cefam_lightning.training.config import world_spec  # noqa: E402
+from cefam_lightning.training.config import method_defaults, world_spec  # noqa: E402
 
 RUNS = {"lcam_img": 8, "lcam_fm": 8, "cefam": 10}  # method: epochs of the default run
 SMALL = [
@@ -168,8 +169,11 @@ def map_sources(modules: dict[str, Any], names: tuple[str, ...], seed: int) -> d
         # At the layer's resolution, as every baseline's map (ClassMapEvaluation normalizes and upsamples them all).
         return lambda images, target: select_class(module.class_maps_at_layer(images)[1], target)
 
+    rules = {key: value for key, value in method_defaults("cefam").items() if key in RULE_KEYS}
+
     def cefam(images, target):
-        e = modules["cefam"].explain(images, top_n=8)
+        # Today's default rules (a reused run's checkpoint recorded those of its day).
+        e = modules["cefam"].explain(images, top_n=8, **rules)
         return fused_class_map(e.regions, e.contributions)
 
     def baseline(name):

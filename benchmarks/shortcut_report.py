@@ -42,9 +42,10 @@ from cefam_lightning.cli.train import main as train_main  # noqa: E402
 from cefam_lightning.data.report_data import shapes_world_data  # noqa: E402
 from cefam_lightning.data.shapes_world import ShapesWorld, shortcut_tie  # noqa: E402
 from cefam_lightning.methods.base import load_explainer  # noqa: E402
+from cefam_lightning.methods.cefam.rules import RULE_KEYS  # noqa: E402
 from cefam_lightning.metrics.shortcut import classifier_shortcut_reliance  # noqa: E402
 from cefam_lightning.reporting.concept_report import ReportSettings, build_report  # noqa: E402
-from cefam_lightning.training.config import world_spec  # noqa: E402
+from cefam_lightning.training.config import method_defaults, world_spec  # noqa: E402
 
 SHORTCUT = OmegaConf.load(ROOT / "configs" / "experiment" / "shortcut.yaml").world.shortcut
 PLANTED = {"class": SHORTCUT["class"], "concept": SHORTCUT.concept}
@@ -87,7 +88,10 @@ def rank_of(report: dict[str, Any], cls: str, concept: str) -> int | None:
 def measure(ckpt: Path, args: argparse.Namespace) -> dict[str, Any]:
     module = load_explainer(ckpt).eval()
     world = ShapesWorld.build(world_spec(OmegaConf.create(module.hparams["config"])), args.cache_dir)
-    options = {"contribution_layer": args.contribution_layer} if args.contribution_layer else {}
+    # Today's default rules (a reused run's checkpoint recorded those of its day), or the layer asked for.
+    options = {key: value for key, value in method_defaults("cefam").items() if key in RULE_KEYS}
+    if args.contribution_layer:
+        options["contribution_layer"] = args.contribution_layer
     report, _ = build_report(
         module, shapes_world_data(world, "test", args.max_images), ReportSettings(options=options), progress=False
     )
@@ -133,7 +137,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--small", action="store_true", help="small worlds, two epochs: a smoke run of the same path")
     p.add_argument("--json", default=None, help="also write every number to this file")
     p.add_argument(
-        "--contribution-layer", default=None, help="the report's CE-FAM contribution layer (default: the run's)"
+        "--contribution-layer",
+        default=None,
+        help="the report's CE-FAM contribution layer (default: configs/method/cefam.yaml's)",
     )
     args = p.parse_args(argv)
     args.cache_dir = str(Path(args.cache_dir).expanduser())
@@ -176,7 +182,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ),
     }
     results["checks"] = checks
-    layer = args.contribution_layer or "the run's (last)"
+    layer = args.contribution_layer or method_defaults("cefam")["contribution_layer"] + " (the default)"
     print(f"\n## Planted: '{PLANTED['concept']}' -> {PLANTED['class']} (strength {SHORTCUT.strength})")
     print(f"report contributions measured at: {layer}\n")
     print("\n".join(rows))

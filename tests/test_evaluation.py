@@ -120,7 +120,7 @@ def test_evaluation_on_the_tiny_world_is_complete_and_independent_of_batching(ti
     assert "CE-FAM" in table and "single channel" in table and "top-1 layer" in table
 
 
-NEW_RULES = {"gradient": "full", "region_weights": "positive", "relevance": "map", "contribution_layer": "last"}
+NEW_RULES = {"gradient": "full", "region_weights": "positive", "relevance": "map", "contribution_layer": "image"}
 
 
 @pytest.mark.parametrize("rules", [{}, NEW_RULES], ids=["legacy", "new"])

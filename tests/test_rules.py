@@ -127,6 +127,32 @@ def test_contributions_at_the_last_layer_or_a_named_one_mask_every_concept_there
         explain_batch(module, images, concepts=concepts, contribution_layer="layer9")
 
 
+def test_image_contributions_delete_each_concepts_region_from_the_image():
+    """``contribution_layer: image``: each concept's region at its selected layer, min-max normalized, is deleted
+    from the image (``x * (1 - m)``) and the classifier's relative drop in the explained class's probability is the
+    contribution; a constant region deletes nothing; the layer index says "image" (-1)."""
+    module, images = _branch(seed=3)
+    concepts = torch.tensor([[0, 1, 2], [3, 4, 5], [1, 3, 5]])
+    target = torch.tensor([0, 1, 3])
+    expl = explain_batch(module, images, concepts=concepts, target=target, relevance="map", contribution_layer="image")
+    assert (expl.contribution_layer_index == -1).all()
+    p_y = module.classifier(images).logits.softmax(dim=1)[torch.arange(3), target]
+    for b in range(3):
+        for n in range(3):
+            m = minmax_normalize(expl.regions[b, n], dims=2)
+            deleted = module.classifier(images[b : b + 1] * (1 - m)).logits.softmax(dim=1)[0, target[b]]
+            want = (p_y[b] - deleted) / p_y[b]
+            assert float(expl.contributions[b, n]) == pytest.approx(float(want), rel=1e-4, abs=1e-6)
+    assert expl.contributions.abs().sum() > 0
+    # Only the valid slots cost a classifier pass; a constant region contributes nothing.
+    p = ExplanationPass(module, images)
+    regions = torch.rand(3, 2, 32, 32)
+    regions[0, 1] = 0.5
+    valid = torch.tensor([[True, True], [True, False], [False, False]])
+    got = p.image_contributions(regions, target, valid=valid)
+    assert got[0, 1] == pytest.approx(0.0, abs=1e-6) and (got[~valid] == 0).all() and got[0, 0] != 0
+
+
 def test_the_best_layer_by_mask_is_each_pairs_best_layer(tiny_checkpoint, tiny_world):
     """The authors' Top-4 row: per pair the layer whose map has the highest NRA against the pair's own mask."""
     from cefam_lightning.methods.cefam.evaluation import ExplanationEvaluation
@@ -211,7 +237,8 @@ def test_training_config_names_a_contribution_layer_the_classifier_lacks(cache_d
     from tests.conftest import tiny_overrides
 
     overrides = [*tiny_overrides(cache_dir, tmp_path, "bad"), "cefam.contribution_layer=layer9"]
-    assert "cefam.contribution_layer must be 'selected', 'last' or one of" in cli_error(train_main, overrides, capsys)
+    expected = "cefam.contribution_layer must be 'selected', 'last', 'image' or one of"
+    assert expected in cli_error(train_main, overrides, capsys)
     assert not (tmp_path / "bad").exists()  # checked before the run folder is made
 
 

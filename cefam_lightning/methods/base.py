@@ -90,7 +90,7 @@ class ExplainSettings:
     gradient: str | None = None  # CE-FAM: "direct" or "full" channel weights
     region_weights: str | None = None  # CE-FAM: "signed" or "positive"
     relevance: str | None = None  # CE-FAM: "paper" or "map"
-    contribution_layer: str | None = None  # CE-FAM: "selected", "last" or a layer name
+    contribution_layer: str | None = None  # CE-FAM: "selected", "last", "image" or a layer name
     preset: str | None = None  # CE-FAM: a named set of the rules above ("paper")
 
 

@@ -418,6 +418,15 @@ def load_config(config_file: str | Path | None = None, overrides: list[str] | No
     return cfg
 
 
+def method_defaults(method: str) -> dict[str, Any]:
+    """A method's own config section as a new run gets it by default (``configs/method/<method>.yaml`` over its
+    schema), e.g. to evaluate an older checkpoint by today's default rules rather than the ones it recorded."""
+    spec = get_method(method)
+    if spec.section is None:
+        return {}
+    return OmegaConf.to_container(load_config(overrides=[f"method={method}"])[spec.section], resolve=True)
+
+
 def world_spec(cfg: DictConfig) -> WorldSpec:
     try:
         return WorldSpec(**OmegaConf.to_container(cfg.world, resolve=True))

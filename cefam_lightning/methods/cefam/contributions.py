@@ -6,16 +6,21 @@ for ``i = 1..K`` the first ``i`` channel maps are replaced by their spatial mean
 ``l`` on, and the softmax probability ``p_{y,i}`` of the explained class is recorded.
 Contribution ``= (1/K) sum_i (p_y - p_{y,i}) / p_y``; negative values (the concept pushes against ``y``) are
 kept. All masked variants of all concepts selecting a layer go through the layers after it as one batch.
+
+The ``image`` rule (:func:`region_contributions`) deletes the concept's region from the image instead: the classifier
+runs on ``x * (1 - m)``, ``m`` the concept's min-max normalized region at its selected layer, and the contribution
+is ``(p_y - p_y(x * (1 - m))) / p_y``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 
 import torch
 from torch import Tensor
 
 from cefam_lightning.methods.cefam.relevance import top_channels
+from cefam_lightning.metrics.functional.maps import minmax_normalize
 from cefam_lightning.models.classifier import FrozenClassifier
 
 FILLS = ("spatial_mean", "zero")
@@ -97,4 +102,47 @@ def concept_contributions(
         p_i = torch.cat(probs).reshape(-1, k_l)  # (R, k_l)
         p0 = p_y[rows[:, 0]][:, None]
         out[rows[:, 0], rows[:, 1]] = ((p0 - p_i) / p0).mean(dim=1)
+    return out
+
+
+@torch.no_grad()
+def region_contributions(
+    classify: Callable[[Tensor], Tensor],
+    images: Tensor,
+    regions: Tensor,
+    logits: Tensor,
+    target: Tensor,
+    valid: Tensor | None = None,
+    chunk: int = 64,
+) -> Tensor:
+    """Contribution of each concept by deleting its region from the image (the ``image`` contribution rule,
+    docs/method.md#contribution): ``(p_y - p_y(x * (1 - m))) / p_y``, ``m`` the concept's region min-max normalized
+    to ``[0, 1]`` (a constant region deletes nothing: 0). The deletion is the one the ``map`` layer relevance uses.
+
+    Args:
+        classify: images ``(n, 3, H, W)`` -> logits ``(n, num_classes)`` (the frozen classifier).
+        images: ``(B, 3, H, W)`` in ``[0, 1]``.
+        regions: ``(B, N, H, W)`` each concept's region at the image size.
+        logits: ``(B, num_classes)`` the classifier's logits on ``images``.
+        target: ``(B,)`` the explained class.
+        valid: ``(B, N)`` the slots to compute (default all); the others stay 0 and cost no classifier pass.
+        chunk: deleted images per pass through ``classify`` (bounds memory).
+
+    Returns:
+        ``(B, N)`` float32 contributions (negative: deleting the region raises the class's probability).
+    """
+    b, n = regions.shape[:2]
+    out = torch.zeros(b, n, device=logits.device)
+    valid = torch.ones(b, n, dtype=torch.bool, device=regions.device) if valid is None else valid
+    image_of, slot_of = valid.nonzero(as_tuple=True)
+    p_y = logits.float().softmax(dim=1).gather(1, target[:, None])[:, 0]  # (B,)
+    deleted = []
+    for start in range(0, len(image_of), chunk):
+        rows, slots = image_of[start : start + chunk], slot_of[start : start + chunk]
+        m = minmax_normalize(regions[rows, slots][:, None].float(), dims=2)  # (n, 1, H, W)
+        probs = classify(images[rows].float() * (1 - m)).float().softmax(dim=1)
+        deleted.append(probs.gather(1, target[rows][:, None])[:, 0])
+    if deleted:
+        p0 = p_y[image_of]
+        out[image_of, slot_of] = (p0 - torch.cat(deleted)) / p0
     return out

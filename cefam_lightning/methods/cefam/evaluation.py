@@ -381,8 +381,16 @@ class ExplanationEvaluation(nn.Module):
         union_contributions = None
         if faithfulness or (scored and "top1" in self.contribution):
             # Each concept at the layer the contribution rule gives (its selected layer, by the authors' rule).
-            at = p.contribution_layers(union_top, self.rules["contribution_layer"])
-            union_contributions = contributions_at(at, union, union_valid)
+            union_contributions, _ = p.rule_contributions(
+                union,
+                union_top,
+                pred,
+                self.rules["contribution_layer"],
+                k=self.k,
+                fill=self.fill,
+                low=union_low,
+                valid=union_valid,
+            )
         if scored:
             key_present = key.bool().gather(1, concepts) & valid
             correct = pred == labels

@@ -39,7 +39,7 @@ class CEFAMConfig:
     gradient: str = MISSING  # channel weights: "direct" (own pooled z only) | "full" (through the rest of the net)
     region_weights: str = MISSING  # which channel weights draw a region: "signed" | "positive"
     relevance: str = MISSING  # how a concept's layer is chosen: "paper" | "map"
-    contribution_layer: str = MISSING  # where contributions are measured: "selected" | "last" | a layer name
+    contribution_layer: str = MISSING  # where contributions are measured: "selected" | "last" | "image" | a layer
     holdout_concepts: list[str] = MISSING  # zero-shot: concepts left out of training, explained from text only
 
 

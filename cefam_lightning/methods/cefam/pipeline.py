@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from cefam_lightning.methods.cefam.contributions import concept_contributions
+from cefam_lightning.methods.cefam.contributions import concept_contributions, region_contributions
 from cefam_lightning.methods.cefam.regions import (
     GRADIENTS,
     REGION_WEIGHTS,
@@ -63,7 +63,8 @@ class BatchExplanation:
     layer_index: Tensor  # (B, N) index into ``layers`` of the selected layer (the most relevant selectable one)
     contributions: Tensor  # (B, N) contribution to the explained class (signed), at contribution_layer_index
     regions: Tensor  # (B, N, H, W) region map at the selected layer, at the image size
-    contribution_layer_index: Tensor | None = None  # (B, N) index into ``layers`` where contributions were measured
+    # (B, N) index into ``layers`` where contributions were measured; -1: on the image (``contribution_layer: image``)
+    contribution_layer_index: Tensor | None = None
 
 
 @contextmanager
@@ -313,9 +314,12 @@ class ExplanationPass:
         the last explained layer the logits read, for every concept (the one closest to the logits, where the concepts'
         contributions are on one scale; a layer the head never reads, like a ViT's last patch tokens, is skipped:
         :meth:`~cefam_lightning.models.classifier.FrozenClassifier.unread_layers`); or a layer name, that layer for
-        every concept."""
+        every concept; or ``"image"``, none: the concept's region is deleted from the image (-1 everywhere,
+        :meth:`image_contributions`)."""
         if rule == "selected":
             return selected
+        if rule == "image":
+            return torch.full_like(selected, -1)
         if rule == "last":
             unread = set(self.classifier.unread_layers())
             read = [i for i, layer in enumerate(self.layers) if layer not in unread]
@@ -328,8 +332,49 @@ class ExplanationPass:
                 read = [len(self.layers) - 1]
             return torch.full_like(selected, read[-1])
         if rule not in self.layers:
-            raise ValueError(f"contribution_layer must be 'selected', 'last' or one of {self.layers}, got {rule!r}")
+            raise ValueError(
+                f"contribution_layer must be 'selected', 'last', 'image' or one of {self.layers}, got {rule!r}"
+            )
         return torch.full_like(selected, self.layers.index(rule))
+
+    @torch.no_grad()
+    def rule_contributions(
+        self,
+        concepts: Tensor,
+        selected: Tensor,
+        target: Tensor,
+        rule: str = "selected",
+        k: int = 20,
+        fill: str = "spatial_mean",
+        low: dict[str, Tensor] | None = None,
+        valid: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Contributions of ``(B, N)`` concepts to the ``(B,)`` ``target`` class by the ``contribution_layer``
+        ``rule`` (docs/method.md#contribution), with ``selected`` their selected layers: ``"image"`` deletes each
+        concept's region at its selected layer from the image (:meth:`image_contributions`; ``low``: the concepts'
+        :meth:`layer_regions` when the caller has them); the other rules mask the concept's channels at the layer
+        :meth:`contribution_layers` gives (:meth:`contributions`). ``valid`` (``(B, N)``) marks the slots to compute
+        (the others are 0).
+
+        Returns:
+            ``(B, N)`` contributions and ``(B, N)`` the index into :attr:`layers` each was measured at (``-1``: on
+            the image, or not computed).
+        """
+        at = self.contribution_layers(selected, rule)
+        if rule == "image":
+            regions = self.selected_regions(self.layer_regions(concepts) if low is None else low, selected)
+            return self.image_contributions(regions, target, valid), at
+        if valid is not None:
+            at = torch.where(valid, at, -1)  # a slot at no layer is not computed
+        return self.contributions(concepts, at, target, k=k, fill=fill), at
+
+    @torch.no_grad()
+    def image_contributions(self, regions: Tensor, target: Tensor, valid: Tensor | None = None) -> Tensor:
+        """Contributions by deleting each of the ``(B, N, H, W)`` regions from the image
+        (:func:`~cefam_lightning.methods.cefam.contributions.region_contributions`)."""
+        return region_contributions(
+            lambda x: self.classifier(x).logits, self.images, regions, self.logits, target, valid=valid
+        )
 
     @torch.no_grad()
     def contributions(
@@ -404,12 +449,14 @@ def explain_batch(
         low = p.layer_regions(concepts)
         relevance = p.relevance(concepts, k=k, low=low)
         layer_index = p.selected_layers(relevance)
-        at = p.contribution_layers(layer_index, contribution_layer)
+        regions = p.selected_regions(low, layer_index)
         if contributions:
-            contrib = p.contributions(concepts, at, target, k=k, fill=fill)
+            contrib, at = p.rule_contributions(
+                concepts, layer_index, target, contribution_layer, k=k, fill=fill, low=low
+            )
         else:
             contrib = torch.zeros(concepts.shape, device=p.logits.device)
-        regions = p.selected_regions(low, layer_index)
+            at = p.contribution_layers(layer_index, contribution_layer)
     return BatchExplanation(
         layers=p.layers,
         selectable=p.selectable,

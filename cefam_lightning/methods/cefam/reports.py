@@ -104,7 +104,7 @@ class CEFAMImageExplainer:
         for j, c in enumerate(expl.concepts[i].tolist()):
             key = npz_key(cset.names[c], maps)
             maps[key] = float16_map(expl.regions[i, j].clamp_min(0.0))
-            li = int(expl.layer_index[i, j])
+            li, at = int(expl.layer_index[i, j]), int(expl.contribution_layer_index[i, j])
             entries.append(
                 {
                     "name": cset.names[c],
@@ -115,7 +115,7 @@ class CEFAMImageExplainer:
                     "relevance": {layer: json_number(expl.relevance[i, j, m]) for m, layer in enumerate(layers)},
                     "selected_relevance": json_number(expl.relevance[i, j, li]),
                     "contribution": json_number(expl.contributions[i, j]),
-                    "contribution_layer": layers[int(expl.contribution_layer_index[i, j])],
+                    "contribution_layer": layers[at] if at >= 0 else "image",
                     "region": f"regions.npz:{key}",
                 }
             )

@@ -8,7 +8,8 @@ Seven settings decide what ``explain``, ``evaluate``, the training callbacks and
 - ``gradient``: which derivative gives a layer's channel weights (``direct`` | ``full``);
 - ``region_weights``: which channel weights draw a region (``signed`` | ``positive``);
 - ``relevance``: how a concept's layer is chosen (``paper`` | ``map``);
-- ``contribution_layer``: where a concept's contribution is measured (``selected`` | ``last`` | a layer name).
+- ``contribution_layer``: where a concept's contribution is measured (``selected`` | ``last`` | ``image`` | a layer
+  name).
 
 A run records its ``cefam:`` section's values in the checkpoint; ``explain`` and ``evaluate`` use those unless told
 otherwise, by single options or by a preset (``--preset paper``: the CE-FAM authors' rules in one switch). Every
@@ -25,7 +26,7 @@ from cefam_lightning.methods.cefam.regions import GRADIENTS, REGION_WEIGHTS
 from cefam_lightning.methods.cefam.relevance import RELEVANCES, SELECT_MODES
 
 RULE_KEYS = ("k", "fill", "select_layers", "gradient", "region_weights", "relevance", "contribution_layer")
-CONTRIBUTION_LAYERS = ("selected", "last")  # or a layer name
+CONTRIBUTION_LAYERS = ("selected", "last", "image")  # or a layer name
 
 # The rules of a checkpoint that recorded none (written before a rule existed): what the code computed then.
 LEGACY_RULES: dict[str, Any] = {
@@ -74,7 +75,7 @@ def check_rules(rules: Mapping[str, Any], layers: Sequence[str] | None = None) -
     if where is not None and where not in CONTRIBUTION_LAYERS:
         if not isinstance(where, str) or (layers is not None and where not in layers):
             names = f" or one of {list(layers)}" if layers is not None else " or a layer name"
-            raise ValueError(f"contribution_layer must be 'selected', 'last'{names}, got {where!r}")
+            raise ValueError(f"contribution_layer must be 'selected', 'last', 'image'{names}, got {where!r}")
 
 
 def resolve_rules(
