@@ -117,6 +117,7 @@ def test_evaluation_on_the_tiny_world_is_complete_and_independent_of_batching(ti
     assert sum(faith["gradcam_layer"].values()) == pytest.approx(1.0)
     table = format_table(a)
     assert "Faithfulness of the class map" in table and "| Grad-CAM at that layer |" in table
+    assert "Grad-CAM's layer (share of images)" in table  # its possessive, not "Grad-CAM' layer"
     assert "CE-FAM" in table and "single channel" in table and "top-1 layer" in table
 
 

@@ -806,6 +806,7 @@ def _faithfulness_lines(faith: dict[str, Any]) -> list[str]:
     head = ["method", *[f"AD {n} ↓" for n in names], *[f"IC {n} ↑" for n in names], *[c[1] for c in curves]]
     layers = ", ".join(f"{k} {v:.2f}" for k, v in faith["gradcam_layer"].items())
     compared = ", ".join(get_baseline(m).title for m in faith["methods"] if m != "cefam")
+    whose = "Grad-CAM's" if compared == "Grad-CAM" else "The baselines'"
     title = (
         f"Faithfulness of the class map (predicted class, {faith['images']} images): CE-FAM's top-{faith['top_n']} "
         f"concepts' regions weighted by their positive contributions, beside {compared} at the layer carrying most "
@@ -821,7 +822,7 @@ def _faithfulness_lines(faith: dict[str, Any]) -> list[str]:
     return [
         markdown_table(head, rows, title=title),
         "",
-        f"{'Grad-CAM' if compared == 'Grad-CAM' else 'The baselines'}' layer (share of images): {layers}; "
+        f"{whose} layer (share of images): {layers}; "
         "images whose top concepts contribute nothing positive "
         f"(an all-zero class map): {faith['images_without_positive_contribution']}",
         "",
