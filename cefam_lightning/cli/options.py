@@ -84,8 +84,9 @@ def add_channel_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--contribution-layer",
         default=None,
-        help="CE-FAM: where contributions are measured: each concept's selected layer (selected, the authors'), the "
-        "last explained layer (last) or a layer name (default: the checkpoint's)",
+        help="CE-FAM: where contributions are measured: the concept's region deleted from the image (image), its "
+        "channels masked at its selected layer (selected, the authors'), at the last explained layer (last) or at a "
+        "layer name (default: the checkpoint's)",
     )
     p.add_argument(
         "--preset",
