@@ -19,6 +19,7 @@ processes that split a job.
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -115,7 +116,15 @@ def launch(
         fabric.launch()
     except (ValueError, RuntimeError) as e:  # devices x nodes that do not match the launcher's, no free GPU, ...
         raise error(f"cannot start {devices} x {num_nodes} processes: {e}") from e
+    # Leave the process group before the interpreter exits: a group left standing lets gloo's threads be torn down
+    # with the process, which aborted a finished rank now and then ("terminate called without an active exception").
+    atexit.register(_leave_process_group)
     return Workers(fabric.global_rank, fabric.world_size, fabric.device, fabric)
+
+
+def _leave_process_group() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def balanced_parts(weights: Sequence[int], n: int) -> list[int]:
