@@ -58,17 +58,16 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.explanation_quality import QUIET  # noqa: E402  (the same quiet training runs)
+from benchmarks.explanation_quality import DEFAULTS, QUIET  # noqa: E402  (the same quiet runs, default rules)
 from cefam_lightning.cli.train import main as train_main  # noqa: E402
 from cefam_lightning.data.shapes_world import ShapesWorld, key_object_pixels  # noqa: E402
 from cefam_lightning.methods.base import load_explainer  # noqa: E402
 from cefam_lightning.methods.baselines import random_maps  # noqa: E402
 from cefam_lightning.methods.cam_baselines import baseline_names, get_baseline, parse_baselines  # noqa: E402
 from cefam_lightning.methods.cefam.pipeline import fused_class_map  # noqa: E402
-from cefam_lightning.methods.cefam.rules import RULE_KEYS  # noqa: E402
 from cefam_lightning.methods.class_map import ClassMapEvaluation, select_class  # noqa: E402
 from cefam_lightning.reporting.tables import markdown_table  # noqa: E402
-from cefam_lightning.training.config import method_defaults, world_spec  # noqa: E402
+from cefam_lightning.training.config import world_spec  # noqa: E402
 
 RUNS = {"lcam_img": 8, "lcam_fm": 8, "cefam": 10}  # method: epochs of the default run
 SMALL = [
@@ -169,11 +168,9 @@ def map_sources(modules: dict[str, Any], names: tuple[str, ...], seed: int) -> d
         # At the layer's resolution, as every baseline's map (ClassMapEvaluation normalizes and upsamples them all).
         return lambda images, target: select_class(module.class_maps_at_layer(images)[1], target)
 
-    rules = {key: value for key, value in method_defaults("cefam").items() if key in RULE_KEYS}
-
     def cefam(images, target):
         # Today's default rules (a reused run's checkpoint recorded those of its day).
-        e = modules["cefam"].explain(images, top_n=8, **rules)
+        e = modules["cefam"].explain(images, top_n=8, **DEFAULTS)
         return fused_class_map(e.regions, e.contributions)
 
     def baseline(name):

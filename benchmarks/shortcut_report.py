@@ -37,15 +37,14 @@ from omegaconf import OmegaConf
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.explanation_quality import QUIET  # noqa: E402  (the same quiet training runs)
+from benchmarks.explanation_quality import DEFAULTS, QUIET  # noqa: E402  (the same quiet runs, default rules)
 from cefam_lightning.cli.train import main as train_main  # noqa: E402
 from cefam_lightning.data.report_data import shapes_world_data  # noqa: E402
 from cefam_lightning.data.shapes_world import ShapesWorld, shortcut_tie  # noqa: E402
 from cefam_lightning.methods.base import load_explainer  # noqa: E402
-from cefam_lightning.methods.cefam.rules import RULE_KEYS  # noqa: E402
 from cefam_lightning.metrics.shortcut import classifier_shortcut_reliance  # noqa: E402
 from cefam_lightning.reporting.concept_report import ReportSettings, build_report  # noqa: E402
-from cefam_lightning.training.config import method_defaults, world_spec  # noqa: E402
+from cefam_lightning.training.config import world_spec  # noqa: E402
 
 SHORTCUT = OmegaConf.load(ROOT / "configs" / "experiment" / "shortcut.yaml").world.shortcut
 PLANTED = {"class": SHORTCUT["class"], "concept": SHORTCUT.concept}
@@ -89,7 +88,7 @@ def measure(ckpt: Path, args: argparse.Namespace) -> dict[str, Any]:
     module = load_explainer(ckpt).eval()
     world = ShapesWorld.build(world_spec(OmegaConf.create(module.hparams["config"])), args.cache_dir)
     # Today's default rules (a reused run's checkpoint recorded those of its day), or the layer asked for.
-    options = {key: value for key, value in method_defaults("cefam").items() if key in RULE_KEYS}
+    options = dict(DEFAULTS)
     if args.contribution_layer:
         options["contribution_layer"] = args.contribution_layer
     report, _ = build_report(
@@ -182,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ),
     }
     results["checks"] = checks
-    layer = args.contribution_layer or method_defaults("cefam")["contribution_layer"] + " (the default)"
+    layer = args.contribution_layer or DEFAULTS["contribution_layer"] + " (the default)"
     print(f"\n## Planted: '{PLANTED['concept']}' -> {PLANTED['class']} (strength {SHORTCUT.strength})")
     print(f"report contributions measured at: {layer}\n")
     print("\n".join(rows))
