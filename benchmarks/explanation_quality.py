@@ -12,7 +12,8 @@ evaluated (``evaluate_on_world``, docs/method.md#ce-fam-evaluation) once per rul
 - ``paper``: the CE-FAM authors' rules (``--preset paper``, docs/method.md#explanation-rules).
 
 Printed per world and as mean ± sd over the worlds: top-1 NRA, the best layer by the mask (the authors' "Top-4",
-an upper bound that reads the masks), hit rate, EPG and contribution accuracy; the baselines at CE-FAM's top-1 layer
+an upper bound that reads the masks), hit rate, EPG and contribution accuracy (also with each concept at that
+best layer: the upper bound of the contribution rule over layer choices); the baselines at CE-FAM's top-1 layer
 (Grad-CAM), at their own best layer (single channel) and random maps. Then zero-shot concepts: a second branch per
 world trained with one color and one texture held out of the concept set (``cefam.holdout_concepts``), evaluated
 with the default rules, seen vs unseen concepts (top-1 NRA, hit rate, presence AUROC; ``--no-holdout`` skips it).
@@ -154,6 +155,7 @@ def summary(results: dict[str, Any]) -> dict[str, float]:
         "hit": g["cefam"]["top1"]["hit_rate/mean"],
         "epg": g["cefam"]["top1"]["epg/mean"],
         "contribution": results["contribution"]["top1"]["top1_key"],
+        "best_layer_contribution": results["contribution"]["best_layer"]["top1_key"],
     }
     for method in ("gradcam", "single_channel", "random"):
         if method in g:
@@ -169,6 +171,7 @@ COLUMNS = [
     ("hit rate", "hit"),
     ("EPG", "epg"),
     ("contribution acc.", "contribution"),
+    ("best layer by mask contribution acc. (upper bound)", "best_layer_contribution"),
 ]
 BASELINES = [("Grad-CAM (class)", "gradcam"), ("single channel", "single_channel"), ("random map", "random")]
 

@@ -13,6 +13,7 @@ from cefam_lightning.methods.base import load_explainer as load_checkpoint
 from cefam_lightning.methods.baselines import SingleChannelBaseline, gradcam_maps
 from cefam_lightning.methods.cefam.evaluation import ContributionAccuracy, evaluate_on_world, format_table
 from cefam_lightning.methods.cefam.pipeline import padded_concepts as _padded_concepts
+from cefam_lightning.metrics.functional.region import nra
 from cefam_lightning.models.classifier import build_classifier
 from cefam_lightning.reporting.evaluations import EvaluateError
 from tests.cli import cli_error
@@ -105,7 +106,7 @@ def test_evaluation_on_the_tiny_world_is_complete_and_independent_of_batching(ti
                 # of a map: hence the tolerance (1e-5 was seen to be exceeded by 4e-8 on torch 2.14).
                 assert value == pytest.approx(b["regions"][method][setting][key], abs=1e-4), key
     assert a["regions"]["random"]["top1"]["nra/mean"] < 0.3
-    assert set(a["contribution"]) == {*layers, "top1"}
+    assert set(a["contribution"]) == {*layers, "top1", "best_layer"}
     for setting, values in a["contribution"].items():
         assert values == pytest.approx(b["contribution"][setting], nan_ok=True), setting
     assert sum(a["layer_selection"].values()) == pytest.approx(1.0)
@@ -168,9 +169,30 @@ def test_evaluation_scores_what_explain_batch_explains(tiny_checkpoint, tiny_wor
     want = {k: float(v) for k, v in accuracy.compute().items()}
     assert results["contribution"]["top1"] == pytest.approx(want, nan_ok=True)
 
-    # The pass's relevance of some rows only (the evaluation's extra class-map concepts) is theirs in the batch.
+    # best_layer: the same rule with each concept at the layer whose upsampled map has the highest NRA on its mask.
+    rule = evaluation.rules["contribution_layer"]
     pass_rules = {k: v for k, v in rules.items() if k != "contribution_layer"}
     p = ExplanationPass(module, images, **pass_rules)
+    low = p.layer_regions(concepts)
+    pair_masks = masks[rows[0], concepts[rows]].bool()
+    fit = torch.stack([nra(p.upsample(low[layer])[rows], pair_masks).nan_to_num(-1.0) for layer in p.layers])
+    best = torch.zeros_like(concepts)
+    best[rows] = fit.argmax(dim=0)
+    if rule == "image":
+        by_hand = p.image_contributions(p.selected_regions(low, best), expl.target, valid)
+    elif rule == "selected":
+        by_hand = p.contributions(
+            concepts, torch.where(valid, best, -1), expl.target, k=20, fill=evaluation.rules["fill"]
+        )
+    else:  # one layer for every concept: the top-1 numbers
+        by_hand = expl.contributions
+    accuracy = ContributionAccuracy()
+    accuracy.update(by_hand, valid, key.bool().gather(1, concepts) & valid, expl.target == labels)
+    want = {k: float(v) for k, v in accuracy.compute().items()}
+    assert results["contribution"]["best_layer"] == pytest.approx(want, nan_ok=True)
+    assert "best layer by mask (upper bound)" in format_table(results)
+
+    # The pass's relevance of some rows only (the evaluation's extra class-map concepts) is theirs in the batch.
     torch.testing.assert_close(p.relevance(concepts, k=20), expl.relevance, rtol=0, atol=0)
     some = torch.tensor([0, 3, 7])
     # (map relevance runs other batches of masked images through the classifier: float32 rounding differs)
@@ -217,7 +239,7 @@ def test_evaluate_command_writes_json_and_table(tiny_checkpoint, tmp_path):
     assert "| CE-FAM |" in proc.stdout
     results = json.loads((out / "evaluation.json").read_text())  # strict JSON: NaN written as null
     assert results["images"] == 12 and results["checkpoint"] == tiny_checkpoint
-    assert set(results["contribution"]) == {"top1"}  # per-layer contributions only on request
+    assert set(results["contribution"]) == {"top1", "best_layer"}  # per-layer contributions only on request
     assert (out / "evaluation.md").read_text().startswith("Rules: gradient=")
 
 

@@ -266,4 +266,6 @@ def test_the_explanation_quality_benchmark_runs_its_whole_path_small(tmp_path):
     assert "| C | cyan, dotted |" in proc.stdout and "- unseen NRA >= 0.8 x seen: C " in proc.stdout
     numbers = json.loads((tmp_path / "q.json").read_text())
     assert set(numbers["worlds"]["C"]) == {"defaults", "direct", "paper"} and "ratio" in numbers["zero_shot"]["C"]
+    assert 0 <= numbers["worlds"]["C"]["defaults"]["best_layer_contribution"] <= 1
+    assert "best layer by mask contribution acc. (upper bound)" in proc.stdout
     assert "relevance=paper" in numbers["rules"]["paper"] and "relevance=map" in numbers["rules"]["defaults"]

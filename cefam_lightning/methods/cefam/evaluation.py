@@ -15,8 +15,10 @@ scored with EPG, NRA and hit rate per concept type and macro-averaged over types
 accuracy (docs/method.md#contribution-accuracy): on correctly classified images that show at least one concept
 outside the key object, how often the top contributor among the present concepts is one of the key object's concepts
 (``contribution/top1_key``), and how often all of the key object's concepts rank above every other present
-concept (``contribution/all_key_first``). These are reported with each concept masked at its top-1 layer
-(docs/method.md#contribution) and, for comparison, with every concept masked at one and the same layer.
+concept (``contribution/all_key_first``). These are reported by the contribution rule with each concept at its
+top-1 layer (docs/method.md#contribution); with each concept at its best layer by the mask (``best_layer``: an
+upper bound that reads the masks, like the regions' one); and, for comparison, with every concept masked at one
+and the same layer.
 
 Optionally (``faithfulness_top_n``) the faithfulness of a CE-FAM class map (docs/method.md#faithfulness): for the
 predicted class, the top-N concepts by score (what ``explain`` reports), each region at its selected layer, min-max
@@ -52,7 +54,7 @@ from cefam_lightning.methods.baselines import SingleChannelBaseline, image_rando
 from cefam_lightning.methods.cam_baselines import get_baseline
 from cefam_lightning.methods.cefam.concept_sets import resolve_concepts
 from cefam_lightning.methods.cefam.pipeline import ExplanationPass, fused_class_map, padded_concepts
-from cefam_lightning.methods.cefam.rules import describe_rules, resolve_rules, rule_settings
+from cefam_lightning.methods.cefam.rules import PER_CONCEPT_CONTRIBUTIONS, describe_rules, resolve_rules, rule_settings
 from cefam_lightning.methods.cefam.zero_shot import ZeroShotSplit, holdout_of, zero_shot_lines
 from cefam_lightning.methods.class_map import CURVE_COLUMNS
 from cefam_lightning.metrics import ROAD, DeletionInsertion, Faithfulness, RegionMetrics
@@ -231,10 +233,13 @@ class ExplanationEvaluation(nn.Module):
                 if m != "random" or s == "top1"
             }
         )
-        # Contributions at CE-FAM's top-1 layer (docs/method.md#contribution), and, for comparison, with every
-        # concept at one layer.
+        # Contributions at CE-FAM's top-1 layer (docs/method.md#contribution); with each concept's region at the
+        # layer whose map fits its mask best (an upper bound, like the regions' best_layer); and, for comparison,
+        # with every concept at one layer.
         contribution_settings = (
-            ([*self.layers, "top1"] if per_layer_contributions else ["top1"]) if contributions else []
+            ([*self.layers, "top1", "best_layer"] if per_layer_contributions else ["top1", "best_layer"])
+            if contributions
+            else []
         )
         self.contribution = nn.ModuleDict(
             {s: ContributionAccuracy(sync_on_compute=sync_on_compute) for s in contribution_settings}
@@ -362,13 +367,15 @@ class ExplanationEvaluation(nn.Module):
             )
             top_layer_of["single_channel"] = sc.best_layer_among(self.selectable).to(ids.device)[ids]
         pair = torch.arange(len(ids), device=ids.device)
+        best_of: dict[str, Tensor] = {}
         for method, maps in per_layer.items():
             for li, layer in enumerate(self.layers):
                 self.region[f"{method}/{layer}"].update(maps[li], pair_masks, ids)
             self.region[f"{method}/top1"].update(maps[top_layer_of[method], pair], pair_masks, ids)
             # The authors' "Top-4": each pair at the layer whose map fits its mask best (an upper bound).
             fit = torch.stack([nra(maps[li], pair_masks) for li in range(len(self.layers))]).nan_to_num(-1.0)
-            self.region[f"{method}/best_layer"].update(maps[fit.argmax(dim=0), pair], pair_masks, ids)
+            best_of[method] = fit.argmax(dim=0)
+            self.region[f"{method}/best_layer"].update(maps[best_of[method], pair], pair_masks, ids)
         noise = image_random_maps(rows[0] + self.images_seen, pair_masks.shape[1:], self.seed, images.device)
         self.region["random/top1"].update(noise, pair_masks, ids)
         self.images_seen += len(images)
@@ -397,6 +404,18 @@ class ExplanationEvaluation(nn.Module):
             for setting in self.contribution:
                 if setting == "top1":
                     contributions = union_contributions[:, :n]
+                elif setting == "best_layer":
+                    # The contribution rule with each concept at its best layer by the mask (reads the masks); a
+                    # rule that measures every concept at one layer whatever its selected one gives the top-1's.
+                    rule = self.rules["contribution_layer"]
+                    if rule not in PER_CONCEPT_CONTRIBUTIONS:
+                        contributions = union_contributions[:, :n]
+                    else:
+                        best = torch.zeros_like(top)
+                        best[rows] = best_of["cefam"]
+                        contributions, _ = p.rule_contributions(
+                            concepts, best, pred, rule, k=self.k, fill=self.fill, low=cefam_low, valid=valid
+                        )
                 else:
                     contributions = contributions_at(torch.full_like(top, self.layers.index(setting)), concepts, valid)
                 self.contribution[setting].update(contributions, valid, key_present, correct)
@@ -863,7 +882,7 @@ def format_table(results: dict[str, Any]) -> str:
             f"fill={results['settings']['fill']}, K={results['settings']['k']}), "
             f"on {int(top1['images_scored'])} correctly classified images with concepts outside the key object:"
         )
-        heads = [f"contribution rule ({rule})" if s == "top1" else s for s in masked_at]
+        heads = [f"contribution rule ({rule})" if s == "top1" else _title(s) for s in masked_at]
         lines += [markdown_table(["concepts masked at", *heads], rows, title=title), ""]
     faith = results.get("faithfulness")
     if faith and faith.get("images"):

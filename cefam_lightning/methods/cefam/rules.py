@@ -27,6 +27,7 @@ from cefam_lightning.methods.cefam.relevance import RELEVANCES, SELECT_MODES
 
 RULE_KEYS = ("k", "fill", "select_layers", "gradient", "region_weights", "relevance", "contribution_layer")
 CONTRIBUTION_LAYERS = ("selected", "last", "image")  # or a layer name
+PER_CONCEPT_CONTRIBUTIONS = ("selected", "image")  # the rules that measure each concept by its selected layer
 
 # The rules of a checkpoint that recorded none (written before a rule existed): what the code computed then.
 LEGACY_RULES: dict[str, Any] = {
