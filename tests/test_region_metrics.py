@@ -331,4 +331,4 @@ def test_ddp_sync_equals_single_process(tmp_path):
     mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
     want = _by_hand(*_dataset())
     for rank in range(2):
-        _assert_matches(torch.load(tmp_path / f"rank{rank}.pt"), want, atol=1e-6)
+        _assert_matches(torch.load(tmp_path / f"rank{rank}.pt", weights_only=True), want, atol=1e-6)

@@ -405,17 +405,20 @@ class ExplanationEvaluation(nn.Module):
                 if setting == "top1":
                     contributions = union_contributions[:, :n]
                 elif setting == "best_layer":
-                    # The contribution rule with each concept at its best layer by the mask (reads the masks); a
-                    # rule that measures every concept at one layer whatever its selected one gives the top-1's.
+                    # The contribution rule with each concept at its best layer by the mask (reads the masks). Only
+                    # the concepts whose best layer is not their selected one are measured again: each concept's
+                    # contribution is its own, and a rule that measures every concept at one layer whatever its
+                    # selected one gives the top-1's for all.
                     rule = self.rules["contribution_layer"]
-                    if rule not in PER_CONCEPT_CONTRIBUTIONS:
-                        contributions = union_contributions[:, :n]
-                    else:
-                        best = torch.zeros_like(top)
-                        best[rows] = best_of["cefam"]
-                        contributions, _ = p.rule_contributions(
-                            concepts, best, pred, rule, k=self.k, fill=self.fill, low=cefam_low, valid=valid
+                    contributions = union_contributions[:, :n].clone()
+                    best = top.clone()
+                    best[rows] = best_of["cefam"]
+                    moved = valid & (best != top)
+                    if rule in PER_CONCEPT_CONTRIBUTIONS and moved.any():
+                        again, _ = p.rule_contributions(
+                            concepts, best, pred, rule, k=self.k, fill=self.fill, low=cefam_low, valid=moved
                         )
+                        contributions[moved] = again[moved]
                 else:
                     contributions = contributions_at(torch.full_like(top, self.layers.index(setting)), concepts, valid)
                 self.contribution[setting].update(contributions, valid, key_present, correct)
